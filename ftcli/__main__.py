@@ -1,0 +1,5 @@
+"""Entry point for `python -m ftcli`."""
+
+from ftcli.cli import main
+
+main()

@@ -1,0 +1,385 @@
+"""The recipe schema: pure pydantic, no torch, one frozen typed object per recipe."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+SCHEMA_VERSION = 1
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """The base model to fine-tune."""
+
+    path: str = Field(min_length=1)
+    """Hub id, local Hugging Face folder, .gguf file, or builtin:NAME (builtin:smollm2-135m-instruct)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype: auto is bfloat16 on GPUs that support it and float32 on the CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to train on: auto picks a GPU when there is one."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel; auto lets ftcli pick per device."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model; honoured only together with the --trust-remote-code flag."""
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+
+def _target_modules(value: object) -> object:
+    if isinstance(value, str) and value != "all-linear":
+        raise ValueError(f"must be all-linear or a list of module names, e.g. [q_proj, v_proj] (got {value!r})")
+    if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+        raise ValueError(f"must be a non-empty list of module names, e.g. [q_proj, v_proj] (got {value!r})")
+    return value
+
+
+def _sources(value: object) -> object:
+    if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
+        raise ValueError(f"must be a path or a non-empty list of paths (got {value!r})")
+    if isinstance(value, str) and not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+TargetModules = Annotated[Union[Literal["all-linear"], list[str]], BeforeValidator(_target_modules)]
+
+
+class LoraFields(Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: TargetModules = "all-linear"
+    """Module names to adapt (each must exist in the model), or all-linear."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """Initialisation of the LoRA weights."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+
+
+class LoraMethod(LoraFields):
+    """Low-rank adaptation of the target modules."""
+
+    kind: Literal["lora"]
+    """The PEFT method."""
+
+
+class DoraMethod(LoraFields):
+    """LoRA with weight decomposition (magnitude and direction)."""
+
+    kind: Literal["dora"]
+    """The PEFT method."""
+
+
+class QloraMethod(LoraFields):
+    """LoRA on a bitsandbytes-quantized base (see the quantization section)."""
+
+    kind: Literal["qlora"]
+    """The PEFT method."""
+
+
+class PrefixMethod(Section):
+    """Prefix tuning: trained key/value prefixes in every layer."""
+
+    kind: Literal["prefix"]
+    """The PEFT method."""
+    num_virtual_tokens: int = Field(16, gt=0)
+    """Number of virtual prefix tokens."""
+    projection: bool = False
+    """Reparameterise the prefix through a two-layer MLP."""
+    encoder_hidden_size: int | None = Field(None, gt=0)
+    """Hidden size of the projection MLP (default: the model's hidden size)."""
+
+
+class PromptMethod(Section):
+    """Prompt tuning: trained soft-prompt embeddings before the input."""
+
+    kind: Literal["prompt"]
+    """The PEFT method."""
+    num_virtual_tokens: int = Field(16, gt=0)
+    """Number of virtual prompt tokens."""
+    init_text: str | None = Field(None, min_length=1)
+    """Initialise the soft prompt from the embeddings of this text (default: random)."""
+
+
+class Ia3Method(Section):
+    """IA3: learned rescaling of keys, values and feed-forward activations."""
+
+    kind: Literal["ia3"]
+    """The PEFT method."""
+    target_modules: TargetModules | None = None
+    """Modules to rescale; null uses PEFT's default for the architecture."""
+    feedforward_modules: list[str] | None = None
+    """Subset of target_modules treated as feed-forward (scaled on the input); null uses PEFT's default."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter."""
+
+
+Method = Annotated[
+    Union[LoraMethod, DoraMethod, QloraMethod, PrefixMethod, PromptMethod, Ia3Method],
+    Field(discriminator="kind"),
+]
+METHOD_KINDS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3")
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes quantization of the base model (qlora only)."""
+
+    bits: Literal[4, 8] = 4
+    """4-bit (nf4/fp4) or 8-bit (LLM.int8) base weights."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bit per weight)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the matmuls: auto is bfloat16 where supported, else float32."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion")
+DEFAULT_COLUMNS = {
+    "text": ("text",),
+    "instruction": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+}
+
+DataSource = Annotated[Union[str, list[str]], BeforeValidator(_sources)]
+
+
+class DataConfig(Section):
+    """Training and evaluation data."""
+
+    train: DataSource
+    """Training data: a file (.jsonl .json .csv .parquet), a datasets folder, a hub dataset id, or a list of them."""
+    eval: DataSource | None = None
+    """Held-out data in the same format (exclusive with val_split)."""
+    val_split: float | None = Field(None, gt=0, lt=1)
+    """Fraction of the training data held out for eval, seeded by training.seed."""
+    format: Literal["text", "instruction", "chat", "prompt_completion"] = "chat"
+    """Record format: text, instruction (Alpaca), chat (OpenAI messages) or prompt_completion."""
+    columns: dict[str, str] = {}
+    """Map from this format's column names to the names in your data, e.g. {messages: conversations}."""
+    sharegpt: bool = False
+    """Chat records are ShareGPT style: {from, value} turns with roles human/gpt/system."""
+    system_prompt: str | None = None
+    """System prompt added to instruction and prompt_completion examples."""
+    chat_template: str | None = None
+    """Inline Jinja chat template (overrides the tokenizer's)."""
+    chat_template_file: str | None = None
+    """Path of a Jinja chat template file (overrides the tokenizer's)."""
+    default_chat_template: Literal["chatml"] | None = None
+    """Template used only when the tokenizer has none."""
+    max_length: int = Field(512, gt=0)
+    """Maximum tokens per example; longer examples are truncated (and reported)."""
+    packing: bool = False
+    """Pack several examples per row without attention across example boundaries."""
+    train_on: Literal["completion", "all"] = "completion"
+    """Loss on completions / assistant turns only, or on all tokens."""
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)
+    """Fail when more than this fraction of examples has no trainable token left after truncation."""
+    num_proc: int | None = Field(None, gt=0)
+    """Processes for tokenization (default: one)."""
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> "DataConfig":
+        if self.eval is not None and self.val_split is not None:
+            raise ValueError("give either data.eval or data.val_split, not both")
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise ValueError("give either data.chat_template or data.chat_template_file, not both")
+        return self
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str], info) -> dict[str, str]:
+        for key, target in value.items():
+            if not target:
+                raise ValueError(f"column mapping for {key!r} is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _columns_for_format(self) -> "DataConfig":
+        allowed = DEFAULT_COLUMNS[self.format]
+        unknown = sorted(set(self.columns) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"data.columns maps {', '.join(unknown)}, which format {self.format} does not use "
+                f"(it uses {', '.join(allowed)})"
+            )
+        if self.sharegpt and self.format != "chat":
+            raise ValueError("data.sharegpt applies only to format: chat")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class TrainingConfig(Section):
+    """Optimisation and checkpointing."""
+
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to train (exclusive with epochs)."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training data (exclusive with max_steps; default 1 when neither is given)."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per device per step."""
+    grad_accum: int = Field(1, gt=0)
+    """Gradient accumulation steps."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule."""
+    warmup_steps: int = Field(0, ge=0)
+    """Warmup steps (exclusive with warmup_ratio)."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warmup as a fraction of all steps."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm (0 disables)."""
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = "adamw_torch"
+    """Optimizer."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto is bf16 on GPUs that support it, fp32 on the CPU."""
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """Recompute activations to save memory: auto turns it on for GPUs."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster)."""
+    logging_steps: int = Field(1, gt=0)
+    """Log metrics every N steps."""
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluate every N steps (needs eval data); null evaluates only at the end."""
+    save_steps: int = Field(50, gt=0)
+    """Write a checkpoint every N steps."""
+    save_total_limit: int = Field(2, gt=0)
+    """Keep at most this many checkpoints."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations without eval-loss improvement (needs eval_steps)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers (none by default)."""
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
+    """Multi-process strategy when launched with --nproc or accelerate."""
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> "TrainingConfig":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give either training.max_steps or training.epochs, not both")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give either training.warmup_steps or training.warmup_ratio, not both")
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError("training.early_stopping_patience needs training.eval_steps")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- eval, export
+
+METRIC_NAMES = ("loss", "perplexity", "exact_match", "exact_match_norm", "contains", "f1")
+
+
+class EvalConfig(Section):
+    """Defaults for `ftcli eval`."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    """Tokens generated per prompt for the generation metrics."""
+    max_samples: int | None = Field(None, gt=0)
+    """Evaluate at most this many examples."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per forward or generate batch."""
+    generation: bool = True
+    """Compute generation metrics (exact match, contains, f1) besides loss."""
+    fail_under: dict[Literal["loss", "perplexity", "exact_match", "exact_match_norm", "contains", "f1"], float] = {}
+    """Quality gates: fail (exit 6) when a metric is below its bar."""
+
+
+class ExportConfig(Section):
+    """Defaults for `ftcli merge` and `ftcli export`."""
+
+    merge_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the merged weights."""
+    qlora_merge_base: Literal["dequantized", "original"] = "dequantized"
+    """QLoRA: merge into the dequantized 4-bit weights the adapter was trained on, or into the original base."""
+    gguf_quant: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """Tensor type of GGUF exports."""
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(Section):
+    """A complete, validated fine-tuning recipe."""
+
+    name: str | None = None
+    """Run name (default: the recipe file's stem); letters, digits, '.', '_' and '-'."""
+    model: ModelConfig
+    """The base model."""
+    method: Method
+    """The PEFT method and its settings; kind selects which fields apply."""
+    quantization: QuantizationConfig | None = None
+    """Base-model quantization (qlora only; qlora defaults to 4-bit nf4 with double quantization)."""
+    data: DataConfig
+    """Training and evaluation data."""
+    training: TrainingConfig = TrainingConfig()
+    """Optimisation and checkpointing."""
+    eval: EvalConfig = EvalConfig()
+    """Defaults for ftcli eval."""
+    export: ExportConfig = ExportConfig()
+    """Defaults for ftcli merge and export."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_run_name(value)
+        return value
+
+    @model_validator(mode="after")
+    def _quantization_needs_qlora(self) -> "Recipe":
+        if self.quantization is not None and self.method.kind != "qlora":
+            raise ValueError(f"quantization is set but method.kind is {self.method.kind}; use kind: qlora")
+        return self
+
+    @property
+    def effective_quantization(self) -> QuantizationConfig | None:
+        if self.method.kind != "qlora":
+            return None
+        return self.quantization or QuantizationConfig()
+
+
+def check_run_name(name: str) -> str:
+    if name in (".", "..") or not RUN_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"run name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-' (not '.' or '..')"
+        )
+    return name
+
+
+def recipe_json_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    schema["properties"]["extends"] = {
+        "description": "Recipe file(s) this one builds on, relative to this file; deep merge, later wins.",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    }
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ftcli recipe"
+    return schema
