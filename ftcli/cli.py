@@ -50,6 +50,10 @@ def handles_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except FtcliError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False)
+            if kwargs.get("json_output"):
+                # Scripts reading --json get a document on failure too.
+                print_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code,
+                            "kind": type(exc).__name__})
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
@@ -115,9 +119,7 @@ def recipe_show(
     json_output: JsonOpt = False,
 ) -> None:
     """Print the resolved recipe: extends merged, overrides applied, defaults filled in."""
-    import yaml
-
-    from ftcli.recipe_loader import load_recipe
+    from ftcli.recipe_loader import load_recipe, recipe_to_yaml
 
     loaded = load_recipe(recipe, set_)
     if json_output:
@@ -129,11 +131,13 @@ def recipe_show(
         from rich.table import Table
 
         table = Table("key", "value", "set by")
+        for column in table.columns:
+            column.overflow = "fold"
         for key, value, source in loaded.explain():
             table.add_row(key, json.dumps(value), source)
         out.print(table)
     else:
-        out.print(yaml.safe_dump(loaded.recipe.model_dump(mode="json"), sort_keys=False), markup=False, end="")
+        out.print(recipe_to_yaml(loaded.recipe), markup=False, end="", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -77,6 +77,23 @@ def read_source(reference: str, split: str) -> SourceData:
     return SourceData(name=str(path), records=records, fingerprint=fingerprint)
 
 
+def source_fingerprint(reference: str) -> str:
+    """sha256 of a local file's bytes (or of a saved folder's files), without parsing it."""
+    path = Path(os.path.expanduser(reference))
+    if not path.exists():
+        raise NotAvailableError(
+            f"data file not found: {path}",
+            hint="check data.train / data.eval in the recipe (relative paths are relative to the recipe file)",
+        )
+    if path.is_dir():
+        return _folder_fingerprint(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _decode(path: Path, content: bytes) -> str:
     try:
         return content.decode("utf-8")

@@ -1,24 +1,268 @@
 """`ftcli eval`: loss, perplexity and generation metrics of a run, optionally against its base model."""
-# CONTRACT (owned by the eval helper; replace the stubs, keep the signatures):
 
 from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any
+
+from ftcli.errors import QualityGateError, UsageError
+from ftcli.metrics import HIGHER_IS_BETTER
+
+SAMPLES_KEPT = 20          # predictions stored next to their references in the result file
+SAMPLES_SHOWN = 5          # of which the terminal table shows this many
+GATE_HELP = ("METRIC=VALUE, repeatable: exit 6 when the metric is worse than VALUE. Higher is better for "
+             "exact_match, exact_match_norm, contains and f1 (fractions 0-1): they fail below VALUE. Lower is "
+             "better for loss and perplexity: they fail above VALUE.")
+
+
+# ---------------------------------------------------------------------------------------------- gates
 
 
 def parse_gates(texts: list[str]) -> dict[str, float]:
     """METRIC=VALUE strings -> {metric: bar}; UsageError for unknown metrics or bad numbers."""
-    raise NotImplementedError
+    gates: dict[str, float] = {}
+    known = ", ".join(HIGHER_IS_BETTER)
+    for text in texts:
+        metric, sep, raw = text.partition("=")
+        metric = metric.strip()
+        if not sep:
+            raise UsageError(f"--fail-under {text!r} is not METRIC=VALUE", hint=f"e.g. --fail-under f1=0.5 ({known})")
+        if metric not in HIGHER_IS_BETTER:
+            raise UsageError(f"--fail-under: unknown metric {metric!r}", hint=f"known metrics: {known}")
+        try:
+            bar = float(raw)
+        except ValueError:
+            bar = math.nan
+        if not math.isfinite(bar):
+            raise UsageError(f"--fail-under {text!r}: {raw!r} is not a finite number", hint="e.g. f1=0.5, loss=2.0")
+        gates[metric] = bar
+    return gates
+
+
+def check_gates(result: dict, gates: dict[str, float] | None, run) -> None:
+    """QualityGateError (exit 6) naming each metric below its bar (gates default to recipe eval.fail_under).
+
+    "Below" means worse: loss and perplexity fail when ABOVE their bar, every other metric when under it."""
+    from ftcli.metrics import passes
+
+    if gates is None:
+        gates = dict(run.load_recipe().eval.fail_under)
+    metrics = result.get("metrics", {})
+    failures = []
+    for metric, bar in gates.items():
+        value = metrics.get(metric)
+        if value is None:
+            raise UsageError(f"quality gate on {metric}, which this eval did not measure",
+                             hint="generation metrics need chat, instruction or prompt_completion data "
+                                  "and eval.generation: true")
+        if not passes(metric, value, bar):
+            relation = "<" if HIGHER_IS_BETTER[metric] else ">"
+            direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+            failures.append(f"{metric} {value:.4g} {relation} {bar:g} ({direction} is better)")
+    if failures:
+        raise QualityGateError(f"run {run.name!r} failed its quality gates: " + "; ".join(failures),
+                               hint=f"results in {result.get('path', run.eval_dir)}")
+
+
+# ---------------------------------------------------------------------------------------------- eval
 
 
 def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_size=None,
              compare_base=False, console=None) -> dict:
     """Evaluate the run (base + adapter from the run dir alone); write eval/<timestamp>.json and eval/latest.json."""
-    raise NotImplementedError
+    from ftcli.adapter_model import load_run_model
+
+    run.require_adapter("evaluate")
+    recipe = run.load_recipe()
+    settings = {
+        "max_new_tokens": max_new_tokens or recipe.eval.max_new_tokens,
+        "batch_size": batch_size or recipe.eval.batch_size,
+        "max_samples": max_samples or recipe.eval.max_samples,
+        "decoding": "greedy",
+    }
+    conversations, source = _eval_conversations(run, recipe, data, settings["max_samples"])
+    _log(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
+    loaded = load_run_model(run, action="evaluate")
+    tokenized = _tokenize(conversations, loaded)
+    prompts, references = _generation_pairs(conversations, loaded)
+
+    _log(console, "measuring the run (base + adapter)")
+    metrics, predictions = _measure(loaded, tokenized, prompts, references, settings)
+    base_metrics = base_predictions = None
+    if compare_base:
+        _log(console, "measuring the base model (adapter disabled)")
+        with loaded.base_only():
+            base_metrics, base_predictions = _measure(loaded, tokenized, prompts, references, settings)
+
+    result = {
+        "run": run.name,
+        "evaluated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": recipe.method.kind,
+        "base_model": {k: loaded.base_model.get(k) for k in ("reference", "fingerprint")},
+        "data": {"source": source, "examples": len(conversations), "scored_tokens": tokenized["tokens"],
+                 "generation_examples": len(prompts)},
+        "settings": settings,
+        "metrics": metrics,
+        "base_metrics": base_metrics,
+        "delta": _delta(metrics, base_metrics) if base_metrics else None,
+        "samples": _samples(prompts, references, predictions, base_predictions),
+    }
+    _save(run, result)
+    return result
+
+
+def _log(console, text: str) -> None:
+    if console is not None:
+        console.print(text, markup=False, highlight=False)
+
+
+def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
+    """The conversations to score and a description of where they came from (fails before any model loads)."""
+    from ftcli.data import load_conversations, with_eval_source
+
+    data_config = recipe.data
+    if data is not None:
+        data_config, source = with_eval_source(recipe.data, str(Path(data).resolve())), str(data)
+    elif recipe.data.eval is not None:
+        source = f"data.eval ({recipe.data.eval})"
+    elif recipe.data.val_split is not None:
+        source = f"data.val_split {recipe.data.val_split} of data.train (seed {recipe.training.seed})"
+    else:
+        raise UsageError(f"run {run.name!r} has no eval data: its recipe has neither data.eval nor data.val_split",
+                         hint=f"pass the data to evaluate on: ftcli eval {run.name} --data FILE "
+                              f"(format {recipe.data.format}, as in training)")
+    conversations = load_conversations(data_config, "eval", seed=recipe.training.seed)
+    return conversations[:max_samples] if max_samples else conversations, source
+
+
+def _tokenize(conversations, loaded) -> dict[str, Any]:
+    """Eval examples with the training masks (labels -100 outside the completions), unpacked."""
+    from ftcli.data import tokenize_conversations
+
+    dataset, report = tokenize_conversations(conversations, loaded.recipe, loaded.tokenizer, loaded.chat_template,
+                                             packing=False, split="eval")
+    return {"features": [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset],
+            "tokens": report.trained_tokens}
+
+
+def _generation_pairs(conversations, loaded) -> tuple[list[str], list[str]]:
+    """(prompts rendered up to the last assistant turn, reference answers); none for format text."""
+    from ftcli.data import split_for_generation
+
+    recipe = loaded.recipe
+    if not recipe.eval.generation or recipe.data.format == "text":
+        return [], []
+    pairs = [split_for_generation(c, loaded.tokenizer, loaded.chat_template) for c in conversations]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def _measure(loaded, tokenized, prompts, references, settings) -> tuple[dict[str, float], list[str]]:
+    from ftcli.decoding import DecodingSettings, generate_texts
+    from ftcli.metrics import generation_scores, perplexity
+
+    loss = completion_loss(loaded, tokenized["features"], settings["batch_size"])
+    metrics = {"loss": loss, "perplexity": perplexity(loss)}
+    predictions = generate_texts(loaded, prompts, DecodingSettings(max_new_tokens=settings["max_new_tokens"]),
+                                 batch_size=settings["batch_size"]) if prompts else []
+    metrics.update(generation_scores(predictions, references))
+    return metrics, predictions
+
+
+def completion_loss(loaded, features: list[dict], batch_size: int) -> float:
+    """Mean negative log-likelihood per scored token (labels != -100), over all examples: token-weighted."""
+    import torch
+    import torch.nn.functional as F
+
+    from ftcli.data import IGNORE_INDEX, make_collator
+
+    collate = make_collator(loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(
+        update={"packing": False})}), loaded.tokenizer)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start:start + batch_size])
+            input_ids = batch["input_ids"].to(loaded.device)
+            labels = batch["labels"].to(loaded.device)
+            logits = loaded.model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(loaded.device)).logits
+            logits = logits[:, -input_ids.shape[1]:]  # prompt tuning prepends one position per virtual token
+            targets = labels[:, 1:]
+            total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / count if count else math.nan
+
+
+def _delta(metrics: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    return {name: metrics[name] - base[name] for name in metrics if name in base}
+
+
+def _samples(prompts, references, predictions, base_predictions) -> list[dict[str, str]]:
+    samples = []
+    for i, (prompt, reference, prediction) in enumerate(zip(prompts, references, predictions)):
+        if i >= SAMPLES_KEPT:
+            break
+        sample = {"prompt": prompt, "reference": reference, "prediction": prediction}
+        if base_predictions is not None:
+            sample["base_prediction"] = base_predictions[i]
+        samples.append(sample)
+    return samples
+
+
+def _save(run, result: dict) -> None:
+    """eval/<timestamp>.json and eval/latest.json (both atomic), and the metrics in run.json."""
+    from ftcli.atomic import atomic_write_json
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = run.eval_result_path(stamp)
+    result["path"] = str(path)
+    atomic_write_json(path, result)
+    atomic_write_json(run.eval_latest_path, result)
+    run.update(eval={"evaluated_at": result["evaluated_at"], "path": str(path), "data": result["data"]["source"],
+                     "metrics": result["metrics"], "base_metrics": result["base_metrics"]})
+
+
+# ---------------------------------------------------------------------------------------------- rendering
 
 
 def render_eval(result: dict, console) -> None:
-    raise NotImplementedError
+    from rich.table import Table
+
+    base = result.get("base_metrics")
+    table = Table(title=f"eval of run {result['run']} on {result['data']['examples']} examples "
+                        f"({result['data']['source']})")
+    table.add_column("metric")
+    table.add_column("run", justify="right")
+    if base:
+        table.add_column("base", justify="right")
+        table.add_column("Δ (run - base)", justify="right")
+    for name, value in result["metrics"].items():
+        arrow = "↑" if HIGHER_IS_BETTER.get(name, True) else "↓"
+        row = [f"{name} {arrow}", _fmt(value)]
+        if base:
+            row += [_fmt(base.get(name)), _fmt(result["delta"].get(name), signed=True)]
+        table.add_row(*row)
+    console.print(table)
+    samples = result.get("samples") or []
+    if samples:
+        shown = Table(title=f"first {min(len(samples), SAMPLES_SHOWN)} predictions", show_lines=True)
+        for column in ("reference", "prediction", *(("base",) if base else ())):
+            shown.add_column(column, overflow="fold")
+        for sample in samples[:SAMPLES_SHOWN]:
+            shown.add_row(*[_clip(sample.get(key, "")) for key in
+                            ("reference", "prediction", *(("base_prediction",) if base else ()))])
+        console.print(shown)
+    console.print(f"saved: {result.get('path')}", markup=False, highlight=False)
 
 
-def check_gates(result: dict, gates: dict[str, float] | None, run) -> None:
-    """QualityGateError (exit 6) naming each metric below its bar (gates default to recipe eval.fail_under)."""
-    raise NotImplementedError
+def _fmt(value: float | None, *, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    from rich.markup import escape
+
+    return escape(text if len(text) <= limit else text[:limit] + "…")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftcli.atomic import atomic_write_json, staged_dir
-from ftcli.errors import NotAvailableError
+from ftcli.errors import NotAvailableError, QualityGateError
 
 CONVERSION_RECORD = "ftcli-conversion.json"  # written last inside a converted folder: its presence means complete
 CONVERSION_FORMAT = 1  # bump to force every cached conversion to be redone
@@ -19,8 +19,8 @@ PROBE_TEXT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_s
 MAX_PROBE_DIFF = 1e-4
 
 
-class ConversionMismatch(RuntimeError):
-    """The converted copy does not reproduce the GGUF model's logits (a bug, never silently accepted)."""
+class ConversionMismatch(QualityGateError):
+    """The converted copy does not reproduce the GGUF model's logits (exit 6; nothing is cached)."""
 
 
 def conversion_key(gguf_path: Path) -> str:
@@ -75,20 +75,32 @@ def ensure_converted(gguf_path: Path, cache_root: Path, *, label: str | None = N
     return target
 
 
-def _convert(gguf_path: Path, target: Path) -> None:
+def _load_gguf(gguf_path: Path):
+    """(tokenizer, model) read from the GGUF file, dequantized to float32."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet = transformers.utils.logging
-    bars_were_on = quiet.is_progress_bar_enabled()
-    quiet.disable_progress_bar()  # our own status line replaces transformers' per-tensor bars
+    folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, **_dequantize_kwargs()
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                     **_dequantize_kwargs())
+    except (ValueError, KeyError, OSError) as exc:  # unsupported architecture, tokenizer or a broken file
+        raise NotAvailableError(
+            f"transformers {transformers.__version__} cannot read {gguf_path}: {exc}".split("\n")[0],
+            hint="use a GGUF of a supported architecture (llama, mistral, qwen2, ...) or a safetensors folder",
+        ) from exc
+    return tokenizer, model
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    with _transformers_bars_off():
+        tokenizer, gguf_model = _load_gguf(gguf_path)
         gguf_model.eval()
         probe = tokenizer(PROBE_TEXT, return_tensors="pt")
         with torch.no_grad():
@@ -118,7 +130,8 @@ def _convert(gguf_path: Path, target: Path) -> None:
             if not diff <= MAX_PROBE_DIFF or not same_argmax:
                 raise ConversionMismatch(
                     f"converting {gguf_path} changed the model: max |logit difference| {diff:.3g} "
-                    f"(allowed {MAX_PROBE_DIFF}), same next tokens: {same_argmax}"
+                    f"(allowed {MAX_PROBE_DIFF}), same next tokens: {same_argmax}",
+                    hint="nothing was cached; please report this with the GGUF file's origin",
                 )
             atomic_write_json(staging / CONVERSION_RECORD, {
                 "format": CONVERSION_FORMAT,
@@ -128,9 +141,28 @@ def _convert(gguf_path: Path, target: Path) -> None:
                 "transformers": transformers.__version__,
                 "probe_max_abs_logit_diff": diff,
             })
+
+
+@contextlib.contextmanager
+def _transformers_bars_off() -> Iterator[None]:
+    """Our one status line replaces transformers' per-tensor bars (the GGUF one calls tqdm directly)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
     finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
         if bars_were_on:
-            quiet.enable_progress_bar()
+            hf_logging.enable_progress_bar()
 
 
 def _dequantize_kwargs() -> dict:

@@ -127,9 +127,9 @@ def _hub_folder(repo_id: str, revision: str | None, *, trust_remote_code: bool) 
         pass
     unavailable = f"model {repo_id} is not available locally and the hub cannot be reached"
     hint = "download it where there is network (huggingface-cli download) or use a local folder or builtin:NAME"
-    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
-        raise NotAvailableError(unavailable + (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""),
-                                hint=hint)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable(constants.ENDPOINT):
+        raise NotAvailableError(unavailable + (" (HF_HUB_OFFLINE is set)" if offline else ""), hint=hint)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # hub errors (unknown repo, gated, network): one line, exit 4
@@ -269,13 +269,25 @@ def load_tokenizer(model: ModelConfig, *, trust_remote_code: bool = False, paddi
     resolved = resolve_model(model, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.local_dir, trust_remote_code=bool(trust_remote_code))
-    except (OSError, ValueError) as exc:
-        raise NotAvailableError(f"{model.path}: cannot load its tokenizer from {resolved.local_dir}: {exc}"
-                                .split("\n")[0], hint="the folder needs tokenizer files (tokenizer.json ...)") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise load_error(model.path, exc, what="its tokenizer",
+                         hint="the folder needs tokenizer files (tokenizer.json ...)") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def load_error(reference: str, exc: Exception, *, what: str = "the model", hint: str | None = None):
+    """One clear line for a model that transformers refuses: custom code without the flag is a usage error."""
+    first_line = str(exc).strip().split("\n")[0]
+    if "trust_remote_code" in str(exc):
+        return UsageError(
+            f"{reference}: {what} needs custom code shipped with the model, which ftcli does not run by default",
+            hint="read the model's .py files; if you trust them, set model.trust_remote_code: true and pass "
+            "--trust-remote-code",
+        )
+    return NotAvailableError(f"{reference}: cannot load {what}: {type(exc).__name__}: {first_line}", hint=hint)
 
 
 def bnb_config(quantization: QuantizationConfig, device: str):
@@ -315,8 +327,8 @@ def load_model(model: ModelConfig, *, quantization: QuantizationConfig | None = 
         kwargs["device_map"] = {"": _placement(device)}
     try:
         loaded = AutoModelForCausalLM.from_pretrained(resolved.local_dir, **kwargs)
-    except ImportError as exc:  # bitsandbytes / flash-attn missing
-        raise NotAvailableError(f"cannot load {model.path}: {exc}".split("\n")[0]) from exc
+    except (ImportError, ValueError, KeyError) as exc:  # custom code refused, unknown architecture, missing extra
+        raise load_error(model.path, exc) from exc
     if quantization is None:
         loaded.to(_placement(device))
     return loaded

@@ -6,11 +6,11 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from ftcli.errors import RecipeError, UsageError
+from ftcli.errors import RecipeError
 from ftcli.recipe import (
     DoraMethod,
     Ia3Method,
@@ -21,7 +21,14 @@ from ftcli.recipe import (
     Recipe,
     check_run_name,
 )
-from ftcli.yamlsource import Location, YamlProblem, format_path, parse_yaml_value, read_yaml_file
+from ftcli.yamlsource import (
+    Location,
+    YamlProblem,
+    dump_yaml,
+    format_path,
+    parse_yaml_value,
+    read_yaml_file,
+)
 
 METHOD_CLASSES: dict[str, type[BaseModel]] = {
     "lora": LoraMethod,
@@ -38,6 +45,8 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf", ".jinja", ".tx
 
 @dataclass
 class LoadedRecipe:
+    """A validated recipe with its merged raw data and where each value came from."""
+
     recipe: Recipe
     source: Path
     data: dict[str, Any]
@@ -54,17 +63,28 @@ class LoadedRecipe:
                     walk(item, path + (key,))
                 return
             where = self.locations.get(path)
-            rows.append((format_path(path), value, str(where) if where else "default"))
+            rows.append((format_path(path), value, _display(where) if where else "default"))
 
         walk(resolved, ())
         return rows
+
+
+def _display(where: Location) -> str:
+    """A location with its file shown relative to the working folder when it lies inside it (shorter tables)."""
+    source = where.source
+    if os.path.isabs(source):
+        relative = os.path.relpath(source)
+        if not relative.startswith(".."):
+            source = relative
+    return str(Location(source, where.line, where.column))
 
 
 def looks_local(value: str) -> bool:
     """True when a model or data reference is a local path rather than a hub id or builtin name."""
     if value.startswith("builtin:") or value.startswith("hf:"):
         return False
-    return value.startswith(("/", "./", "../", "~")) or value.lower().endswith(LOCAL_SUFFIXES) or os.sep == "\\"
+    return (value.startswith(("./", "../", "~")) or os.path.isabs(value)
+            or value.lower().endswith(LOCAL_SUFFIXES))
 
 
 def _resolve_path_value(value: Any, base_dir: Path) -> Any:
@@ -115,41 +135,43 @@ def _drop_locations(locations: dict, prefix: tuple) -> None:
         del locations[p]
 
 
-def _load_file(path: Path, stack: tuple[Path, ...], problems: list[str]) -> tuple[dict, dict]:
+def _load_file(path: Path, stack: tuple[tuple[Path, Location], ...]) -> tuple[dict, dict]:
+    """Read one recipe file and the files it extends; `stack` holds the files (and extends: lines) above it."""
     path = path.resolve()
-    if path in stack:
-        cycle = " -> ".join(str(p) for p in (*stack, path))
-        raise RecipeError([f"extends cycle: {cycle}"], source=str(stack[0]))
-    if not path.exists():
-        where = str(stack[-1]) if stack else "command line"
-        raise RecipeError([f"{where}: recipe file {path} does not exist"])
+    if path in [p for p, _ in stack]:
+        cycle = " -> ".join(str(p) for p in (*(p for p, _ in stack), path))
+        raise RecipeError([f"{stack[-1][1]}: extends: cycle {cycle}"], source=str(stack[0][0]))
+    if not path.is_file():
+        where = f"{stack[-1][1]}: extends" if stack else "command line"
+        what = "is a folder, not a recipe file" if path.is_dir() else "does not exist"
+        raise RecipeError([f"{where}: recipe file {path} {what}"], source=str(stack[0][0]) if stack else None)
     try:
         data, locations = read_yaml_file(path)
     except YamlProblem as exc:
-        raise RecipeError([str(exc)], source=str(path)) from None
+        raise RecipeError(exc.lines(), source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError([f"{path}:1:1: a recipe must be a mapping of sections (model, method, data, ...)"])
+        raise RecipeError([f"{path}:1:1: a recipe must be a mapping of sections (model, method, data, ...)"],
+                          source=str(path))
+    locations.setdefault((), Location(str(path), 1, 1))
     extends = data.pop("extends", None)
+    extends_at = locations.pop(("extends",), Location(str(path), 1, 1))
     _resolve_paths(data, path.parent)
     if extends is None:
         return data, locations
     parents = [extends] if isinstance(extends, str) else extends
     if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
-        raise RecipeError([f"{locations.get(('extends',), path)}: extends: must be a path or a list of paths"])
+        raise RecipeError([f"{extends_at}: extends: must be a path or a list of paths (got {extends!r})"],
+                          source=str(path))
     merged: dict = {}
     merged_loc: dict = {}
     for parent in parents:
         parent_path = (path.parent / os.path.expanduser(parent)).resolve()
-        if not parent_path.exists():
-            raise RecipeError(
-                [f"{locations.get(('extends',))}: extends: {parent} not found (looked for {parent_path})"]
-            )
-        parent_data, parent_loc = _load_file(parent_path, (*stack, path), problems)
+        parent_data, parent_loc = _load_file(parent_path, (*stack, (path, extends_at)))
         merged = _deep_merge(merged, parent_data, (), merged_loc, parent_loc)
-    locations.pop(("extends",), None)
     merged = _deep_merge(merged, data, (), merged_loc, locations)
+    merged_loc[()] = locations[()]  # problems with no line of their own point at this file, not a parent
     return merged, merged_loc
 
 
@@ -158,25 +180,29 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any, Location]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise UsageError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set training.lr=1e-4")
+        raise RecipeError([f"{where}: {key or '(no key)'}: expected KEY=VALUE with a dotted key, "
+                           "e.g. --set training.lr=1e-4"])
     try:
         value = parse_yaml_value(raw, where.source)
     except YamlProblem as exc:
-        raise UsageError(f"--set {text!r}: {exc.message}") from None
+        raise RecipeError([f"{where}: {key}: {exc.message}"]) from None
     return tuple(key.split(".")), value, where
 
 
 def _apply_override(data: dict, locations: dict, key: tuple[str, ...], value: Any, where: Location) -> None:
+    if key[0] == "extends":
+        raise RecipeError([f"{where}: extends: can't be overridden; write a recipe that extends the others"])
     target = data
     for i, part in enumerate(key[:-1]):
         node = target.get(part)
         if node is None:
             node = target[part] = {}
+            locations[key[: i + 1]] = where
         if not isinstance(node, dict):
-            raise UsageError(f"{where}: {'.'.join(key[: i + 1])} is not a section, so it has no key {key[i + 1]!r}")
+            raise RecipeError(
+                [f"{where}: {'.'.join(key[: i + 1])}: is a value, not a section, so it has no key {key[i + 1]!r}"]
+            )
         target = node
-    if key[-1] == "extends":
-        raise UsageError(f"{where}: extends can't be overridden; write a recipe that extends the others")
     if key in PATH_KEYS:
         value = _resolve_path_value(value, Path.cwd())
     old = target.get(key[-1])
@@ -197,28 +223,36 @@ def _apply_override(data: dict, locations: dict, key: tuple[str, ...], value: An
 def load_recipe(path: str | Path, overrides: list[str] = (), *, name: str | None = None) -> LoadedRecipe:
     """Read, merge and validate a recipe; raise RecipeError listing every problem with its location."""
     source = Path(path)
-    if source.is_dir():
-        raise RecipeError([f"{source}: is a folder, not a recipe file"])
-    data, locations = _load_file(source, (), [])
+    data, locations = _load_file(source, ())
+    problems: list[str] = []
     for text in overrides:
-        key, value, where = parse_override(text)
-        _apply_override(data, locations, key, value, where)
+        try:
+            key, value, where = parse_override(text)
+            _apply_override(data, locations, key, value, where)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
     if name is not None:
         data["name"] = name
         locations[("name",)] = Location("--name")
     elif "name" not in data:
-        stem = source.stem
         try:
-            check_run_name(stem)
+            check_run_name(source.stem)
+            data["name"] = source.stem
+            locations[("name",)] = Location(f"{source} (file name)")
         except ValueError as exc:
-            raise RecipeError([f"{source}: {exc}; set name: in the recipe or pass --name"]) from None
-        data["name"] = stem
-        locations[("name",)] = Location(f"{source} (file name)")
+            problems.append(f"{source.resolve()}: {exc}; set name: in the recipe or pass --name")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(describe_validation_errors(exc, data, locations, source), source=str(source)) from None
+        problems.extend(describe_validation_errors(exc, data, locations, source))
+    if problems:
+        raise RecipeError(problems, source=str(source))
     return LoadedRecipe(recipe=recipe, source=source.resolve(), data=data, locations=locations)
+
+
+def recipe_to_yaml(recipe: Recipe, header: str = "") -> str:
+    """The resolved recipe as YAML that load_recipe reads back into an equal Recipe (e.g. a run's recipe.yaml)."""
+    return header + dump_yaml(recipe.model_dump(mode="json"))
 
 
 # ---------------------------------------------------------------------------------------------- error text
@@ -274,18 +308,39 @@ def _line_order(problem: str) -> tuple:
     return (parts[0].startswith("--set"), parts[0], *(numbers or [0, 0]))
 
 
+# pydantic's wording for type errors, said the way a recipe author thinks about it.
+TYPE_MESSAGES = {
+    "bool_type": "must be true or false (unquoted)",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "string_type": "must be text",
+    "list_type": "must be a list, e.g. [a, b]",
+    "dict_type": "must be a mapping of keys",
+    "model_type": "must be a section: a mapping of keys, indented below it",
+    "model_attributes_type": "must be a section: a mapping of keys, indented below it",
+    "finite_number": "must be a finite number",
+}
+
+
 def describe_validation_errors(exc: ValidationError, data: dict, locations: dict, source: Path) -> list[str]:
+    """One line per problem: `file:line:col: dotted.key: what is wrong`, sorted by file and line."""
     problems = []
     for error in exc.errors(include_url=False):
+        kind = error["type"]
+        ctx = error.get("ctx") or {}
         path = _data_path(tuple(error["loc"]), data)
+        if kind == "conflict":
+            path += tuple(ctx["key"].split("."))
+        elif kind == "union_tag_invalid":
+            path += ("kind",)
         key = format_path(path)
         where = locations.get(path)
         parent = path
         while where is None and parent:
             parent = parent[:-1]
             where = locations.get(parent)
-        where = where or Location(str(source), 1, 1)
-        kind = error["type"]
+        where = where or Location(str(source.resolve()), 1, 1)
         if kind == "extra_forbidden":
             cls = _section_class(path[:-1], data)
             options = list(cls.model_fields) if cls else []
@@ -296,21 +351,23 @@ def describe_validation_errors(exc: ValidationError, data: dict, locations: dict
             problems.append(f"{where}: {key}: unknown key{hint}{allowed}")
         elif kind == "missing":
             problems.append(f"{where}: {key}: required key is missing")
-        elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            given = error.get("ctx", {}).get("tag", "")
+        elif kind == "union_tag_invalid":
+            given = ctx.get("tag", "")
             problems.append(
-                f"{where}: {key}.kind: {given!r} is not a method{_suggest(str(given), list(METHOD_CLASSES))} "
+                f"{where}: {key}: {given!r} is not a method{_suggest(str(given), list(METHOD_CLASSES))} "
                 f"(choose one of: {', '.join(METHOD_CLASSES)})"
-                if kind == "union_tag_invalid"
-                else f"{where}: {key}: needs kind: (one of {', '.join(METHOD_CLASSES)})"
             )
+        elif kind == "union_tag_not_found":
+            problems.append(f"{where}: {key}: needs kind: (one of {', '.join(METHOD_CLASSES)})")
+        elif kind == "conflict":
+            problems.append(f"{where}: {key}: {error['msg']}")
         else:
-            message = error["msg"].removeprefix("Value error, ")
+            message = TYPE_MESSAGES.get(kind) or error["msg"].removeprefix("Value error, ")
+            message = message.replace("Input should be", "must be")
             if kind == "literal_error":
-                expected = error.get("ctx", {}).get("expected", "")
-                options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",")]
+                options = [o.strip(" '") for o in ctx.get("expected", "").replace(" or ", ",").split(",")]
                 message += _suggest(str(error.get("input")), options)
-            shown = "" if kind.startswith("value_error") or kind == "assertion_error" else f" (got {error.get('input')!r})"
+            shown = "" if kind.startswith("value_error") else f" (got {error.get('input')!r})"
             problems.append(f"{where}: {key}: {message}{shown}")
     # A bad value inside a union is reported once per union branch; keep one line for each.
     seen, unique = set(), []

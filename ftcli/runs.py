@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftcli.atomic import atomic_write_json, atomic_write_text
+from ftcli.atomic import STAGING_PREFIX, atomic_write_json, atomic_write_text
 from ftcli.errors import RunStateError, UsageError
 from ftcli.recipe import SCHEMA_VERSION, check_run_name
 
@@ -30,6 +30,7 @@ LOCK_FILE = ".lock"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
+EVAL_LATEST_FILE = "latest.json"      # eval/latest.json: the newest eval result (eval/<stamp>.json are all)
 MERGED_DIR = "merged"
 EXPORT_DIR = "export"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -44,12 +45,18 @@ def now_iso() -> str:
 
 
 def runs_root(cli_value: str | Path | None = None) -> Path:
-    """--runs-dir, else $FTCLI_RUNS_DIR, else ./runs. A symlinked root is followed (resolved once, here)."""
+    """The runs root: --runs-dir, else $FTCLI_RUNS_DIR, else ./runs, as an absolute path.
+
+    A root that is a symlink (say runs -> /scratch/runs) is followed on purpose: it is resolved once, here, and
+    every run path is built from and checked against the resolved target. A run folder that is itself a symlink
+    leading out of the root is refused (see RunDir).
+    """
     raw = cli_value or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR
     return Path(raw).expanduser().resolve()
 
 
 def validate_run_name(name: str) -> str:
+    """Return `name` if it can be a run folder (plain letters, digits, '.', '_', '-'), else raise UsageError."""
     if "\x00" in name:
         raise UsageError("run name contains a NUL character")
     try:
@@ -102,9 +109,13 @@ class RunDir:
     adapter_dir = property(lambda self: self.path / ADAPTER_DIR)
     checkpoints_dir = property(lambda self: self.path / CHECKPOINTS_DIR)
     eval_dir = property(lambda self: self.path / EVAL_DIR)
+    eval_latest_path = property(lambda self: self.eval_dir / EVAL_LATEST_FILE)
     merged_dir = property(lambda self: self.path / MERGED_DIR)
     chat_template_path = property(lambda self: self.adapter_dir / CHAT_TEMPLATE_FILE)
     lock_path = property(lambda self: self.path / LOCK_FILE)
+
+    def eval_result_path(self, stamp: str) -> Path:
+        return self.eval_dir / f"{stamp}.json"
 
     def export_dir(self, fmt: str) -> Path:
         return self.path / EXPORT_DIR / fmt
@@ -128,8 +139,14 @@ class RunDir:
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         run = cls(root, name)
-        if run.path.exists() and not run.exists() and any(run.path.iterdir()) and not overwrite:
-            raise RunStateError(f"{run.path} exists and is not an ftcli run", hint="pick another --name")
+        if run.path.exists() and not run.path.is_dir():
+            raise RunStateError(f"{run.path} exists and is not a folder", hint="pick another --name")
+        if run.path.exists() and not run.exists():
+            foreign = sorted(p.name for p in run.path.iterdir() if not _is_layout_name(p.name))
+            if foreign:
+                # Never --overwrite a folder ftcli did not make: it would delete someone's files.
+                raise RunStateError(f"{run.path} exists and is not an ftcli run (it holds {', '.join(foreign[:5])})",
+                                    hint="pick another --name or --runs-dir")
         if run.exists() and not (resume or overwrite):
             raise RunStateError(
                 f"run {name!r} already exists ({run.read().get('status')}) at {run.path}",
@@ -142,6 +159,11 @@ class RunDir:
 
     def initialise(self, recipe_yaml: str, recipe_file: Path, *, overwrite: bool, extra: dict | None = None) -> None:
         """Write recipe.yaml and run.json for a new (or overwritten) run. Call while holding the lock."""
+        if self.exists() and not overwrite:
+            # Checked again under the lock: another process may have created the run since prepare().
+            raise RunStateError(f"run {self.name!r} already exists at {self.path}",
+                                hint="continue it with --resume, replace it with --overwrite, or pick another --name")
+        self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for child in self.path.iterdir():
                 if child.name != LOCK_FILE:
@@ -175,7 +197,8 @@ class RunDir:
         return info
 
     def set_status(self, status: str, **fields: Any) -> dict[str, Any]:
-        assert status in STATUSES, status
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r} (one of {', '.join(STATUSES)})")
         return self.update(status=status, **fields)
 
     def require_status(self, *allowed: str, action: str) -> dict[str, Any]:
@@ -229,8 +252,13 @@ class RunDir:
             handle.close()
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one JSON line in a single write: a crash can cut only the last line, which read_metrics skips."""
+        line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -240,6 +268,13 @@ class RunDir:
             with contextlib.suppress(json.JSONDecodeError):
                 rows.append(json.loads(line))
         return rows
+
+
+def _is_layout_name(name: str) -> bool:
+    """True for the names ftcli itself writes in a run folder (a run left half-initialised holds only these)."""
+    layout = {RECIPE_FILE, RUN_JSON_FILE, METRICS_FILE, LOSS_PLOT_FILE, LOCK_FILE, ADAPTER_DIR, CHECKPOINTS_DIR,
+              EVAL_DIR, MERGED_DIR, EXPORT_DIR}
+    return name in layout or name.startswith(STAGING_PREFIX)
 
 
 def list_runs(root: Path) -> list[RunDir]:

@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ftcli.errors import FtcliError, Interrupted, NotAvailableError, RunStateError, UsageError
 from ftcli.recipe import Recipe
 from ftcli.recipe_loader import LoadedRecipe
@@ -46,8 +44,10 @@ def resume_conflicts(old: Recipe, new: Recipe) -> list[str]:
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
-    header = "# The resolved recipe of this run (extends merged, overrides applied, defaults filled in).\n"
-    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    from ftcli.recipe_loader import recipe_to_yaml
+
+    return recipe_to_yaml(recipe, header="# The resolved recipe of this run (extends merged, overrides applied, "
+                                         "defaults filled in).\n")
 
 
 def _speed_up_allocator() -> None:

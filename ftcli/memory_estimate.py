@@ -1,0 +1,134 @@
+"""Estimate the peak memory of a training recipe from the model config alone (no weights loaded)."""
+
+from __future__ import annotations
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
+INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
+ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight, gradient, two moments
+LOGIT_TILE_TOKENS = 32768       # TRL's fused LM head scores at most this many positions at once
+LOGIT_COPIES = 2                # the fp32 logits tile and its softmax / gradient
+FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
+
+
+def _text_config(model_config):
+    getter = getattr(model_config, "get_text_config", None)
+    return getter() if getter else model_config
+
+
+def _dims(model_config) -> dict[str, int]:
+    c = _text_config(model_config)
+    hidden = c.hidden_size
+    heads = getattr(c, "num_attention_heads", 1)
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    return {
+        "hidden": hidden,
+        "intermediate": getattr(c, "intermediate_size", None) or 4 * hidden,
+        "layers": c.num_hidden_layers,
+        "heads": heads,
+        "kv_dim": (getattr(c, "num_key_value_heads", None) or heads) * head_dim,
+        "q_dim": heads * head_dim,
+        "vocab": c.vocab_size,
+        "tied": bool(getattr(c, "tie_word_embeddings", getattr(model_config, "tie_word_embeddings", False))),
+    }
+
+
+def base_parameter_counts(model_config) -> tuple[int, int]:
+    """(weights in the decoder layers' linear modules, all other weights) for a Llama-like decoder."""
+    d = _dims(model_config)
+    h = d["hidden"]
+    attention = h * d["q_dim"] * 2 + h * d["kv_dim"] * 2
+    mlp = 3 * h * d["intermediate"]
+    linear = d["layers"] * (attention + mlp)
+    other = d["vocab"] * h * (1 if d["tied"] else 2) + d["layers"] * 2 * h + h
+    return linear, other
+
+
+def _available_bytes(device: str) -> int | None:
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_peak_memory(recipe, model_config, device: str, *, trainable_parameters: int | None = None) -> dict:
+    """Estimated peak bytes (total and by part: weights, adapter+optimizer, activations, logits).
+
+    A deliberately simple model, accurate to tens of percent: the weights at their dtype (4/8-bit linear layers for
+    qlora); AdamW on the trainable parameters; per layer and token the tensors autograd keeps (about 6 hidden- and
+    3 intermediate-sized vectors; only the layer input with gradient checkpointing, plus one layer recomputed);
+    TRL's fused LM head holds at most LOGIT_TILE_TOKENS x vocab fp32 logits; plus a fixed framework overhead.
+    """
+    from ftcli.methods import gradient_checkpointing_enabled
+    from ftcli.models import resolve_dtype
+
+    d = _dims(model_config)
+    device_kind = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    weight_bytes = DTYPE_BYTES[dtype]
+    linear, other = base_parameter_counts(model_config)
+    quantization = recipe.effective_quantization
+    if quantization is None:
+        weights = (linear + other) * weight_bytes
+    else:
+        per_weight = NF4_BYTES_PER_WEIGHT if quantization.bits == 4 else INT8_BYTES_PER_WEIGHT
+        weights = linear * per_weight + other * weight_bytes
+
+    trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
+    optimizer = trainable * ADAMW_BYTES_PER_TRAINABLE
+
+    precision = recipe.training.precision
+    half = precision in ("bf16", "fp16") or (precision == "auto" and dtype != "float32") or weight_bytes == 2
+    act_bytes = 2 if half else 4
+    batch, length = recipe.training.batch_size, recipe.data.max_length
+    tokens = batch * length
+    per_token_layer = act_bytes * (6 * d["hidden"] + 3 * d["intermediate"])
+    if recipe.model.attn_implementation == "eager":  # scores and probabilities materialised per head
+        per_token_layer += act_bytes * 2 * d["heads"] * length
+    checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
+    if checkpointing:
+        activations = tokens * (d["layers"] * act_bytes * d["hidden"] + per_token_layer)
+    else:
+        activations = tokens * d["layers"] * per_token_layer
+    logits = min(tokens, LOGIT_TILE_TOKENS) * d["vocab"] * 4 * LOGIT_COPIES
+    parts = {
+        "weights": int(weights),
+        "adapter_and_optimizer": int(optimizer),
+        "activations": int(activations),
+        "logits": int(logits),
+        "framework": FRAMEWORK_OVERHEAD[device_kind],
+    }
+    total = sum(parts.values())
+    available = _available_bytes(device)
+    return {
+        "device": device,
+        "dtype": dtype,
+        "gradient_checkpointing": checkpointing,
+        "tokens_per_batch": tokens,
+        "parts": parts,
+        "total_bytes": int(total),
+        "available_bytes": available,
+        "fits": None if available is None else total <= available,
+    }
+
+
+def _guess_trainable(recipe, d: dict) -> int:
+    """Trainable parameters without building the model: LoRA on every linear module, else the virtual tokens."""
+    method = recipe.method
+    if hasattr(method, "r"):
+        h, i = d["hidden"], d["intermediate"]
+        shapes = [(h, d["q_dim"]), (h, d["kv_dim"]), (h, d["kv_dim"]), (d["q_dim"], h), (h, i), (h, i), (i, h)]
+        return d["layers"] * sum(method.r * (a + b) for a, b in shapes)
+    if hasattr(method, "num_virtual_tokens"):
+        return method.num_virtual_tokens * d["hidden"] * (2 * d["layers"] if method.kind == "prefix" else 1)
+    return d["layers"] * (2 * d["kv_dim"] + d["intermediate"])   # ia3
+

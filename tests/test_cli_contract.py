@@ -1,0 +1,163 @@
+"""The CLI contract scripts rely on: light commands stay light, --json is one document, no prompts, exit codes."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftcli import errors
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "gguf", "accelerate")
+RECIPE = """\
+model:
+  path: org/never-loaded
+method:
+  kind: lora
+  target_modules: [q_proj, v_proj]
+data:
+  train: train.jsonl
+training:
+  lr: 1e-4
+"""
+
+# Runs the Typer app in-process, then reports which heavy modules that pulled in.
+IMPORT_PROBE = """
+import json, sys
+from ftcli.cli import app
+try:
+    app(sys.argv[2:], prog_name="ftcli")
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = [m for m in {heavy!r} if m in sys.modules]
+with open(sys.argv[1], "w") as report:
+    json.dump({{"exit_code": code, "heavy": heavy}}, report)
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    path = tmp_path / "ok.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+@pytest.fixture
+def bad_recipe(tmp_path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(RECIPE.replace("lr: 1e-4", "lr: -1"))
+    return path
+
+
+def probe(tmp_path: Path, *args) -> dict:
+    report = tmp_path / "probe.json"
+    code = IMPORT_PROBE.format(heavy=HEAVY)
+    subprocess.run([sys.executable, "-c", code, str(report), *map(str, args)], capture_output=True, timeout=60,
+                   stdin=subprocess.DEVNULL, check=False)
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["schema"], ["validate", "{recipe}"], ["validate", "{recipe}", "--json"], ["validate", "{bad}"],
+    ["recipe", "show", "{recipe}", "--explain"], ["train", "--help"], ["runs", "--help"],
+    ["train", "{recipe}", "--name", "../escape"],
+])
+def test_light_commands_import_nothing_heavy(args, tmp_path, recipe, bad_recipe):
+    args = [a.format(recipe=recipe, bad=bad_recipe) for a in args]
+    result = probe(tmp_path, *args)
+    assert result["exit_code"] in (0, 2, None)
+    assert result["heavy"] == [], args
+
+
+def test_the_probe_can_see_a_heavy_import(tmp_path):
+    # Guards the test above: the probe must notice a heavy module when one is imported.
+    code = IMPORT_PROBE.format(heavy=HEAVY).replace("from ftcli.cli import app", "import yaml as torch; "
+                                                    "sys.modules['torch'] = torch\nfrom ftcli.cli import app")
+    report = tmp_path / "probe.json"
+    subprocess.run([sys.executable, "-c", code, str(report), "--help"], capture_output=True, timeout=60)
+    assert json.loads(report.read_text())["heavy"] == ["torch"]
+
+
+def best_of(times: int, *args, cwd=None) -> float:
+    best = float("inf")
+    for _ in range(times):
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "ftcli", *map(str, args)], capture_output=True, cwd=cwd,
+                              stdin=subprocess.DEVNULL, timeout=60)
+        best = min(best, time.perf_counter() - started)
+        assert proc.returncode in (0, 2), proc.stderr
+    return best
+
+
+@pytest.mark.parametrize("args", [["--help"], ["schema"], ["validate", "{recipe}"]])
+def test_light_commands_answer_well_under_a_second(args, recipe):
+    elapsed = best_of(3, *[a.format(recipe=recipe) for a in args])
+    assert elapsed < 1.0, f"{args}: {elapsed:.2f} s"
+
+
+def test_validating_the_shipped_recipes_is_fast():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    if not recipes:
+        pytest.skip("no recipes shipped yet")
+    elapsed = best_of(2, "validate", *recipes, cwd=REPO)
+    assert elapsed < 1.5, f"validate recipes/*.yaml took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "{recipe}", "--json"],
+    ["validate", "{recipe}", "{bad}", "--json"],
+    ["validate", "{recipe}", "--json", "--set", "training.lr"],
+    ["validate", "{missing}", "--json"],
+    ["recipe", "show", "{recipe}", "--json"],
+    ["recipe", "show", "{recipe}", "--json", "--explain", "--set", "training.seed=3"],
+    ["schema"],
+    ["runs", "list", "--json", "--runs-dir", "{empty}"],
+])
+def test_json_output_is_exactly_one_document(args, tmp_path, recipe, bad_recipe, cli):
+    args = [a.format(recipe=recipe, bad=bad_recipe, missing=tmp_path / "none.yaml", empty=tmp_path / "no-runs")
+            for a in args]
+    result = cli(*args)
+    if result.exit_code == 1 and "NotImplementedError" in result.stderr:
+        pytest.skip(f"{args[0]} {args[1]} is not implemented yet")
+    assert result.exit_code in (0, 2), result
+    document = json.loads(result.stdout)  # raises on anything besides one JSON document
+    assert isinstance(document, dict)
+    assert result.stdout.strip().startswith("{") and result.stdout.endswith("}\n")
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "{recipe}"], ["recipe", "show", "{recipe}"], ["train", "{recipe}", "--name", "a/b"],
+    ["chat", "no-such-run", "--runs-dir", "{root}"], ["--help"],
+])
+def test_closed_stdin_never_hangs(args, tmp_path, recipe):
+    args = [a.format(recipe=recipe, root=tmp_path / "runs") for a in args]
+    command = " ".join(f"'{a}'" for a in [sys.executable, "-m", "ftcli", *args])
+    proc = subprocess.run(["bash", "-c", command + " <&-"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode in (0, 2, 5), proc.stderr
+
+
+def test_exit_codes_are_documented():
+    kinds = [cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, errors.FtcliError)]
+    assert len(kinds) >= 7
+    for kind in kinds:
+        if kind is not errors.FtcliError:
+            assert kind.exit_code in errors.EXIT_CODES, kind
+    assert {0, 1, 2, 3, 4, 5, 6, 130} <= set(errors.EXIT_CODES)
+    assert errors.RecipeError([]).exit_code == errors.UsageError("x").exit_code == 2
+    assert errors.RunStateError("x").exit_code == 5
+
+
+def test_recipe_errors_go_to_stderr_with_exit_2(bad_recipe, cli):
+    result = cli("validate", bad_recipe)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr and f"{bad_recipe}:" in result.stderr

@@ -1,0 +1,260 @@
+"""ftcli merge: parity of LoRA, DoRA, IA3 and QLoRA merges, refusals, reuse, and writes that never half-happen."""
+
+from __future__ import annotations
+
+import errno
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import memorisable_chat, write_jsonl
+
+METHOD_SECTIONS = {
+    "lora": "kind: lora\n  r: 8\n  alpha: 16\n  dropout: 0.0\n  target_modules: [q_proj, k_proj, v_proj, o_proj]",
+    "qlora": "kind: qlora\n  r: 8\n  alpha: 16\n  dropout: 0.0\n  target_modules: [q_proj, k_proj, v_proj, o_proj, "
+             "gate_proj, up_proj, down_proj]",
+    "dora": "kind: dora\n  r: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules: [q_proj, v_proj, down_proj]",
+    "ia3": "kind: ia3\n  target_modules: [k_proj, v_proj, down_proj]\n  feedforward_modules: [down_proj]",
+    "prefix": "kind: prefix\n  num_virtual_tokens: 4",
+}
+
+
+def make_run(runs_root: Path, name: str, model_dir: Path, kind: str = "lora", *, status: str = "completed",
+             seed: int = 0, extra: str = ""):
+    """A run directory as `ftcli train` leaves it, with a random (non-identity) adapter made directly with PEFT."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftcli.methods import peft_config_for
+    from ftcli.models import fingerprint
+    from ftcli.runs import CHAT_TEMPLATE_FILE, RunDir
+
+    data = write_jsonl(runs_root.parent / f"data-{name}" / "train.jsonl", memorisable_chat(8))
+    recipe_text = (f"name: {name}\nmodel:\n  path: {model_dir}\nmethod:\n  {METHOD_SECTIONS[kind]}\n"
+                   f"data:\n  train: {data}\n  format: chat\n  max_length: 64\n{extra}")
+    recipe_file = runs_root.parent / f"{name}.yaml"
+    recipe_file.write_text(recipe_text)
+    run = RunDir(runs_root, name)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.initialise(recipe_text, recipe_file, overwrite=False)
+    recipe = run.load_recipe()
+
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = peft_config_for(recipe.method, base)
+    if hasattr(config, "init_lora_weights"):
+        config.init_lora_weights = False          # B != 0: the adapter really changes the model
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "ia3_l" in param_name:
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+            elif "lora_B" in param_name:
+                param.mul_(0.1)
+    model.save_pretrained(run.adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.save_pretrained(run.adapter_dir)
+    (run.adapter_dir / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template)
+    run.set_status(status, base_model={"reference": str(model_dir), "kind": "local", "local_dir": str(model_dir),
+                                       "fingerprint": fingerprint(model_dir)})
+    return run
+
+
+def adapter_and_merged_logits(run, texts=("Say red blue", "The capital of France is")):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = run.load_recipe()
+    tokenizer = AutoTokenizer.from_pretrained(run.merged_dir)
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+    with torch.no_grad():
+        adapter = PeftModel.from_pretrained(base, run.adapter_dir)(**batch).logits
+        merged = AutoModelForCausalLM.from_pretrained(run.merged_dir, dtype=torch.float32)(**batch).logits
+    return adapter, merged, batch["attention_mask"].bool()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_merge_parity(kind, tmp_path, tiny_model_dir):
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", f"m-{kind}", tiny_model_dir, kind)
+    result = merge_run(run)
+    assert result["reused"] is False
+    merge = run.read()["merge"]
+    assert merge["parity"]["merge"]["next_token_agreement"] == 1.0
+    assert merge["parity"]["merge"]["max_abs_logit_diff"] <= 1e-3
+    assert merge["parity"]["saved"]["next_token_agreement"] == 1.0
+    assert merge["parity"]["merge"]["positions"] > 100
+    # Independently of ftcli's own check: the merged folder loads in plain transformers and matches PEFT.
+    adapter, merged, mask = adapter_and_merged_logits(run)
+    assert (adapter - merged).abs().amax(-1)[mask].max() < 1e-3
+    # The adapter really changes the model, so agreeing is not trivially true.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(
+        **{"input_ids": torch.tensor([[1, 2, 3, 4]])}).logits
+    merged_logits = AutoModelForCausalLM.from_pretrained(run.merged_dir, dtype=torch.float32)(
+        **{"input_ids": torch.tensor([[1, 2, 3, 4]])}).logits
+    assert (base_logits - merged_logits).abs().max() > 1e-3
+    files = {p.name for p in run.merged_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "chat_template.jinja", "README.md"} <= files
+    for path in run.merged_dir.iterdir():
+        assert path.stat().st_mode & stat.S_IROTH, f"{path.name} is not readable by others"
+    card = (run.merged_dir / "README.md").read_text()
+    assert f"kind: {kind}" in card and "next-token agreement" in card
+    assert (run.merged_dir / "chat_template.jinja").read_text() == run.chat_template_path.read_text()
+    assert leftovers(run.path) == []
+
+
+def test_merge_reuses_up_to_date_output_and_force_merges_again(tmp_path, tiny_model_dir):
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", "reuse", tiny_model_dir)
+    merge_run(run)
+    stamp = (run.merged_dir / "model.safetensors").stat().st_mtime_ns
+    again = merge_run(run)
+    assert again["reused"] is True
+    assert (run.merged_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    forced = merge_run(run, force=True)
+    assert forced["reused"] is False
+    # A different adapter is never mistaken for the merged one.
+    (run.adapter_dir / "adapter_config.json").write_text(
+        (run.adapter_dir / "adapter_config.json").read_text().replace('"lora_alpha": 16', '"lora_alpha": 12'))
+    assert merge_run(run)["reused"] is False
+
+
+def test_half_precision_merge(tmp_path, tiny_model_dir):
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", "half", tiny_model_dir)
+    result = merge_run(run, dtype="bfloat16")
+    config = json.loads((run.merged_dir / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert result["parity"]["merge"]["next_token_agreement"] == 1.0
+    assert result["parity"]["saved"]["next_token_agreement"] >= 0.9
+
+
+def test_qlora_merge_parity_for_both_bases(tmp_path, tiny_model_dir):
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", "qlora", tiny_model_dir, "qlora")
+    dequantized = merge_run(run)
+    assert dequantized["qlora_base"] == "dequantized"
+    trained = dequantized["parity"]["trained_4bit"]
+    assert trained["next_token_agreement"] >= 0.95
+    original = merge_run(run, qlora_base="original")
+    assert original["reused"] is False and run.read()["merge"]["qlora_base"] == "original"
+    # Merging into the original weights drifts further from the trained 4-bit model than the default.
+    drift = original["parity"]["trained_4bit"]
+    assert drift["max_abs_logit_diff"] > trained["max_abs_logit_diff"]
+    print(f"\nQLoRA tiny: dequantized {trained}, original {drift}")
+
+
+def test_dequantize_like_training_reproduces_the_4bit_weights(tiny_model_dir):
+    """Re-quantizing the fp32 weights gives exactly what the Linear4bit layers hold (read before any forward)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from ftcli.merge import dequantize_like_training
+    from ftcli.models import load_model
+    from ftcli.recipe import ModelConfig, QuantizationConfig
+
+    config, quantization = ModelConfig(path=str(tiny_model_dir)), QuantizationConfig(double_quant=True)
+    four_bit = load_model(config, quantization=quantization)
+    held = {name: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            for name, m in four_bit.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(held) == 14
+    full = load_model(config, dtype="float32")
+    dequantize_like_training(full, {name: 64 for name in held}, quantization, source_dtype="float32")
+    modules = dict(full.named_modules())
+    for name, weight in held.items():
+        assert torch.equal(modules[name].weight.data, weight.float()), name
+
+
+def test_failed_parity_leaves_previous_merge_intact(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+    from peft.tuners.lora import LoraModel
+
+    from ftcli.errors import QualityGateError
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", "gate", tiny_model_dir)
+    merge_run(run)
+    before = (run.merged_dir / "model.safetensors").read_bytes()
+    original = LoraModel.merge_and_unload
+
+    def sloppy_merge(self, *args, **kwargs):
+        merged = original(self, *args, **kwargs)
+        with torch.no_grad():
+            merged.model.layers[0].self_attn.q_proj.weight.add_(0.5)
+        return merged
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", sloppy_merge)
+    with pytest.raises(QualityGateError, match="merge parity failed"):
+        merge_run(run, force=True)
+    assert (run.merged_dir / "model.safetensors").read_bytes() == before
+    assert leftovers(run.path) == []
+
+
+def test_disk_full_during_merge_keeps_previous_output(tmp_path, tiny_model_dir, monkeypatch):
+    import transformers
+
+    from ftcli.atomic import DiskFullError
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", "enospc", tiny_model_dir)
+    merge_run(run)
+    before = sorted((p.name, p.read_bytes()) for p in run.merged_dir.iterdir())
+    record = run.read()["merge"]
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(DiskFullError, match="no space left") as caught:
+        merge_run(run, force=True)
+    assert caught.value.exit_code == 4
+    assert sorted((p.name, p.read_bytes()) for p in run.merged_dir.iterdir()) == before
+    assert run.read()["merge"] == record
+    assert leftovers(run.path) == []
+
+
+def test_cli_merge_refusals(cli, tmp_path, tiny_model_dir):
+    root = tmp_path / "runs"
+    make_run(root, "prefix", tiny_model_dir, "prefix")
+    refused = cli("merge", "prefix", "--runs-dir", root)
+    assert refused.exit_code == 2, refused
+    assert "ftcli export prefix --format adapter" in refused.stderr
+    assert not (root / "prefix" / "merged").exists()
+
+    make_run(root, "unfinished", tiny_model_dir, status="interrupted")
+    unfinished = cli("merge", "unfinished", "--runs-dir", root)
+    assert unfinished.exit_code == 5, unfinished
+    assert "interrupted" in unfinished.stderr
+
+    wrong = cli("merge", "prefix", "--runs-dir", root, "--qlora-base", "original")
+    assert wrong.exit_code == 2, wrong
+
+
+def test_cli_merge_json(cli, tmp_path, tiny_untied_model_dir):
+    root = tmp_path / "runs"
+    make_run(root, "cli", tiny_untied_model_dir)
+    result = cli("merge", "cli", "--runs-dir", root, "--json")
+    assert result.exit_code == 0, result
+    document = result.json()
+    assert document["path"] == str(root / "cli" / "merged")
+    assert document["parity"]["merge"]["next_token_agreement"] == 1.0
