@@ -1,6 +1,6 @@
 """Packing benchmark: real tokens per second of a training step, padded vs ftcli packing vs TRL-style padding-free.
 
-    python bench/packing.py [--layers 6] [--batch 8] [--max-length 256] [--rounds 3] [--json OUT]
+    python bench/packing.py [--layers 4] [--batch 8] [--max-length 256] [--steps 2] [--rounds 3] [--json OUT]
 
 A randomly initialised Llama with SmolLM2-135M's width (hidden 576, 9 heads, 3 KV heads, vocab 49,152) and
 --layers layers; LoRA r 16 on q,k,v,o (only speed is measured, so no weights are needed). The data are chat-like
@@ -62,10 +62,10 @@ def real_tokens(batch) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--only", choices=["padded", "packed", "padding_free"], default=None,

@@ -62,12 +62,29 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True for any flavour of 'no space left' anywhere in the exception's chain (OSError, safetensors, torch)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 def raise_if_disk_full(exc: BaseException, path: Path) -> None:
     """Turn any flavour of 'no space left' (OSError or safetensors' own error) into one clear message."""
-    text = str(exc)
-    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in text:
+    if isinstance(exc, DiskFullError):
+        raise exc
+    if is_disk_full(exc):
+        link, named = exc, None
+        while link is not None and named is None:
+            named = getattr(link, "filename", None)
+            link = link.__cause__ or link.__context__
+        where = f"{named} (in {path})" if named and str(named) != str(path) else str(path)
         raise DiskFullError(
-            f"no space left on device while writing {path}",
+            f"no space left on device while writing {where}",
             hint="free some space and run the command again; the previous output was left intact",
         ) from exc
 

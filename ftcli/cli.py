@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -60,7 +61,12 @@ def handles_errors(func: Callable) -> Callable:
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
-        except Exception:
+        except Exception as exc:
+            from ftcli.atomic import is_disk_full
+
+            if is_disk_full(exc):
+                err.print(f"error: no space left on device: {exc}", markup=False, highlight=False)
+                raise typer.Exit(4) from None
             traceback.print_exc()
             err.print("error: unexpected failure (a bug in ftcli); the traceback is above", markup=False)
             raise typer.Exit(1) from None
@@ -178,13 +184,18 @@ def train(
         return
     if nproc > 1 or nnodes > 1:
         from ftcli.launch import launch_distributed
+        from ftcli.runs import RunDir, runs_root
 
+        # Refuse an existing or missing run once, here, rather than in every worker.
+        RunDir.prepare(runs_root(runs_dir), loaded.recipe.name, resume=resume, overwrite=overwrite)
         raise typer.Exit(launch_distributed(sys.argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                                             master_addr=master_addr, master_port=master_port))
     from ftcli.train import start_training
 
     summary = start_training(loaded, runs_dir, resume=resume, overwrite=overwrite,
                              trust_remote_code=trust_remote_code, console=err)
+    if os.environ.get("RANK", "0") != "0":
+        return  # only the main process reports
     if json_output:
         print_json(summary)
     else:

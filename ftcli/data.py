@@ -65,6 +65,8 @@ def load_conversations(data: DataConfig, split: str = "train", *, seed: int = 42
     """Read and validate records of `split` (train | eval; eval honours val_split), DataError (exit 3) on bad input."""
     if split not in ("train", "eval"):
         raise UsageError(f"unknown data split {split!r}; use train or eval")
+    if split == "eval" and data.eval is not None:   # the training files are not needed (they may be gone)
+        return _read_conversations(as_source_list(data.eval), data, "eval")
     train, evaluation = _split_conversations(data, seed)
     if split == "train":
         return train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -70,6 +71,7 @@ def read_source(reference: str, split: str) -> SourceData:
     if not content.strip():
         raise DataError(f"{path}: the data file is empty", hint="point data.train / data.eval at a file with records")
     fingerprint = hashlib.sha256(content).hexdigest()
+    content = content.removeprefix(codecs.BOM_UTF8)   # some editors write one; json.loads refuses it
     reader = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".parquet": _parse_parquet}[suffix]
     records = reader(path, content)
     if not records:
@@ -136,6 +138,8 @@ def _parse_json(path: Path, content: bytes) -> list[RawRecord]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):   # JSON Lines named .json
+            return _parse_jsonl(path, content)
         raise DataError(
             f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})",
             hint="a .json file holds one JSON array of records; use .jsonl for one record per line",

@@ -63,7 +63,7 @@ def ensure_converted(gguf_path: Path, cache_root: Path, *, label: str | None = N
             return target
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)
         message = f"converting {label or gguf_path.name} to safetensors in {target.parent} (once)"
         if console.is_terminal:
             with console.status(message + " ..."):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftcli.errors import NotAvailableError, QualityGateError, UsageError
+from ftcli.errors import QualityGateError, UsageError
 
 # Allowed max |rebuilt delta - PEFT's delta| relative to the largest delta entry, per tensor type.
 MAX_RELATIVE_ERROR = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 2e-2}
@@ -23,9 +23,8 @@ class LoraPair:
     b: object          # out x r
 
 
-def refuse(reason: str) -> None:
-    raise UsageError(f"can't export this adapter as a llama.cpp LoRA GGUF: {reason}",
-                     hint="export the merged model instead: ftcli export RUN --format gguf")
+def refuse(reason: str, hint: str = "export the merged model instead: ftcli export RUN --format gguf") -> None:
+    raise UsageError(f"can't export this adapter as a llama.cpp LoRA GGUF: {reason}", hint=hint)
 
 
 def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], float]:
@@ -168,15 +167,12 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
 
 
 def require_lora_capable(kind: str) -> None:
+    """UsageError for methods whose adapters are not plain LoRA matrices."""
     from ftcli.methods import METHOD_TRAITS
 
+    if METHOD_TRAITS[kind].virtual_tokens:
+        refuse(f"{kind} tuning adds virtual tokens, not weight changes",
+               hint="export the adapter instead: ftcli export RUN --format adapter")
     if not METHOD_TRAITS[kind].gguf_lora:
-        reason = {"dora": "DoRA's magnitude vectors have no llama.cpp equivalent",
-                  "ia3": "IA3 rescales activations instead of adding low-rank matrices",
-                  "prefix": "prefix tuning adds virtual tokens, not weight changes",
-                  "prompt": "prompt tuning adds virtual tokens, not weight changes"}.get(kind, f"{kind} is not LoRA")
-        refuse(reason)
-
-
-def lora_unavailable(reason: str) -> NotAvailableError:
-    return NotAvailableError(reason)
+        refuse({"dora": "DoRA's magnitude vectors have no llama.cpp equivalent",
+                "ia3": "IA3 rescales activations instead of adding low-rank matrices"}.get(kind, f"{kind} is not LoRA"))

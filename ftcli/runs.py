@@ -35,6 +35,7 @@ MERGED_DIR = "merged"
 EXPORT_DIR = "export"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
+EXPORT_RECORD_FILE = "ftcli-export.json"  # inside every export folder: what it holds; marks it replaceable
 
 STATUSES = ("created", "running", "completed", "failed", "interrupted")
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "ftcli")

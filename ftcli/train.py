@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftcli.atomic import raise_if_disk_full
 from ftcli.errors import FtcliError, Interrupted, NotAvailableError, RunStateError, UsageError
 from ftcli.recipe import Recipe
 from ftcli.recipe_loader import LoadedRecipe
@@ -66,6 +67,12 @@ def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume:
                    trust_remote_code: bool, console) -> dict[str, Any]:
     """Check the run slot, prepare model and data (no run is created if that fails), then train."""
     recipe = loaded.recipe
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Workers of a multi-process run: the main process owns the run directory (checks, lock, run.json).
+        run = RunDir(runs_root(runs_dir), recipe.name)
+        session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console)
+        session.prepare()
+        return session.train(resume=resume)
     run = RunDir.prepare(runs_root(runs_dir), recipe.name, resume=resume, overwrite=overwrite)
     created_folder = not run.path.exists()
     with run.lock():
@@ -113,20 +120,29 @@ class TrainingSession:
 
     def prepare(self) -> None:
         from ftcli import data, methods, models
+        from ftcli.distributed import resolve_strategy, strategy_arguments, world_size
 
         quiet_libraries()
-        recipe = self.recipe
+        recipe, t = self.recipe, self.recipe.training
+        # Cheap checks first: a recipe that can't run must fail before anything is loaded.
+        self.device = models.resolve_device(recipe.model.device)
+        self.strategy_arguments = strategy_arguments(resolve_strategy(t.distributed, world_size()), self.device)
+        self._check_trackers()
+        if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
+            raise UsageError("training.early_stopping_patience needs training.save_steps to be a multiple of "
+                             f"training.eval_steps (got {t.save_steps} and {t.eval_steps})")
+
         started = time.perf_counter()
         self.resolved = models.resolve_model(recipe.model, trust_remote_code=self.trust_remote_code)
         self.tokenizer = models.load_tokenizer(recipe.model, trust_remote_code=self.trust_remote_code)
         self.prepared = data.prepare_data(recipe, self.tokenizer)
         self.data_fingerprints = self.prepared.train_report.fingerprints
         self.timings["data_s"] = round(time.perf_counter() - started, 2)
+
         started = time.perf_counter()
-        self.device = models.resolve_device(recipe.model.device)
         from transformers import set_seed
 
-        set_seed(recipe.training.seed)
+        set_seed(t.seed)
         base = models.load_model(recipe.model, quantization=recipe.effective_quantization,
                                  trust_remote_code=self.trust_remote_code)
         self.model, self.parameter_counts = methods.apply_method(base, recipe, self.tokenizer)
@@ -150,12 +166,13 @@ class TrainingSession:
                 import torch
 
                 precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        checkpointing = t.gradient_checkpointing
-        if checkpointing == "auto":
-            checkpointing = self.device == "cuda"
+        from ftcli.methods import gradient_checkpointing_enabled
+
+        checkpointing = gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
         has_eval = self.prepared.eval is not None
         warmup = t.warmup_steps if t.warmup_steps else t.warmup_ratio  # below 1 is read as a ratio
         return SFTConfig(
+            **self.strategy_arguments,
             output_dir=str(self.run.checkpoints_dir),
             max_steps=t.max_steps if t.max_steps else -1,
             num_train_epochs=t.epochs if t.epochs else 1.0,
@@ -212,10 +229,6 @@ class TrainingSession:
 
         run, recipe = self.run, self.recipe
         t = recipe.training
-        if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
-            raise UsageError("training.early_stopping_patience needs training.save_steps to be a multiple of "
-                             f"training.eval_steps (got {t.save_steps} and {t.eval_steps})")
-        self._check_trackers()
         if self.device == "cpu":
             _speed_up_allocator()
 
@@ -249,39 +262,50 @@ class TrainingSession:
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(HFProgress)
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self._mark("running", started_at=now_iso(), **self._run_facts(world_size))
+        from ftcli.distributed import world_size
+
+        self._mark("running", started_at=now_iso(), **self._run_facts(world_size()))
         started = time.perf_counter()
         stopper.install()
         try:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except KeyboardInterrupt:
-            self._mark("interrupted", error="interrupted before a checkpoint could be saved")
-            raise Interrupted(f"run {run.name!r} interrupted", hint="continue with --resume") from None
-        except FtcliError as exc:
-            self._mark("failed", error=str(exc))
+            self.timings["train_s"] = round(time.perf_counter() - started, 2)
+            if stopper.requested is not None:
+                step = trainer.state.global_step
+                self._mark("interrupted", error=f"{stopper.requested}: stopped after a checkpoint at step {step}",
+                           step=step)
+                raise Interrupted(f"run {run.name!r} interrupted at step {step}; a checkpoint was saved",
+                                  hint="continue with: ftcli train RECIPE --resume")
+            metrics = self._final_metrics(trainer, output)
+            if self.is_main_process:
+                self._save_outputs()
+        except Interrupted:
             raise
+        except KeyboardInterrupt:
+            self._mark_quietly("interrupted", error="interrupted before a checkpoint could be saved")
+            raise Interrupted(f"run {run.name!r} interrupted", hint="continue with --resume") from None
         except BaseException as exc:
-            self._mark("failed", error=f"{type(exc).__name__}: {exc}")
+            self._mark_quietly("failed", error=str(exc) if isinstance(exc, FtcliError)
+                               else f"{type(exc).__name__}: {exc}")
+            raise_if_disk_full(exc, run.path)
             raise
         finally:
             stopper.uninstall()
-        self.timings["train_s"] = round(time.perf_counter() - started, 2)
-
-        if stopper.requested is not None:
-            self._mark("interrupted", error=f"{stopper.requested}: stopped after a checkpoint at step "
-                                            f"{trainer.state.global_step}", step=trainer.state.global_step)
-            raise Interrupted(f"run {run.name!r} interrupted at step {trainer.state.global_step}; "
-                              "a checkpoint was saved", hint=f"continue with: ftcli train RECIPE --resume")
-        metrics = self._final_metrics(trainer, output)
-        if self.is_main_process:
-            self._save_outputs()
         summary = self._mark("completed", finished_at=now_iso(), metrics=metrics, timings=self.timings,
                              step=trainer.state.global_step)
         return {"name": run.name, "status": "completed", "path": str(run.path), "metrics": metrics,
                 "step": summary.get("step")}
 
+    def _mark_quietly(self, status: str, **fields) -> None:
+        """Record a failure without hiding it: when even run.json can't be written (disk full), say so and go on."""
+        try:
+            self._mark(status, **fields)
+        except Exception as exc:  # the original error matters more
+            self._log(f"warning: could not record status {status} in run.json: {exc}")
+
     def _run_facts(self, world_size: int) -> dict[str, Any]:
+        from ftcli.distributed import resolve_strategy
+
         t = self.recipe.training
         report = self.prepared.train_report
         eval_report = self.prepared.eval_report
@@ -291,7 +315,7 @@ class TrainingSession:
             "method": self.recipe.method.kind,
             "parameters": self.parameter_counts,
             "device": self.device,
-            "distributed": {"world_size": world_size, "strategy": t.distributed if world_size > 1 else "none",
+            "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": report.fingerprints, "train": _report_dict(report),
                      "eval": _report_dict(eval_report) if eval_report else None},
@@ -352,4 +376,5 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*kernels.*")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
@@ -203,6 +202,17 @@ def test_json_csv_parquet_saved_folder_and_several_files(tmp_path):
     assert len(both) == 8 and both[4].origin == f"{tmp_path / 'd.parquet'} row 0"
 
 
+def test_bom_and_json_lines_named_json(tmp_path):
+    content = "".join(json.dumps(r) + "\n" for r in memorisable_chat(3)).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + content)
+    (tmp_path / "lines.json").write_bytes(content)
+    assert len(conversations_of(tmp_path / "bom.jsonl")) == 3
+    assert [c.origin for c in conversations_of(tmp_path / "lines.json")][-1] == f"{tmp_path / 'lines.json'}:3"
+    (tmp_path / "broken.json").write_text('[{"messages": []},\n  {"messages": [}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken.json:2: not valid JSON"):
+        conversations_of(tmp_path / "broken.json")
+
+
 def test_val_split_is_seeded_deterministic_and_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", memorisable_chat(20))
     config = DataConfig(train=str(path), val_split=0.25)
@@ -222,6 +232,8 @@ def test_eval_file_and_eval_override(tmp_path):
     assert conversation.messages == HI_HELLO["messages"]
     with pytest.raises(DataError, match="no eval data"):
         data.load_conversations(DataConfig(train=str(train)), "eval")
+    train.unlink()   # eval of a finished run must not need the training files
+    assert len(data.load_conversations(DataConfig(train=str(train), eval=str(other)), "eval")) == 1
 
 
 def test_hub_dataset_offline_is_one_clear_line(monkeypatch):
