@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from ftcli.data_formats import to_conversations
-from ftcli.data_sources import as_source_list, is_local_reference, read_source
+from ftcli.data_sources import as_source_list, is_local_reference, read_source, source_fingerprint
 from ftcli.data_templates import CHATML_TEMPLATE, resolve_chat_template, split_for_generation
 from ftcli.data_types import IGNORE_INDEX, Conversation, DataReport, PreparedData
 from ftcli.errors import DataError, UsageError
@@ -77,8 +77,6 @@ def load_conversations(data: DataConfig, split: str = "train", *, seed: int = 42
 
 def data_fingerprints(data: DataConfig) -> dict[str, str] | None:
     """sha256 of every local source's content (None when a source is a hub dataset: not cacheable by content)."""
-    from ftcli.data_sources import source_fingerprint
-
     fingerprints = {}
     for reference in as_source_list(data.train) + as_source_list(data.eval):
         if not is_local_reference(reference):
@@ -184,7 +182,8 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
         evaluation, eval_report = tokenize_conversations(eval_conversations, recipe, tokenizer, template,
                                                          split="eval")
         eval_report.fingerprints = read_fingerprints
-    if key is not None:
+    if key is not None and sorted(read_fingerprints.values()) == sorted(fingerprints.values()):
+        # (a file changed between hashing and reading is not stored under the old content's key)
         data_cache.store(key, train, evaluation, template, train_report, eval_report)
     return PreparedData(train, evaluation, template, train_report, eval_report)
 
@@ -196,4 +195,6 @@ def make_collator(recipe: Recipe, tokenizer):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UsageError("the tokenizer has neither a pad nor an EOS token", hint="use a tokenizer that defines one")
-    return (PackedCollator if recipe.data.packing else PaddingCollator)(pad_id)
+    if not recipe.data.packing:
+        return PaddingCollator(pad_id)
+    return PackedCollator(pad_id, flatten=recipe.model.attn_implementation == "flash_attention_2")

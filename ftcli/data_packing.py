@@ -5,7 +5,9 @@ sdpa attends over B*L positions (attention cost and the mask grow with (B*L)^2 i
 ate the gain from removing padding and doubled the memory. Here each row stays a separate sequence of at most
 max_length tokens; per-row position_ids restart at 0 at every example, and transformers turns them into a
 block-diagonal causal mask (only without a 2-D attention_mask and with use_cache=False, which SFTTrainer sets),
-so examples in one row do not attend to each other.
+so examples in one row do not attend to each other. With flash_attention_2 the opposite holds (its varlen kernel
+sees example boundaries only in a single flattened row, and then does only block-diagonal work): the collator
+flattens there.
 """
 
 from __future__ import annotations
@@ -83,11 +85,25 @@ class PaddingCollator:
 
 class PackedCollator(PaddingCollator):
     """Rows of packed examples: position_ids restart per example and no attention_mask, so the model builds a
-    block-diagonal causal mask per row (see the module docstring)."""
+    block-diagonal causal mask per row (see the module docstring).
+
+    flatten=True concatenates the rows into one (for flash_attention_2, whose variable-length kernel isolates
+    examples only in a batch of one row, and computes only the block-diagonal part, so flattening costs nothing)."""
+
+    def __init__(self, pad_token_id: int, *, flatten: bool = False):
+        super().__init__(pad_token_id)
+        self.flatten = flatten
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        if self.flatten:
+            return {
+                "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]], dtype=torch.long),
+                "labels": torch.tensor([[t for f in features for t in f["labels"]]], dtype=torch.long),
+                "position_ids": torch.tensor([[p for f in features for p in packed_position_ids(
+                    f.get("seq_lengths") or [len(f["input_ids"])], len(f["input_ids"]))]], dtype=torch.long),
+            }
         batch = super().__call__(features)
         width = batch["input_ids"].shape[1]
         batch["position_ids"] = torch.tensor(

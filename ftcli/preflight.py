@@ -68,7 +68,7 @@ def count_parameters(recipe, model_config, tokenizer=None) -> dict:
     from ftcli.models import silence_known_warnings
 
     silence_known_warnings()
-    from accelerate import init_empty_weights
+    import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +77,9 @@ def count_parameters(recipe, model_config, tokenizer=None) -> dict:
     method = recipe.method
     if getattr(method, "init_text", None):   # initialising from text needs real embeddings; the count is the same
         method = method.model_copy(update={"init_text": None})
-    with init_empty_weights(), warnings.catch_warnings():
+    # The meta device, not accelerate's init_empty_weights: under the latter, tied embeddings stay untied and the
+    # total counts the LM head twice.
+    with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # peft calls a deprecated transformers helper
         model = AutoModelForCausalLM.from_config(model_config)
         peft_model = get_peft_model(model, peft_config_for(method, model, tokenizer))

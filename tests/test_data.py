@@ -266,6 +266,9 @@ def test_template_choice_inline_file_default_and_missing(tmp_path, tokenizer):
     assert "data.default_chat_template: chatml" in str(info.value)
     assert data.resolve_chat_template(DataConfig(train="x.jsonl", default_chat_template="chatml"), base) \
         == data.CHATML_TEMPLATE
+    with pytest.raises(NotAvailableError, match="chat template file not found"):
+        data.resolve_chat_template(DataConfig(train="x.jsonl", chat_template_file=str(tmp_path / "no.jinja")),
+                                   tokenizer)
     with pytest.raises(UsageError, match="data.chat_template cannot render"):
         data.resolve_chat_template(DataConfig(train="x.jsonl", chat_template="{% for %}"), tokenizer)
 

@@ -48,6 +48,24 @@ def test_prepare_data_packs_and_reports_efficiency(tmp_path, tokenizer_dir):
         "input_ids", "labels", "attention_mask"}
 
 
+def test_flash_attention_gets_one_flattened_row():
+    from ftcli.data_packing import PackedCollator
+
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "seq_lengths": [2, 2]},
+            {"input_ids": [9, 10, 11], "labels": [-100, 10, 11], "seq_lengths": [3]}]
+    batch = PackedCollator(pad_token_id=2, flatten=True)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, -100, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1, 2]]
+    recipe = Recipe.model_validate({"model": {"path": "x", "attn_implementation": "flash_attention_2"},
+                                    "method": {"kind": "lora"}, "data": {"train": "x.jsonl", "packing": True}})
+
+    class Tokenizer:
+        pad_token_id = eos_token_id = 2
+
+    assert data.make_collator(recipe, Tokenizer()).flatten is True
+
+
 def test_packing_refused_for_virtual_token_methods(tmp_path):
     from ftcli.errors import UsageError
 

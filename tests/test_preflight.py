@@ -7,7 +7,14 @@ import pytest
 from ftcli.recipe import Recipe
 
 
-def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, runs_dir, tmp_path):
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, runs_dir, tiny_model_dir):
     result = cli("train", tiny_recipe, "--dry-run", "--json", "--runs-dir", runs_dir,
                  "--set", "data.val_split=0.25")
     assert result.exit_code == 0, result
@@ -24,7 +31,11 @@ def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, r
 
     # LoRA r=8 on q,k,v,o of 2 layers, hidden 64, 2 KV heads of 16: 8*((64+64)*2 + (64+32)*2) per layer.
     assert report["parameters"]["trainable"] == 2 * 8 * ((64 + 64) * 2 + (64 + 32) * 2)
-    assert report["parameters"]["total"] > report["parameters"]["trainable"]
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as weights:   # tied: the LM head is not stored
+        base = sum(_numel(weights.get_slice(name).get_shape()) for name in weights.keys())
+    assert report["parameters"]["total"] == base + report["parameters"]["trainable"]
 
     memory = report["memory"]
     assert set(memory["parts"]) == {"weights", "adapter_and_optimizer", "activations", "logits", "framework"}

@@ -134,3 +134,34 @@ def base_greedy(model_dir: Path, rendered_prompt: str, max_new_tokens: int) -> s
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# A quick LoRA run (2 steps) for the runs list/show/compare tests; {r} and {lr} vary between runs.
+QUICK_LORA_RECIPE = """\
+name: {name}
+model:
+  path: {model}
+method:
+  kind: lora
+  r: {r}
+  alpha: 16
+  dropout: 0.0
+  target_modules: [q_proj, v_proj]
+data:
+  train: {data}
+  eval: {data}
+  format: chat
+  max_length: 64
+training:
+  max_steps: 2
+  batch_size: 8
+  lr: {lr}
+  seed: 7
+  save_steps: 1000
+eval:
+  max_new_tokens: 4
+"""
+
+
+def quick_lora_run(tmp_path_factory, model_dir: Path, name: str, *, r: int, lr: float) -> tuple[Path, str]:
+    return train_once(tmp_path_factory, name, QUICK_LORA_RECIPE, model=str(model_dir), r=str(r), lr=str(lr)), name
