@@ -117,6 +117,20 @@ def staged_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_staging(target: Path) -> None:
+    """Clean up after a writer of `target` that was killed (kill -9 leaves its staging folder): put back a previous
+    output caught mid-swap, remove half-written staging folders. Call only while holding the lock guarding target."""
+    target = Path(target)
+    old = target.with_name(STAGING_PREFIX + target.name + ".old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+    for leftover in target.parent.glob(STAGING_PREFIX + target.name + ".*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def check_free_space(path: Path, needed_bytes: int) -> None:
     path = Path(path)
     probe = path if path.exists() else path.parent

@@ -76,3 +76,21 @@ def scan_checkpoints(checkpoints_dir: Path) -> CheckpointScan:
             return CheckpointScan(candidate, skipped)
         skipped.append((candidate, problem))
     return CheckpointScan(None, skipped)
+
+
+def remove_unfinished(run_path: Path, checkpoints_dir: Path) -> None:
+    """After an abrupt stop: drop checkpoints whose save never finished and staging leftovers of atomic writes."""
+    import shutil
+
+    from ftcli.atomic import STAGING_PREFIX
+
+    if checkpoints_dir.is_dir():
+        for candidate in checkpoints_dir.iterdir():
+            if candidate.is_dir() and _step(candidate) >= 0 and not (candidate / CHECKPOINT_COMPLETE_MARKER).exists():
+                shutil.rmtree(candidate, ignore_errors=True)
+    for leftover in run_path.rglob(STAGING_PREFIX + "*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ftcli.atomic import atomic_write_json, atomic_write_text, check_free_space, staged_dir
+from ftcli.atomic import atomic_write_json, atomic_write_text, check_free_space, remove_stale_staging, staged_dir
 from ftcli.errors import UsageError
 from ftcli.runs import EXPORT_RECORD_FILE, now_iso
 
@@ -35,6 +35,8 @@ def export_run(run, fmt: str, *, quant: str | None = None, out=None, console=Non
     target = Path(out).expanduser().resolve() if out is not None else run.export_dir(fmt)
     check_target(run, target)
     with run.lock():
+        if target.is_relative_to(run.path):  # the run lock guards it: leftovers of a killed export can go
+            remove_stale_staging(target)
         started = time.perf_counter()
         result = EXPORTERS[fmt](run, recipe, target, quant, console)
         result.update(format=fmt, path=str(target), exported_at=now_iso(),

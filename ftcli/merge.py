@@ -30,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-from ftcli.atomic import atomic_write_text, check_free_space, staged_dir
+from ftcli.atomic import atomic_write_text, check_free_space, remove_stale_staging, staged_dir
 from ftcli.errors import NotAvailableError, QualityGateError, UsageError
 from ftcli.runs import now_iso
 
@@ -57,6 +57,7 @@ def ensure_merged(run, *, dtype: str | None = None, qlora_base: str | None = Non
     from ftcli.methods import METHOD_TRAITS
 
     run.require_adapter("merge")
+    remove_stale_staging(run.merged_dir)  # what a killed merge left; the caller holds the run lock
     recipe = run.load_recipe()
     kind = recipe.method.kind
     if not METHOD_TRAITS[kind].mergeable:

@@ -242,8 +242,13 @@ class TrainingSession:
             resume_from = scan.newest_complete
             self._log(f"resuming from {resume_from.name}" if resume_from else "no complete checkpoint: starting over")
 
-        stopper = GracefulStop(on_second_signal=lambda name: self._mark(
-            "interrupted", error=f"{name} twice: stopped at once, resume from the last complete checkpoint"))
+        def stop_now(signal_name: str) -> None:
+            if self.is_main_process:
+                checkpoints.remove_unfinished(run.path, run.checkpoints_dir)
+            self._mark_quietly("interrupted", error=f"{signal_name} twice: stopped at once; resume continues from "
+                                                    "the last complete checkpoint")
+
+        stopper = GracefulStop(on_second_signal=stop_now)
         callbacks = [MetricsCallback(run), ProgressCallback(self.console), CheckpointMarkCallback(), stopper]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))

@@ -175,3 +175,20 @@ def test_recipe_trust_remote_code_needs_the_flag(tiny_recipe, runs_dir):
     result = run_cli("train", tiny_recipe, "--set", "model.trust_remote_code=true")
     assert result.exit_code == 2 and "--trust-remote-code" in result.stderr
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def test_second_sigint_exits_at_once_leaving_nothing_half_written(tiny_recipe, runs_dir):
+    proc = _start(tiny_recipe, "--set", "training.max_steps=400", "--set", "training.save_steps=3")
+    _wait_for(runs_dir / "tiny" / "checkpoints" / "checkpoint-3" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    info = json.loads((runs_dir / "tiny" / "run.json").read_text())
+    assert info["status"] == "interrupted" and "twice" in info["error"]
+    from ftcli.checkpoints import scan_checkpoints
+
+    scan = scan_checkpoints(runs_dir / "tiny" / "checkpoints")
+    assert scan.newest_complete is not None and scan.skipped == []
+    assert not list((runs_dir / "tiny").rglob(".tmp-*"))
