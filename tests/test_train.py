@@ -192,3 +192,22 @@ def test_second_sigint_exits_at_once_leaving_nothing_half_written(tiny_recipe, r
     scan = scan_checkpoints(runs_dir / "tiny" / "checkpoints")
     assert scan.newest_complete is not None and scan.skipped == []
     assert not list((runs_dir / "tiny").rglob(".tmp-*"))
+
+
+def test_eval_during_training_with_early_stopping(tiny_recipe, runs_dir, chat_data):
+    result = run_cli("train", tiny_recipe, "--set", f"data.eval={chat_data}", "--set", "training.eval_steps=2",
+                     "--set", "training.save_steps=2", "--set", "training.early_stopping_patience=2",
+                     "--set", "training.max_steps=6", "--json")
+    assert result.exit_code == 0, result
+    rows = metrics(runs_dir / "tiny")
+    eval_steps = sorted({m["step"] for m in rows if "eval_loss" in m})
+    assert eval_steps[:3] == [2, 4, 6]
+    info = json.loads((runs_dir / "tiny" / "run.json").read_text())
+    assert info["metrics"]["eval_loss"] > 0 and info["data"]["eval"]["examples"] == 16
+
+
+def test_early_stopping_needs_aligned_save_steps(tiny_recipe, runs_dir, chat_data):
+    result = run_cli("train", tiny_recipe, "--set", f"data.eval={chat_data}", "--set", "training.eval_steps=2",
+                     "--set", "training.save_steps=3", "--set", "training.early_stopping_patience=2")
+    assert result.exit_code == 2 and "multiple of" in result.stderr
+    assert not (runs_dir / "tiny").exists()
