@@ -89,7 +89,7 @@ def export_merged(run, recipe, target: Path, quant, console) -> dict:
     """The merged model (merging first when merged/ is missing or stale), hard-linked where possible."""
     from ftcli.merge import ensure_merged
 
-    merge = ensure_merged(run, console=console)
+    merge = ensure_merged(run, any_settings=True, console=console)
     check_free_space(target.parent, _folder_bytes(run.merged_dir) + HEADROOM)
     with staged_dir(target) as staging:
         for path in run.merged_dir.iterdir():
@@ -166,7 +166,7 @@ def _write_checked_gguf(run, recipe, staging: Path, quant: str, console, *, free
     from ftcli.gguf_check import check_model_gguf
     from ftcli.merge import ensure_merged
 
-    merge = ensure_merged(run, console=console)
+    merge = ensure_merged(run, any_settings=True, console=console)
     merged_bytes = _folder_bytes(run.merged_dir, "*.safetensors")
     weights = merged_bytes / {"float32": 4, "float16": 2, "bfloat16": 2}[merge["dtype"]]
     check_free_space(free_space_at, int(weights * BYTES_PER_WEIGHT[quant]) + HEADROOM)

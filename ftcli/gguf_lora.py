@@ -123,7 +123,6 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
     """Read the file back: metadata, shapes and alpha as written, and base + scale * unpermute(B) @ A equal to
     PEFT's own merge of the adapter into `base_model` (a float32 model, consumed) for every module."""
     import numpy as np
-    import torch
     from peft import PeftModel
 
     from ftcli.gguf_writer import llama_shape, rows_permutation, unpermute_rows

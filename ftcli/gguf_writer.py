@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +230,3 @@ def _tensor_order(name: str) -> tuple:
     if name.startswith("blk."):
         return (1, int(name.split(".")[1]), name)
     return (0 if name.startswith("token_embd") else 2, 0, name)
-
-
-def read_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from ftcli.atomic import atomic_write_text, check_free_space, remove_stale_staging, staged_dir
-from ftcli.errors import NotAvailableError, QualityGateError, UsageError
+from ftcli.errors import QualityGateError, UsageError
 from ftcli.runs import now_iso
 
 MERGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -41,6 +41,7 @@ MAX_EXACT_LOGIT_DIFF = 1e-3       # fp32 merge vs fp32 base + adapter (measured 
 MIN_HALF_PRECISION_AGREEMENT = 0.90
 MIN_QLORA_AGREEMENT = 0.95        # dequantized merge vs the trained 4-bit model (measured 97.8% for the bare base)
 MODEL_CARD_FILE = "README.md"     # the Hugging Face model card inside merged/
+HEADLINE_REFERENCE = {"saved": "base + adapter", "trained_4bit": "quantized base + adapter, as trained"}
 
 
 def merge_run(run, *, dtype: str | None = None, qlora_base: str | None = None, force: bool = False,
@@ -51,8 +52,12 @@ def merge_run(run, *, dtype: str | None = None, qlora_base: str | None = None, f
 
 
 def ensure_merged(run, *, dtype: str | None = None, qlora_base: str | None = None, force: bool = False,
-                  console=None) -> dict:
-    """merge_run for a caller that already holds the run lock: reuse an up-to-date merged/ or merge again."""
+                  any_settings: bool = False, console=None) -> dict:
+    """merge_run for a caller that already holds the run lock: reuse an up-to-date merged/ or merge again.
+
+    any_settings: reuse a merged/ of this very adapter whatever dtype / QLoRA base it was merged with (exports
+    take the merge the user made); otherwise the settings must match too (the recipe's when not given).
+    """
     from ftcli.adapter_model import check_base_fingerprint
     from ftcli.methods import METHOD_TRAITS
 
@@ -78,24 +83,26 @@ def ensure_merged(run, *, dtype: str | None = None, qlora_base: str | None = Non
             raise UsageError(f"--qlora-base {qlora_base!r} is not one of {', '.join(QLORA_BASES)}")
 
     base_info = check_base_fingerprint(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
-    signature = merge_signature(run, dtype=dtype, qlora_base=qlora_base, base_fingerprint=base_info["fingerprint"])
+    adapter = adapter_signature(run, base_fingerprint=base_info["fingerprint"])
+    signature = merge_signature(adapter, dtype=dtype, qlora_base=qlora_base)
     recorded = run.read().get("merge") or {}
-    if not force and recorded.get("signature") == signature and (run.merged_dir / "config.json").is_file():
+    same = recorded.get("adapter_signature") == adapter if any_settings else recorded.get("signature") == signature
+    if not force and same and (run.merged_dir / "config.json").is_file():
         _say(console, f"merged model is up to date in {run.merged_dir} (merge again with --force)")
         return {**recorded, "reused": True}
 
     check_free_space(run.path, estimate_merged_bytes(Path(base_info["local_dir"]), dtype))
     started = time.perf_counter()
     record = _merge(run, recipe, dtype=dtype, qlora_base=qlora_base, console=console)
-    record.update(signature=signature, base_fingerprint=base_info["fingerprint"], merged_at=now_iso(),
-                  seconds=round(time.perf_counter() - started, 2))
+    record.update(signature=signature, adapter_signature=adapter, base_fingerprint=base_info["fingerprint"],
+                  merged_at=now_iso(), seconds=round(time.perf_counter() - started, 2))
     run.update(merge=record)
     return {**record, "reused": False}
 
 
-def merge_signature(run, *, dtype: str, qlora_base: str | None, base_fingerprint: str) -> str:
-    """Changes whenever the merged model would: adapter files, chat template, dtype, QLoRA base, base model."""
-    digest = hashlib.sha256(json.dumps([dtype, qlora_base, base_fingerprint]).encode())
+def adapter_signature(run, *, base_fingerprint: str) -> str:
+    """Changes whenever the adapter would merge differently: adapter files, chat template, base model."""
+    digest = hashlib.sha256(base_fingerprint.encode())
     for path in sorted(run.adapter_dir.glob("adapter_*")) + [run.chat_template_path]:
         if path.is_file():
             digest.update(path.name.encode())
@@ -103,6 +110,11 @@ def merge_signature(run, *, dtype: str, qlora_base: str | None, base_fingerprint
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()[:24]
+
+
+def merge_signature(adapter: str, *, dtype: str, qlora_base: str | None) -> str:
+    """The adapter's signature plus the merge settings: equal signatures mean an identical merged/."""
+    return hashlib.sha256(json.dumps([adapter, dtype, qlora_base]).encode()).hexdigest()[:24]
 
 
 def estimate_merged_bytes(base_dir: Path, dtype: str) -> int:
@@ -123,6 +135,7 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
     from ftcli import parity
     from ftcli.adapter_model import load_run_tokenizer, run_chat_template
     from ftcli.models import load_model, silence_known_warnings
+    from ftcli.qlora_base import dequantize_like_training, trained_model_logits, training_dtype
 
     silence_known_warnings()
     trust = recipe.model.trust_remote_code
@@ -135,12 +148,12 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
     trained_logits = None
     if quantization is not None:
         _say(console, f"loading the base in {quantization.bits}-bit as in training, for the reference logits")
-        trained_logits, quantized = _trained_model_logits(run, recipe, batch)
+        trained_logits, quantized = trained_model_logits(run, recipe, batch)
 
     _say(console, f"loading {recipe.model.path} in float32 and merging the {recipe.method.kind} adapter")
     base = load_model(recipe.model, dtype="float32", trust_remote_code=trust)
     if quantization is not None and qlora_base == "dequantized":
-        dequantize_like_training(base, quantized, quantization, source_dtype=_training_dtype(recipe))
+        dequantize_like_training(base, quantized, quantization, source_dtype=training_dtype(recipe))
     model = PeftModel.from_pretrained(base, run.adapter_dir, is_trainable=False)
     model.eval()
     adapter_logits = parity.logits(model, batch)
@@ -165,68 +178,17 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
     record = {"path": str(run.merged_dir), "dtype": dtype, "method": recipe.method.kind,
               "qlora_base": qlora_base, "check_conversations": len(parity.CHECK_CONVERSATIONS)}
     with staged_dir(run.merged_dir) as staging:
-        _write_merged(staging, merged, tokenizer, template, run, record)
+        _write_merged(staging, merged, tokenizer, template)
         del merged, model, base
         gc.collect()
         checks["saved"] = _check_saved(staging, recipe, batch, adapter_logits, dtype)
         record["parity"] = {name: check.as_dict() for name, check in checks.items()}
+        # The headline figures: the merged model against the model as it was trained.
+        headline = "trained_4bit" if "trained_4bit" in checks else "saved"
+        record.update(checks[headline].as_dict(), compared_with=HEADLINE_REFERENCE[headline])
         atomic_write_text(staging / MODEL_CARD_FILE, model_card(run, record))
     _say(console, f"merged into {run.merged_dir}: {checks['saved'].describe()} against base + adapter")
     return record
-
-
-def _trained_model_logits(run, recipe, batch):
-    """Logits of the model as trained (quantized base + adapter) and {module name: 4-bit block size} of the
-    quantized layers, read before any forward pass (the CPU backend repacks 4-bit weights in place on the first)."""
-    import bitsandbytes as bnb
-    from peft import PeftModel
-
-    from ftcli import parity
-    from ftcli.models import load_model
-
-    base = load_model(recipe.model, quantization=recipe.effective_quantization,
-                      trust_remote_code=recipe.model.trust_remote_code)
-    quantized = {
-        name: getattr(getattr(module.weight, "quant_state", None), "blocksize", None)
-        for name, module in base.named_modules()
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-    }
-    model = PeftModel.from_pretrained(base, run.adapter_dir, is_trainable=False)
-    model.eval()
-    logits = parity.logits(model, batch)
-    del model, base
-    gc.collect()
-    return logits, quantized
-
-
-def _training_dtype(recipe) -> str:
-    from ftcli.models import resolve_device, resolve_dtype
-
-    return resolve_dtype(recipe.model.dtype, resolve_device(recipe.model.device))
-
-
-def dequantize_like_training(model, quantized: dict[str, int | None], quantization, *, source_dtype: str) -> None:
-    """Replace each weight bitsandbytes quantized at training time by its quantized-then-dequantized value,
-    quantized the way training did (same dtype in, quant type, block size, double quantization)."""
-    import torch
-    import bitsandbytes.functional as bnbf
-
-    modules = dict(model.named_modules())
-    missing = sorted(set(quantized) - set(modules))
-    if missing:
-        raise NotAvailableError(f"the full-precision base has no module {missing[0]} that was quantized in training")
-    with torch.no_grad():
-        for name, blocksize in quantized.items():
-            weight = modules[name].weight
-            source = weight.data.to(getattr(torch, source_dtype))
-            if quantization.bits == 4:
-                packed, state = bnbf.quantize_4bit(source, blocksize=blocksize, quant_type=quantization.quant_type,
-                                                   compress_statistics=quantization.double_quant)
-                restored = bnbf.dequantize_4bit(packed, state)
-            else:  # LLM.int8: row-wise absmax of the fp16 weight
-                codes, scales, _ = bnbf.int8_vectorwise_quant(source.to(torch.float16))
-                restored = bnbf.int8_vectorwise_dequant(codes, scales)
-            weight.data = restored.to(weight.dtype).reshape(weight.shape)
 
 
 def _gate_exact(check, what: str) -> None:
@@ -264,7 +226,8 @@ def _check_saved(folder: Path, recipe, batch, adapter_logits, dtype: str):
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _write_merged(folder: Path, model, tokenizer, template: str | None, run, record: dict) -> None:
+def _write_merged(folder: Path, model, tokenizer, template: str | None) -> None:
+    """Weights, config, generation config that stops at the template's EOS, tokenizer and the run's template."""
     from ftcli.runs import CHAT_TEMPLATE_FILE
 
     generation = model.generation_config

@@ -150,8 +150,10 @@ def test_gguf_without_qk_permutation_fails_the_check(sharp_model_dir, tmp_path, 
     from ftcli.gguf_writer import write_model_gguf
 
     run = make_run(tmp_path / "runs", "sharp", sharp_model_dir)
-    monkeypatch.setattr(ftcli.export, "write_gguf",
-                        lambda model_dir, path, **kwargs: write_model_gguf(model_dir, path, _permute_qk=False, **kwargs))
+    def without_permutation(model_dir, path, **kwargs):
+        return write_model_gguf(model_dir, path, _permute_qk=False, **kwargs)
+
+    monkeypatch.setattr(ftcli.export, "write_gguf", without_permutation)
     with pytest.raises(QualityGateError, match="next-token agreement") as caught:
         export_run(run, "gguf", quant="f32")
     agreement = float(str(caught.value).split("next-token agreement ")[1].split("%")[0])
@@ -162,7 +164,8 @@ def test_gguf_without_qk_permutation_fails_the_check(sharp_model_dir, tmp_path, 
 
 
 def test_cli_ollama_export(cli, lora_run):
-    result = cli("export", "tied", "--format", "ollama", "--quant", "q8_0", "--runs-dir", lora_run.runs_root, "--json")
+    result = cli("export", "tied", "--format", "ollama", "--quant", "q8_0", "--runs-dir", lora_run.runs_root,
+                 "--json")
     assert result.exit_code == 0, result
     document = result.json()
     folder = Path(document["path"])

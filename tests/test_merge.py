@@ -95,6 +95,7 @@ def test_merge_parity(kind, tmp_path, tiny_model_dir):
     assert merge["parity"]["merge"]["max_abs_logit_diff"] <= 1e-3
     assert merge["parity"]["saved"]["next_token_agreement"] == 1.0
     assert merge["parity"]["merge"]["positions"] > 100
+    assert merge["next_token_agreement"] == 1.0 and merge["compared_with"] == "base + adapter"
     # Independently of ftcli's own check: the merged folder loads in plain transformers and matches PEFT.
     adapter, merged, mask = adapter_and_merged_logits(run)
     assert (adapter - merged).abs().amax(-1)[mask].max() < 1e-3
@@ -136,7 +137,7 @@ def test_merge_reuses_up_to_date_output_and_force_merges_again(tmp_path, tiny_mo
 
 
 def test_half_precision_merge(tmp_path, tiny_model_dir):
-    from ftcli.merge import merge_run
+    from ftcli.merge import ensure_merged, merge_run
 
     run = make_run(tmp_path / "runs", "half", tiny_model_dir)
     result = merge_run(run, dtype="bfloat16")
@@ -144,6 +145,24 @@ def test_half_precision_merge(tmp_path, tiny_model_dir):
     assert config["dtype"] == "bfloat16"
     assert result["parity"]["merge"]["next_token_agreement"] == 1.0
     assert result["parity"]["saved"]["next_token_agreement"] >= 0.9
+    # Exports take the merge the user made; a plain `ftcli merge` goes back to the recipe's dtype.
+    with run.lock():
+        assert ensure_merged(run, any_settings=True)["reused"] is True
+    assert merge_run(run)["dtype"] == "float32"
+
+
+def test_free_space_is_checked_before_any_work(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil as shutil_module
+
+    from ftcli.atomic import DiskFullError
+    from ftcli.merge import merge_run
+
+    run = make_run(tmp_path / "runs", "tight", tiny_model_dir)
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=1024))
+    with pytest.raises(DiskFullError, match="not enough free space"):
+        merge_run(run)
+    assert not run.merged_dir.exists() and "merge" not in run.read()
 
 
 def test_qlora_merge_parity_for_both_bases(tmp_path, tiny_model_dir):
@@ -154,6 +173,7 @@ def test_qlora_merge_parity_for_both_bases(tmp_path, tiny_model_dir):
     assert dequantized["qlora_base"] == "dequantized"
     trained = dequantized["parity"]["trained_4bit"]
     assert trained["next_token_agreement"] >= 0.95
+    assert dequantized["next_token_agreement"] == trained["next_token_agreement"]   # the headline figure
     original = merge_run(run, qlora_base="original")
     assert original["reused"] is False and run.read()["merge"]["qlora_base"] == "original"
     # Merging into the original weights drifts further from the trained 4-bit model than the default.
@@ -168,7 +188,7 @@ def test_dequantize_like_training_reproduces_the_4bit_weights(tiny_model_dir):
     import bitsandbytes.functional as bnbf
     import torch
 
-    from ftcli.merge import dequantize_like_training
+    from ftcli.qlora_base import dequantize_like_training
     from ftcli.models import load_model
     from ftcli.recipe import ModelConfig, QuantizationConfig
 
@@ -248,13 +268,3 @@ def test_cli_merge_refusals(cli, tmp_path, tiny_model_dir):
 
     wrong = cli("merge", "prefix", "--runs-dir", root, "--qlora-base", "original")
     assert wrong.exit_code == 2, wrong
-
-
-def test_cli_merge_json(cli, tmp_path, tiny_untied_model_dir):
-    root = tmp_path / "runs"
-    make_run(root, "cli", tiny_untied_model_dir)
-    result = cli("merge", "cli", "--runs-dir", root, "--json")
-    assert result.exit_code == 0, result
-    document = result.json()
-    assert document["path"] == str(root / "cli" / "merged")
-    assert document["parity"]["merge"]["next_token_agreement"] == 1.0

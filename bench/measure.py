@@ -1,0 +1,214 @@
+"""Measuring helpers for bench/run.py: child processes with their peak RSS, step logs -> tokens/s, ratios, test data.
+
+Pure standard library (no torch), so `bench/run.py --help` and the tests stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The glibc malloc settings ftcli applies in-process (ftcli/train.py _speed_up_allocator), as environment variables:
+# given to the hand-written script when its settings are to match ftcli's.
+MATCHED_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),
+    "MALLOC_TOP_PAD_": str(256 * 2**20),
+}
+
+
+@dataclass
+class ChildResult:
+    """One finished child process: exit code, wall time and the peak resident memory of it and its children."""
+
+    command: list[str]
+    returncode: int
+    wall_s: float
+    peak_rss_bytes: int
+    stdout: str = ""
+    stderr_tail: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_child(command: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+              log_dir: Path | None = None, timeout_s: float | None = None) -> ChildResult:
+    """Run `command` to completion; its peak RSS comes from wait4's rusage (this child and the children it waited for:
+    the largest of them, in bytes). Output goes to files, never pipes, so a chatty child cannot block."""
+    import tempfile
+
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bench-child-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stdout_path, stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    started = time.perf_counter()
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd)
+        status, rusage = _wait(process, timeout_s)
+    wall = time.perf_counter() - started
+    returncode = os.waitstatus_to_exitcode(status)
+    process.returncode = returncode  # reaped here, not by Popen
+    stderr = stderr_path.read_text(encoding="utf-8", errors="replace")
+    return ChildResult(command=[str(c) for c in command], returncode=returncode, wall_s=round(wall, 3),
+                       peak_rss_bytes=rusage.ru_maxrss * 1024,  # Linux reports KiB
+                       stdout=stdout_path.read_text(encoding="utf-8", errors="replace"),
+                       stderr_tail=stderr[-3000:])
+
+
+def _wait(process: subprocess.Popen, timeout_s: float | None):
+    if timeout_s is None:
+        _, status, rusage = os.wait4(process.pid, 0)
+        return status, rusage
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, rusage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            return status, rusage
+        if time.monotonic() > deadline:
+            process.kill()
+            _, status, rusage = os.wait4(process.pid, 0)
+            return status, rusage
+        time.sleep(0.05)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (blank lines skipped); [] when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_records(records: list[dict]) -> list[dict]:
+    """Per-step training records (with loss, num_tokens and time), one per step, in step order."""
+    by_step: dict[int, dict] = {}
+    for record in records:
+        if "loss" in record and "num_tokens" in record and "time" in record:
+            by_step[int(record["step"])] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def steady_throughput(records: list[dict], *, skip: int, tokens_per_step: float | None = None) -> dict | None:
+    """Real tokens per second over the steps after the first `skip` (warm-up) ones.
+
+    The window runs from the log of step `skip` to the log of the last step, so it covers whole steps only. Tokens are
+    the difference of the cumulative num_tokens, unless tokens_per_step is given (for packed rows, whose num_tokens
+    TRL counts as one row's width per batch). None when fewer than two steps remain after the warm-up."""
+    steps = train_records(records)
+    if skip < 1 or len(steps) < skip + 2:
+        return None
+    first, last = steps[skip - 1], steps[-1]
+    seconds = float(last["time"]) - float(first["time"])
+    count = int(last["step"]) - int(first["step"])
+    if seconds <= 0 or count <= 0:
+        return None
+    tokens = tokens_per_step * count if tokens_per_step is not None else float(last["num_tokens"]) - float(
+        first["num_tokens"])
+    return {"tokens_per_s": round(tokens / seconds, 2), "steps": count, "tokens": round(tokens, 1),
+            "seconds": round(seconds, 3), "first_step": int(first["step"]) + 1, "last_step": int(last["step"])}
+
+
+def final_value(records: list[dict], key: str) -> float | None:
+    """The last value of `key` in the records (eval_loss, loss ...), None when absent."""
+    values = [r[key] for r in records if key in r]
+    return float(values[-1]) if values else None
+
+
+def median(values: list[float | None]) -> float | None:
+    """Median of the known values (None ignored); None when there are none."""
+    known = [v for v in values if v is not None]
+    return float(statistics.median(known)) if known else None
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
+    """numerator / denominator, rounded; None when either is missing or the denominator is zero."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return round(numerator / denominator, digits)
+
+
+def goal(value: float | None, *, at_least: float | None = None, at_most: float | None = None) -> bool | None:
+    """Whether value meets the bound(s); None when it was not measured."""
+    if value is None:
+        return None
+    if at_least is not None and value < at_least:
+        return False
+    if at_most is not None and value > at_most:
+        return False
+    return True
+
+
+def interleaved(arms: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, arm) in run order: every arm once per repeat, the order rotated each repeat (A B, B A, ...), so slow
+    phases of a noisy machine hit every arm alike."""
+    order = []
+    for repeat in range(repeats):
+        shift = repeat % len(arms)
+        order.extend((repeat, arm) for arm in arms[shift:] + arms[:shift])
+    return order
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """Bytes of the /proc/meminfo fields (MemTotal, MemAvailable, ...)."""
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[name.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return values
+
+
+def machine_info() -> dict:
+    """nproc, memory, CPU model, load average and OS of this machine."""
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory = parse_meminfo(Path("/proc/meminfo").read_text(encoding="utf-8"))
+    except OSError:
+        memory = {}
+    return {"nproc": os.cpu_count(), "cpu_model": cpu_model, "memory_total_bytes": memory.get("MemTotal"),
+            "memory_available_bytes": memory.get("MemAvailable"),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def varied_chat_records(count: int, seed: int = 0) -> list[dict]:
+    """Chat examples of varied length, skewed short with a long tail, as real chat data is: a short question and an
+    answer of 1..~120 numbers ("Count from 17 in steps of 3, 9 numbers."). About 4 tokens per number with SmolLM2's
+    tokenizer, so lengths run from ~45 to ~500 tokens: some exceed 256 and fill whole batches at max_length."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        numbers = min(120, 1 + int(rng.expovariate(1 / 16)))
+        start, stride = rng.randrange(1, 500), rng.randrange(1, 10)
+        question = f"Count from {start} in steps of {stride}, {numbers} numbers."
+        answer = ", ".join(str(start + i * stride) for i in range(numbers))
+        records.append({"messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": answer}]})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

@@ -1,0 +1,146 @@
+"""Measurements that need the libraries loaded, each run by bench/run.py in a fresh process; one JSON document out.
+
+    python bench/probes.py score RECIPE ADAPTER_DIR... [--set KEY=VALUE ...]
+    python bench/probes.py estimate SPEC_JSON
+    python bench/probes.py load RECIPE [--repeats N]
+    python bench/probes.py convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _quiet() -> None:
+    from ftcli.models import silence_known_warnings
+    from ftcli.train import quiet_libraries
+
+    quiet_libraries()
+    silence_known_warnings()
+
+
+def score(recipe_path: str, adapters: list[str], overrides: list[str]) -> dict:
+    """Completion-only eval loss (token-weighted mean over the recipe's eval data, ftcli's masks) of each adapter on
+    the recipe's base model: one scorer for ftcli's and the hand-written script's adapters alike."""
+    import torch
+    from peft import PeftModel
+
+    from ftcli import data, models
+    from ftcli.data_packing import PaddingCollator
+    from ftcli.data_types import IGNORE_INDEX
+    from ftcli.recipe_loader import load_recipe
+
+    _quiet()
+    recipe = load_recipe(Path(recipe_path), overrides).recipe
+    tokenizer = models.load_tokenizer(recipe.model)
+    prepared = data.prepare_data(recipe.model_copy(update={"data": recipe.data.model_copy(update={"packing": False})}),
+                                 tokenizer)
+    if prepared.eval is None:
+        raise SystemExit("the recipe has no eval data")
+    collate = PaddingCollator(tokenizer.pad_token_id)
+    rows = [prepared.eval[i] for i in range(len(prepared.eval))]
+    losses = {}
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(models.load_model(recipe.model), adapter).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(rows), 8):
+                batch = collate(rows[start:start + 8])
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]
+                losses_per_token = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                    reduction="sum")
+                total += float(losses_per_token)
+                count += int((labels != IGNORE_INDEX).sum())
+        losses[adapter] = round(total / count, 5)
+        del model
+    return {"eval_loss": losses, "eval_examples": len(rows)}
+
+
+def estimate(spec_path: str) -> dict:
+    """ftcli's memory estimate (the same report as `ftcli train RECIPE --dry-run --json`) of each recipe in the spec:
+    a JSON list of {"key": ..., "recipe": path, "overrides": [...]}."""
+    from ftcli.preflight import run_preflight
+    from ftcli.recipe_loader import load_recipe
+
+    _quiet()
+    estimates = {}
+    for item in json.loads(Path(spec_path).read_text(encoding="utf-8")):
+        recipe = load_recipe(Path(item["recipe"]), item.get("overrides", [])).recipe
+        report = run_preflight(recipe)
+        estimates[item["key"]] = {"memory": report["memory"], "parameters": report["parameters"]}
+    return estimates
+
+
+def load(recipe_path: str, repeats: int) -> dict:
+    """Seconds to load the recipe's (already converted) base model: ftcli's path (resolve + load_model) against a
+    plain from_pretrained of the same folder, alternated, libraries imported beforehand."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcli import models
+    from ftcli.recipe_loader import load_recipe
+
+    _quiet()
+    recipe = load_recipe(Path(recipe_path), []).recipe
+    local_dir = models.resolve_model(recipe.model).local_dir
+    AutoModelForCausalLM.from_pretrained(local_dir, dtype=torch.float32)  # page cache warm for both
+    ftcli_s, plain_s = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        models.load_model(recipe.model)
+        ftcli_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        AutoModelForCausalLM.from_pretrained(local_dir, dtype=torch.float32)
+        plain_s.append(time.perf_counter() - started)
+    return {"ftcli_load_s": [round(x, 3) for x in ftcli_s], "plain_load_s": [round(x, 3) for x in plain_s],
+            "ftcli_load_s_median": round(statistics.median(ftcli_s), 3),
+            "plain_load_s_median": round(statistics.median(plain_s), 3), "local_dir": str(local_dir)}
+
+
+def convert(recipe_path: str) -> dict:
+    """Seconds for the first use of the recipe's builtin model (GGUF -> safetensors folder) in this cache."""
+    from ftcli import models
+    from ftcli.recipe_loader import load_recipe
+
+    _quiet()
+    recipe = load_recipe(Path(recipe_path), []).recipe
+    started = time.perf_counter()
+    models.resolve_model(recipe.model)
+    return {"first_conversion_s": round(time.perf_counter() - started, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("score")
+    p.add_argument("recipe")
+    p.add_argument("adapters", nargs="+")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    commands.add_parser("estimate").add_argument("spec")
+    p = commands.add_parser("load")
+    p.add_argument("recipe")
+    p.add_argument("--repeats", type=int, default=3)
+    commands.add_parser("convert").add_argument("recipe")
+    args = parser.parse_args()
+    if args.command == "score":
+        result = score(args.recipe, args.adapters, args.overrides)
+    elif args.command == "estimate":
+        result = estimate(args.spec)
+    elif args.command == "load":
+        result = load(args.recipe, args.repeats)
+    else:
+        result = convert(args.recipe)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
