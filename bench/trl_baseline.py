@@ -18,7 +18,7 @@ p.add_argument("model"), p.add_argument("train"), p.add_argument("--eval"), p.ad
 p.add_argument("--method", default="lora", choices=["lora", "qlora"]), p.add_argument("--trl-defaults", action="store_true")
 p.add_argument("--max-length", type=int, default=256), p.add_argument("--batch", type=int, default=8)
 p.add_argument("--lr", type=float, default=1e-3), p.add_argument("--steps", type=int, default=60)
-p.add_argument("--warmup", type=int, default=3), p.add_argument("--scheduler", default="cosine")
+p.add_argument("--warmup", type=float, default=3), p.add_argument("--scheduler", default="cosine")
 p.add_argument("--r", type=int, default=16), p.add_argument("--alpha", type=float, default=32)
 p.add_argument("--dropout", type=float, default=0.05), p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
 p.add_argument("--seed", type=int, default=42), p.add_argument("--log", default="steps.jsonl")
@@ -49,8 +49,8 @@ config = SFTConfig(
     learning_rate=args.lr, lr_scheduler_type=args.scheduler, warmup_steps=args.warmup, max_length=args.max_length,
     logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
     **same_as_ftcli)
-lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
-                  task_type="CAUSAL_LM")
+targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets, task_type="CAUSAL_LM")
 
 
 class StepLog(TrainerCallback):  # the benchmark's timing log, the counterpart of ftcli's metrics.jsonl

@@ -80,16 +80,20 @@ def load_run_tokenizer(run, recipe: Recipe, *, folder=None, trust_remote_code: b
     if tokenizer.pad_token is None:
         # Inference only pads and masks by attention mask, so reusing EOS is harmless here.
         tokenizer.pad_token = tokenizer.eos_token
-    template = run_chat_template(run)
+    template = run_chat_template(run, recipe)
     if template is not None:
         tokenizer.chat_template = template
     return tokenizer
 
 
-def run_chat_template(run) -> str | None:
-    """The chat template training used, as saved in the run (None when the run has none, e.g. format: text)."""
+def run_chat_template(run, recipe: Recipe | None = None) -> str | None:
+    """The chat template training used, as saved in the run; None for format: text runs, whose adapter/ may still
+    hold the base tokenizer's own template (tokenizer.save_pretrained writes it under the same file name)."""
+    recipe = recipe or run.load_recipe()
     path = run.chat_template_path
-    return path.read_text(encoding="utf-8") if path.exists() else None
+    if recipe.data.format == "text" or not path.exists():
+        return None
+    return path.read_text(encoding="utf-8")
 
 
 def load_run_model(run, *, merged: bool = False, action: str = "use", quantized: bool = True,
@@ -119,7 +123,7 @@ def load_run_model(run, *, merged: bool = False, action: str = "use", quantized:
         model = _load_base_with_adapter(run, recipe, model_config, quantized, trust)
         tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=trust)
     model.eval()
-    return RunModel(model=model, tokenizer=tokenizer, recipe=recipe, chat_template=run_chat_template(run),
+    return RunModel(model=model, tokenizer=tokenizer, recipe=recipe, chat_template=run_chat_template(run, recipe),
                     merged=merged, base_model=base_info)
 
 

@@ -215,7 +215,7 @@ def eval_(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Examples per batch.")] = None,
     compare_base: Annotated[bool, typer.Option("--compare-base", help="Also evaluate the base model, side by side.")] = False,
-    fail_under: Annotated[list[str], typer.Option("--fail-under", help="METRIC=VALUE: exit 6 when below; repeatable.")] = [],
+    fail_under: Annotated[list[str], typer.Option("--fail-under", help="METRIC=VALUE, repeatable: exit 6 when the metric is worse than VALUE (exact_match, exact_match_norm, contains, f1: fractions 0-1, fail below; loss, perplexity: fail above).")] = [],
     json_output: JsonOpt = False,
 ) -> None:
     """Measure a run: loss, perplexity and generation metrics; gate CI with --fail-under."""

@@ -7,14 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ftcli.errors import QualityGateError, UsageError
+from ftcli.errors import NotAvailableError, QualityGateError, UsageError
 from ftcli.metrics import HIGHER_IS_BETTER
 
 SAMPLES_KEPT = 20          # predictions stored next to their references in the result file
 SAMPLES_SHOWN = 5          # of which the terminal table shows this many
-GATE_HELP = ("METRIC=VALUE, repeatable: exit 6 when the metric is worse than VALUE. Higher is better for "
-             "exact_match, exact_match_norm, contains and f1 (fractions 0-1): they fail below VALUE. Lower is "
-             "better for loss and perplexity: they fail above VALUE.")
 
 
 # ---------------------------------------------------------------------------------------------- gates
@@ -121,10 +118,17 @@ def _log(console, text: str) -> None:
 def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
     """The conversations to score and a description of where they came from (fails before any model loads)."""
     from ftcli.data import load_conversations, with_eval_source
+    from ftcli.data_sources import is_local_reference
 
     data_config = recipe.data
     if data is not None:
-        data_config, source = with_eval_source(recipe.data, str(Path(data).resolve())), str(data)
+        source = str(data)
+        if is_local_reference(source):   # else a hub dataset id, read as the data module reads data.eval
+            path = Path(data).expanduser().resolve()
+            if not path.exists():
+                raise NotAvailableError(f"--data {data}: no such file or folder")
+            source = str(path)
+        data_config = with_eval_source(recipe.data, source)
     elif recipe.data.eval is not None:
         source = f"data.eval ({recipe.data.eval})"
     elif recipe.data.val_split is not None:

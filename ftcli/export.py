@@ -23,6 +23,7 @@ HEADROOM = 64 * 2**20
 def export_run(run, fmt: str, *, quant: str | None = None, out=None, console=None) -> dict:
     """Write the run as `fmt` into --out or export/FMT, atomically, check it, and record it in run.json."""
     from ftcli.gguf_writer import check_quant
+    from ftcli.train import quiet_libraries
 
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
@@ -34,6 +35,7 @@ def export_run(run, fmt: str, *, quant: str | None = None, out=None, console=Non
         quant = check_quant(quant or recipe.export.gguf_quant)
     target = Path(out).expanduser().resolve() if out is not None else run.export_dir(fmt)
     check_target(run, target)
+    quiet_libraries()
     with run.lock():
         if target.is_relative_to(run.path):  # the run lock guards it: leftovers of a killed export can go
             remove_stale_staging(target)
@@ -130,7 +132,7 @@ def export_gguf_lora(run, recipe, target: Path, quant: str, console) -> dict:
     from ftcli.gguf_lora import check_lora_gguf, require_lora_capable, write_lora_gguf
     from ftcli.models import load_model
 
-    require_lora_capable(recipe.method.kind)
+    require_lora_capable(recipe.method.kind, run.name)
     base = check_base_fingerprint(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
     base_dir = Path(base["local_dir"])
     check_free_space(target.parent, int(_folder_bytes(run.adapter_dir) * 1.1) + HEADROOM)

@@ -30,7 +30,7 @@ def refuse(reason: str, hint: str = "export the merged model instead: ftcli expo
 def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], float]:
     """(adapter config, A/B pairs by llama tensor name, the alpha llama.cpp needs); UsageError for what a llama.cpp
     LoRA can't express (DoRA, IA3, prompt methods, modules_to_save, per-module alphas, embeddings)."""
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
     from ftcli.gguf_writer import gguf_name
 
@@ -49,7 +49,8 @@ def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], f
     if config.get("use_rslora") and config.get("rank_pattern"):
         refuse("rank-stabilised scaling with per-module ranks can't be written as one alpha")
 
-    tensors = {key: value.astype("float32") for key, value in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
+    # torch reads every dtype PEFT saves (QLoRA adapters come out in bfloat16; numpy has no bfloat16)
+    tensors = {key: value.float().numpy() for key, value in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
     halves: dict[str, dict[str, object]] = {}
     for key, value in tensors.items():
         for half in ("lora_A", "lora_B"):
@@ -123,9 +124,9 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
     """Read the file back: metadata, shapes and alpha as written, and base + scale * unpermute(B) @ A equal to
     PEFT's own merge of the adapter into `base_model` (a float32 model, consumed) for every module."""
     import numpy as np
-    from peft import PeftModel
 
     from ftcli.gguf_writer import llama_shape, rows_permutation, unpermute_rows
+    from ftcli.merge import with_adapter
 
     shape = llama_shape(base_dir)
     _, pairs, alpha = read_lora_adapter(adapter_dir, shape)
@@ -139,7 +140,7 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
 
     modules = dict(base_model.named_modules())
     base_weights = {pair.hf_module: modules[pair.hf_module].weight.detach().clone().numpy() for pair in pairs}
-    merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+    merged = with_adapter(base_model, adapter_dir).merge_and_unload()
     merged_modules = dict(merged.named_modules())
     worst = 0.0
     for pair in pairs:
@@ -165,13 +166,14 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
     return {"modules": len(pairs), "alpha": alpha, "max_relative_error": round(worst, 8)}
 
 
-def require_lora_capable(kind: str) -> None:
+def require_lora_capable(kind: str, run_name: str = "RUN") -> None:
     """UsageError for methods whose adapters are not plain LoRA matrices."""
     from ftcli.methods import METHOD_TRAITS
 
     if METHOD_TRAITS[kind].virtual_tokens:
         refuse(f"{kind} tuning adds virtual tokens, not weight changes",
-               hint="export the adapter instead: ftcli export RUN --format adapter")
+               hint=f"export the adapter instead: ftcli export {run_name} --format adapter")
     if not METHOD_TRAITS[kind].gguf_lora:
         refuse({"dora": "DoRA's magnitude vectors have no llama.cpp equivalent",
-                "ia3": "IA3 rescales activations instead of adding low-rank matrices"}.get(kind, f"{kind} is not LoRA"))
+                "ia3": "IA3 rescales activations instead of adding low-rank matrices"}.get(kind, f"{kind} is not LoRA"),
+               hint=f"export the merged model instead: ftcli export {run_name} --format gguf")

@@ -28,6 +28,7 @@ import gc
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 from ftcli.atomic import atomic_write_text, check_free_space, remove_stale_staging, staged_dir
@@ -130,13 +131,14 @@ def estimate_merged_bytes(base_dir: Path, dtype: str) -> int:
 
 def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
     import torch
-    from peft import PeftModel
 
     from ftcli import parity
     from ftcli.adapter_model import load_run_tokenizer, run_chat_template
     from ftcli.models import load_model, silence_known_warnings
     from ftcli.qlora_base import dequantize_like_training, trained_model_logits, training_dtype
+    from ftcli.train import quiet_libraries
 
+    quiet_libraries()
     silence_known_warnings()
     trust = recipe.model.trust_remote_code
     template = run_chat_template(run)
@@ -154,8 +156,7 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
     base = load_model(recipe.model, dtype="float32", trust_remote_code=trust)
     if quantization is not None and qlora_base == "dequantized":
         dequantize_like_training(base, quantized, quantization, source_dtype=training_dtype(recipe))
-    model = PeftModel.from_pretrained(base, run.adapter_dir, is_trainable=False)
-    model.eval()
+    model = with_adapter(base, run.adapter_dir)
     adapter_logits = parity.logits(model, batch)
     merged = model.merge_and_unload()
     merged_logits = parity.logits(merged, batch)
@@ -189,6 +190,17 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
         atomic_write_text(staging / MODEL_CARD_FILE, model_card(run, record))
     _say(console, f"merged into {run.merged_dir}: {checks['saved'].describe()} against base + adapter")
     return record
+
+
+def with_adapter(base, adapter_dir: Path):
+    """The run's adapter on `base`, for inference."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft calls a transformers helper that v5 deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    model.eval()
+    return model
 
 
 def _gate_exact(check, what: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import warnings
 
 from ftcli.errors import NotAvailableError
 
@@ -12,9 +11,9 @@ def trained_model_logits(run, recipe, batch):
     """Logits of the model as trained (quantized base + adapter) and {module name: 4-bit block size} of the
     quantized layers, read before any forward pass (the CPU backend repacks 4-bit weights in place on the first)."""
     import bitsandbytes as bnb
-    from peft import PeftModel
 
     from ftcli import parity
+    from ftcli.merge import with_adapter
     from ftcli.models import load_model
 
     base = load_model(recipe.model, quantization=recipe.effective_quantization,
@@ -24,10 +23,7 @@ def trained_model_logits(run, recipe, batch):
         for name, module in base.named_modules()
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
     }
-    with warnings.catch_warnings():  # peft calls a transformers helper deprecated in v5 for quantized bases
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(base, run.adapter_dir, is_trainable=False)
-    model.eval()
+    model = with_adapter(base, run.adapter_dir)
     logits = parity.logits(model, batch)
     del model, base
     gc.collect()

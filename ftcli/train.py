@@ -354,6 +354,8 @@ class TrainingSession:
             self.tokenizer.save_pretrained(staging)
             if template is not None:
                 atomic_write_text(staging / CHAT_TEMPLATE_FILE, template)
+            else:  # format: text trains without a template; the tokenizer's own one was never used
+                (staging / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         write_loss_plot(run.read_metrics(), run.loss_plot_path, f"{run.name}: {self.recipe.method.kind}")
 
     def _mark(self, status: str, **fields) -> dict[str, Any]:

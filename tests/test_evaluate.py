@@ -130,6 +130,12 @@ def test_data_option_reads_any_supported_file_and_max_samples_cuts(cli_inproc, m
     assert result["data"]["examples"] == 3 and result["data"]["source"] == str(as_json)
     assert [s["reference"] for s in result["samples"]] == [r["messages"][1]["content"] for r in records]
     assert eval_json(cli_inproc, runs, name, "--max-samples", "2")["data"]["examples"] == 2
+    missing = evaluate(cli_inproc, runs, name, "--data", str(tmp_path / "absent.jsonl"))
+    assert missing.exit_code == 4 and "absent.jsonl" in missing.stderr
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"conversation": []}\n')
+    broken = evaluate(cli_inproc, runs, name, "--data", str(malformed))
+    assert broken.exit_code == 3 and "malformed.jsonl:1" in broken.stderr and "messages" in broken.stderr
 
 
 def test_batch_size_changes_nothing_but_speed(cli_inproc, memorised):
@@ -195,3 +201,21 @@ def test_render_eval_without_base(memorised):
     render_eval(result, console)
     text = console.export_text()
     assert "perplexity" in text and "[red] blue" in text and "Δ" not in text
+
+
+def test_a_plain_text_run_has_loss_but_no_generation_metrics_or_template(cli_inproc, tmp_path_factory,
+                                                                         tiny_model_dir):
+    from trained_runs import text_run
+
+    runs, name = text_run(tmp_path_factory, tiny_model_dir)
+    result = eval_json(cli_inproc, runs, name)
+    assert set(result["metrics"]) == {"loss", "perplexity"} and result["samples"] == []
+    assert result["data"]["examples"] == 2          # val_split 0.25 of 8
+    gated = evaluate(cli_inproc, runs, name, "--fail-under", "f1=0.1")
+    assert gated.exit_code == 2 and "did not measure" in gated.stderr
+    # Generation renders the prompt as is (the tokenizer's ChatML template saved in adapter/ is not the run's).
+    generated = cli_inproc("generate", name, "--runs-dir", runs, "--prompt", "the quick", "--max-new-tokens", "3",
+                           "--json")
+    assert json.loads(generated.stdout)["outputs"][0]["rendered"] == "the quick"
+    chat = cli_inproc("chat", name, "--runs-dir", runs)
+    assert chat.exit_code == 2 and "no chat template" in chat.stderr

@@ -175,12 +175,17 @@ def test_lora_gguf_check_catches_a_missing_permutation(merged_run, tiny_model_di
                         quant="f32")
 
 
-def test_rslora_alpha_gives_peft_scale(merged_run, tiny_model_dir, tmp_path):
+def test_bfloat16_rslora_adapter(merged_run, tiny_model_dir, tmp_path):
+    """QLoRA trainings save bfloat16 adapters; rank-stabilised scaling needs alpha * sqrt(r) for llama.cpp."""
+    from safetensors.torch import load_file, save_file
+
     from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
     from ftcli.models import load_model
 
     adapter = tmp_path / "adapter"
     shutil.copytree(merged_run.adapter_dir, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({key: value.bfloat16() for key, value in load_file(weights).items()}, weights)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["use_rslora"] = True
     (adapter / "adapter_config.json").write_text(json.dumps(config))

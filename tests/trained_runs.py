@@ -99,6 +99,7 @@ method:
   num_virtual_tokens: 4
 data:
   train: {data}
+  eval: {data}
   format: chat
   max_length: 64
 training:
@@ -165,3 +166,31 @@ eval:
 
 def quick_lora_run(tmp_path_factory, model_dir: Path, name: str, *, r: int, lr: float) -> tuple[Path, str]:
     return train_once(tmp_path_factory, name, QUICK_LORA_RECIPE, model=str(model_dir), r=str(r), lr=str(lr)), name
+
+
+TEXT_RECIPE = """\
+name: {name}
+model:
+  path: {model}
+method:
+  kind: lora
+  r: 4
+data:
+  train: {text_data}
+  val_split: 0.25
+  format: text
+  max_length: 32
+training:
+  max_steps: 1
+  batch_size: 4
+  seed: 7
+  save_steps: 1000
+"""
+
+
+def text_run(tmp_path_factory, model_dir: Path) -> tuple[Path, str]:
+    """A LoRA run on plain text (format: text): no chat template, no prompt/answer pairs."""
+    data = write_jsonl(session_root(tmp_path_factory) / "data" / "text.jsonl",
+                       [{"text": f"the quick brown fox number {i} jumps"} for i in range(8)])
+    return train_once(tmp_path_factory, "plain-text", TEXT_RECIPE, model=str(model_dir), text_data=str(data)), \
+        "plain-text"

@@ -1,0 +1,146 @@
+"""bench/results.json -> bench/RESULTS.md: the goals first, then every figure of every section (pure, no I/O)."""
+
+from __future__ import annotations
+
+MIB = 2**20
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value / MIB:,.0f}"
+
+
+def _met(met) -> str:
+    return {True: "yes", False: "**no**", None: "not measured"}[met]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _runs_cell(runs: list[dict], key: str, fmt) -> str:
+    return ", ".join(fmt(r.get(key)) for r in runs) or "n/a"
+
+
+def _arms_table(arms: dict, *, with_eval: bool = False) -> list[str]:
+    header = ["side", "tokens/s (median)", "per run", "peak RSS MiB (median)", "per run", "wall s (median)"]
+    if with_eval:
+        header += ["eval loss (median)", "per run"]
+    rows = []
+    for name, arm in arms.items():
+        runs = arm["runs"]
+        row = [name, _num(arm["tokens_per_s"], 1), _runs_cell(runs, "tokens_per_s", lambda v: _num(v, 1)),
+               _mib(arm["peak_rss_bytes"]), _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0)]
+        if with_eval:
+            row += [_num(arm.get("eval_loss"), 4), _runs_cell(runs, "eval_loss", lambda v: _num(v, 4))]
+        rows.append(row)
+    failures = [f"- {name} repeat {r['repeat']} failed: `{(r.get('error') or '').strip().splitlines()[-1:]}`"
+                for name, arm in arms.items() for r in arm["runs"] if not r["ok"]]
+    return _table(header, rows) + failures + ([""] if failures else [])
+
+
+def render_markdown(results: dict) -> str:
+    quick = results.get("quick")
+    machine, versions, plan = results.get("machine", {}), results.get("versions", {}), results.get("plan", {})
+    sections = results.get("sections", {})
+    title = "# ftcli benchmark results" + (" (QUICK: few steps, one repeat; indicative only)" if quick else "")
+    lines = [title, "",
+             f"Written by `{results.get('command', 'python bench/run.py')}` on {results.get('date')}, in "
+             f"{_num(results.get('elapsed_s'), 0)} s. Regenerate with `make bench` (full) or `make bench-quick`.", "",
+             "Every comparison ran side by side in this one run, interleaved (A B, B A, ...); figures are medians. "
+             "Compare figures only within this file: on a shared machine the same training has run 107 and 143 "
+             "tokens/s an hour apart.", "",
+             "## Goals", ""]
+    lines += _table(["goal", "value", "target", "met"],
+                    [[g["what"], _num(g["value"], 3), g["target"], _met(g["met"])] for g in results.get("goals", [])])
+    lines += ["## Machine and versions", "",
+              f"- nproc {machine.get('nproc')}, memory {_num((machine.get('memory_total_bytes') or 0) / 2**30, 1)} "
+              f"GiB ({_num((machine.get('memory_available_bytes') or 0) / 2**30, 1)} GiB available at the start), "
+              f"CPU {machine.get('cpu_model')}, {machine.get('platform')}",
+              f"- load average at the start {machine.get('load_average')}, at the end "
+              f"{[round(x, 2) for x in machine.get('load_average_end', [])]} (above ~0.5 another process shared "
+              "the CPU)",
+              "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+              f"- environment: {results.get('environment')}",
+              f"- plan: {plan}", ""]
+    if "startup" in sections:
+        s = sections["startup"]
+        lines += ["## 1. Start-up", "", "Wall time of the whole command, median of the runs.", ""]
+        lines += _table(["command", "median s", "runs s", "/ import torch"],
+                        [[k, _num(v, 3), ", ".join(_num(x, 3) for x in s["runs_s"][k]),
+                          _num(s["ratio_to_import_torch"].get(k), 3)] for k, v in s["median_s"].items()])
+    if "training" in sections:
+        s = sections["training"]
+        lines += ["## 2. Training speed and memory on the embedded model (SmolLM2-135M, quickstart data)", "",
+                  f"Real (non-padding) tokens/s over the steps after the first {plan.get('skip')} (cumulative "
+                  "`num_tokens` and the time of each step's log line, the same for both sides); peak RSS of the "
+                  "whole process (wait4). `ftcli` runs `ftcli train` with its automatic defaults (on the CPU: fp32, "
+                  "no gradient checkpointing, group_by_length, glibc malloc thresholds raised). `trl_matched` is "
+                  "bench/trl_baseline.py with the same settings (fp32, no checkpointing, group_by_length, "
+                  "adamw_torch, the same malloc thresholds as environment variables); `trl_defaults` is the same "
+                  "script with SFTConfig's defaults (bf16, gradient checkpointing, random order, fused AdamW). "
+                  "Same model folder, data, max_length, batch, lr schedule, LoRA settings, completion-only loss.", ""]
+        lines += [f"### LoRA ({plan.get('lora_steps')} steps)", ""] + _arms_table(s["lora"], with_eval=True)
+        r = s.get("lora_matched_ratios", {})
+        d = s.get("lora_defaults_ratios", {})
+        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)}, peak RSS "
+                  f"{_num(r.get('peak_rss'), 3)}",
+                  f"- ftcli / trl_defaults: tokens/s {_num(d.get('tokens_per_s'), 3)}, eval loss "
+                  f"{_num(d.get('eval_loss_ftcli'), 4)} vs {_num(d.get('eval_loss_trl_defaults'), 4)} (ratio "
+                  f"{_num(d.get('eval_loss_ratio'), 4)}; every adapter scored by bench/probes.py score: completion "
+                  "tokens of the quickstart eval set, ftcli's masks)", ""]
+        lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute)", ""]
+        lines += _arms_table(s["qlora"])
+        r = s.get("qlora_matched_ratios", {})
+        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)}, peak RSS "
+                  f"{_num(r.get('peak_rss'), 3)}", ""]
+    if "packing" in sections:
+        s = sections["packing"]
+        lines += ["## 3. Packing", "",
+                  f"LoRA, max_length {s.get('max_length')}, {s.get('examples')} synthetic chat examples of varied "
+                  "length (bench/measure.py varied_chat_records: 45 to ~500 tokens, skewed short), "
+                  f"{plan.get('packing_steps')} steps. `unpacked` is ftcli's default (group_by_length); `packed` "
+                  "sets data.packing=true. Packed real tokens per step are batch x the mean real tokens per packed "
+                  "row (TRL's num_tokens counts one row's width per packed batch).", ""]
+        lines += _arms_table(s["arms"])
+        efficiency = [r.get("packing_efficiency") for r in s["arms"].get("packed", {}).get("runs", [])]
+        lines += [f"- packed / unpacked: tokens/s {_num(s['ratios'].get('tokens_per_s'), 3)}, peak RSS "
+                  f"{_num(s['ratios'].get('peak_rss'), 3)}; packing efficiency {efficiency}", ""]
+    if "memory" in sections:
+        s = sections["memory"]
+        lines += ["## 4. Memory estimate against measured peak RSS", "",
+                  "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/memory_estimate.py). Measured: peak RSS of "
+                  f"`ftcli train` ({s.get('steps')} step(s); group_by_length puts the longest batch first, so the "
+                  "first step runs at max_length) on the varied-length data.", ""]
+        rows = []
+        for key, case in s["cases"].items():
+            parts = case.get("estimate_parts") or {}
+            rows.append([key, _mib(case.get("estimate_bytes")), _mib(case.get("peak_rss_bytes")),
+                         _num(case.get("estimate_over_measured"), 3),
+                         ", ".join(f"{k} {_mib(v)}" for k, v in parts.items()), case.get("from", "")])
+        lines += _table(["recipe", "estimate MiB", "measured MiB", "estimate / measured", "estimate parts MiB",
+                         "measured in"], rows)
+    if "load" in sections:
+        s = sections["load"]
+        lines += ["## 5. Load time of the builtin model", ""]
+        lines += [f"- after its first conversion: ftcli (resolve_model + load_model) {_num(s.get('ftcli_load_s_median'), 3)}"
+                  f" s (runs {s.get('ftcli_load_s')}), plain from_pretrained of the same folder "
+                  f"{_num(s.get('plain_load_s_median'), 3)} s (runs {s.get('plain_load_s')}); ratio "
+                  f"{_num(s.get('ftcli_over_plain'), 3)}"]
+        if "first_conversion_s" in s:
+            lines += [f"- the first conversion itself (GGUF -> safetensors, once per machine): "
+                      f"{_num(s['first_conversion_s'], 1)} s, peak RSS {_mib(s.get('first_conversion_peak_rss_bytes'))}"
+                      " MiB"]
+        if "error" in s:
+            lines += [f"- failed: `{str(s['error']).strip().splitlines()[-1:]}`"]
+        lines += [""]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,405 @@
+"""ftcli against the hand-written TRL script, side by side in one run; writes bench/RESULTS.md and bench/results.json.
+
+    python bench/run.py            # full: about 20 minutes on 2 quiet CPU cores  (make bench)
+    python bench/run.py --quick    # under 5 minutes: fewer steps and repeats, labelled quick  (make bench-quick)
+
+Sections (all by default; --sections picks some):
+  startup   `ftcli --help` and `ftcli validate` against `python -c "import torch"` (median of several runs each)
+  training  real tokens/s and peak RSS of `ftcli train` against bench/trl_baseline.py on the embedded model:
+            LoRA and QLoRA with identical settings; LoRA also against the script with TRL's own defaults, with
+            the final eval loss of every adapter scored alike (bench/probes.py score)
+  packing   data.packing=true against ftcli's default (no packing) on chat data of varied length
+  memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
+  load      load time of the builtin model after its first conversion (and, full mode, that conversion)
+Runs are interleaved (A B, B A, ...) so the noise of a shared machine hits every side alike; figures are medians.
+Every child's peak RSS comes from wait4 (the whole process, whatever allocated it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+
+from bench.measure import (  # noqa: E402
+    MATCHED_MALLOC_ENV, goal, interleaved, machine_info, median, ratio, read_jsonl, run_child, steady_throughput,
+    train_records, varied_chat_records, write_jsonl,
+)
+
+SECTIONS = ("startup", "training", "packing", "memory", "load")
+RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml"}
+NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed steps would time the disk
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run: the full benchmark or the quick one."""
+
+    quick: bool
+    startup_repeats: int      # runs of each start-up command
+    repeats: int              # interleaved repeats of every training comparison
+    lora_steps: int
+    qlora_steps: int
+    packing_steps: int
+    skip: int                 # warm-up steps left out of tokens/s
+    memory_steps: int
+    memory_cases: tuple[tuple[str, int], ...]   # (method, max_length) measured for the memory estimate
+    varied_examples: int
+    load_repeats: int
+    first_conversion: bool
+    timeout_s: int
+
+
+FULL = Plan(quick=False, startup_repeats=7, repeats=2, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
+            memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256), ("lora", 128), ("qlora", 128)),
+            varied_examples=512, load_repeats=3, first_conversion=True, timeout_s=900)
+QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=5, qlora_steps=4, packing_steps=4, skip=2,
+             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256)), varied_examples=256, load_repeats=2,
+             first_conversion=False, timeout_s=600)
+
+
+def ftcli_command() -> list[str]:
+    script = Path(sys.executable).parent / "ftcli"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ftcli"]
+
+
+class Bench:
+    """One benchmark session: a work folder for runs and logs, the results document and its goals."""
+
+    def __init__(self, plan: Plan, work: Path):
+        self.plan = plan
+        self.work = work
+        self.runs_root = work / "runs"
+        self.started = time.perf_counter()
+        self.results: dict = {"sections": {}, "goals": []}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        self._children = 0
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def log(self, text: str) -> None:
+        sys.stderr.write(f"[{time.perf_counter() - self.started:7.1f}s] {text}\n")
+        sys.stderr.flush()
+
+    def child(self, label: str, command: list[str], *, env: dict | None = None):
+        self._children += 1
+        result = run_child(command, env=env or self.env, cwd=REPO, timeout_s=self.plan.timeout_s,
+                           log_dir=self.work / "logs" / f"{self._children:03d}-{label}")
+        if not result.ok:
+            self.log(f"  {label} FAILED (exit {result.returncode}):\n{result.stderr_tail[-1500:]}")
+        return result
+
+    def add_goal(self, key: str, what: str, value, target: str, met: bool | None) -> None:
+        self.results["goals"].append({"id": key, "what": what, "value": value, "target": target, "met": met})
+
+    def recipe(self, method: str):
+        from ftcli.recipe_loader import load_recipe
+
+        return load_recipe(RECIPES[method], []).recipe
+
+    def local_dir(self) -> Path:
+        """The converted folder of the recipes' builtin model: the baseline loads the very same weights."""
+        from ftcli.models import resolve_model
+
+        return resolve_model(self.recipe("lora").model).local_dir
+
+    # ------------------------------------------------------------------------------------------ training runs
+
+    def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str], *,
+                    packed_tokens: bool = False) -> dict:
+        from ftcli.runs import RunDir
+
+        name = label.replace("@", "-")
+        command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
+                   name, "--overwrite", "--json", "--set", f"training.max_steps={steps}", "--set", NO_CHECKPOINTS,
+                   "--set", "training.logging_steps=1"]
+        for override in overrides:
+            command += ["--set", override]
+        result = self.child(label, command)
+        run = RunDir(self.runs_root, name)
+        records = read_jsonl(run.metrics_path)
+        summary = _run_summary(result, records, self.plan.skip)
+        run_json = run.read() if run.run_json_path.is_file() else {}
+        summary["timings"] = run_json.get("timings")
+        summary["adapter"] = str(run.adapter_dir)
+        train_report = (run_json.get("data") or {}).get("train") or {}
+        if packed_tokens and train_report.get("rows"):
+            # TRL counts a packed batch (no attention_mask) as one row's width: use the mean real tokens per row.
+            per_step = self.recipe(method).training.batch_size * train_report["total_tokens"] / train_report["rows"]
+            summary["steady"] = steady_throughput(records, skip=self.plan.skip, tokens_per_step=per_step)
+            summary["tokens_per_s"] = summary["steady"]["tokens_per_s"] if summary["steady"] else None
+            summary["packing_efficiency"] = train_report.get("packing_efficiency")
+        return summary
+
+    def baseline_train(self, label: str, method: str, steps: int, *, trl_defaults: bool) -> dict:
+        recipe = self.recipe(method)
+        t, m = recipe.training, recipe.method
+        if (t.grad_accum, t.weight_decay, t.max_grad_norm) != (1, 0.0, 1.0):
+            raise SystemExit("bench recipes must keep grad_accum 1, weight_decay 0 and max_grad_norm 1 (the script's)")
+        out = self.work / "baseline" / label
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        log = out / "steps.jsonl"
+        targets = m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules)
+        command = [sys.executable, str(BENCH / "trl_baseline.py"), str(self.local_dir()), str(recipe.data.train),
+                   "--out", str(out), "--log", str(log), "--method", method, "--steps", str(steps),
+                   "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
+                   "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
+                   "--r", str(m.r), "--alpha", str(m.alpha), "--dropout", str(m.dropout), "--targets", targets,
+                   "--seed", str(t.seed)]
+        env = self.env
+        if trl_defaults:
+            command.append("--trl-defaults")
+        else:
+            env = {**self.env, **MATCHED_MALLOC_ENV}
+        summary = _run_summary(self.child(label, command, env=env), read_jsonl(log), self.plan.skip)
+        summary["adapter"] = str(out)
+        return summary
+
+    def compare(self, key: str, method: str, arms: dict, repeats: int) -> dict:
+        """Run every arm `repeats` times, interleaved; arms maps a name to a function(label) -> run summary."""
+        runs: dict[str, list[dict]] = {name: [] for name in arms}
+        for repeat, name in interleaved(list(arms), repeats):
+            label = f"{key}-{name}-{repeat + 1}"
+            self.log(f"{key}: {name} (repeat {repeat + 1}/{repeats})")
+            summary = arms[name](label)
+            summary["repeat"] = repeat + 1
+            runs[name].append(summary)
+            self.log(f"  {name}: {summary['tokens_per_s']} tokens/s, peak RSS "
+                     f"{_gib(summary['peak_rss_bytes'])} GiB, {summary['wall_s']:.0f} s")
+        return {name: _arm_summary(items) for name, items in runs.items()}
+
+    # ------------------------------------------------------------------------------------------ sections
+
+    def startup(self) -> None:
+        commands = {
+            "ftcli --help": [*ftcli_command(), "--help"],
+            "ftcli validate": [*ftcli_command(), "validate", str(RECIPES["lora"])],
+            "import torch": [sys.executable, "-c", "import torch"],
+        }
+        for label, command in commands.items():  # warm the page cache; not counted
+            self.child(f"warm-{label.replace(' ', '_')}", command)
+        times: dict[str, list[float]] = {label: [] for label in commands}
+        for _, label in interleaved(list(commands), self.plan.startup_repeats):
+            result = self.child(label.replace(" ", "_"), commands[label])
+            times[label].append(result.wall_s if result.ok else None)
+        medians = {label: median(values) for label, values in times.items()}
+        torch_s = medians["import torch"]
+        section = {"runs_s": times, "median_s": medians,
+                   "ratio_to_import_torch": {k: ratio(v, torch_s) for k, v in medians.items() if k != "import torch"}}
+        self.results["sections"]["startup"] = section
+        for label, value in section["ratio_to_import_torch"].items():
+            self.add_goal(f"startup/{label}", f"`{label}` time / `python -c \"import torch\"` time", value,
+                          "<= 0.10", goal(value, at_most=0.10))
+        self.log(f"startup: {medians}")
+
+    def training(self) -> None:
+        p = self.plan
+        section = {}
+        lora = self.compare("lora", "lora", {
+            "ftcli": lambda label: self.ftcli_train(label, "lora", p.lora_steps, ["data.eval=null"]),
+            "trl_matched": lambda label: self.baseline_train(label, "lora", p.lora_steps, trl_defaults=False),
+            "trl_defaults": lambda label: self.baseline_train(label, "lora", p.lora_steps, trl_defaults=True),
+        }, p.repeats)
+        self._score_eval_loss(lora)
+        section["lora"] = lora
+        qlora = self.compare("qlora", "qlora", {
+            "ftcli": lambda label: self.ftcli_train(label, "qlora", p.qlora_steps, ["data.eval=null"]),
+            "trl_matched": lambda label: self.baseline_train(label, "qlora", p.qlora_steps, trl_defaults=False),
+        }, p.repeats)
+        section["qlora"] = qlora
+        for method, arms in (("lora", lora), ("qlora", qlora)):
+            speed = ratio(arms["ftcli"]["tokens_per_s"], arms["trl_matched"]["tokens_per_s"])
+            memory = ratio(arms["ftcli"]["peak_rss_bytes"], arms["trl_matched"]["peak_rss_bytes"])
+            section[f"{method}_matched_ratios"] = {"tokens_per_s": speed, "peak_rss": memory}
+            self.add_goal(f"training/{method}/speed", f"{method}: ftcli tokens/s / hand-written TRL script (same "
+                          "settings)", speed, ">= 1.00", goal(speed, at_least=1.0))
+            self.add_goal(f"training/{method}/memory", f"{method}: ftcli peak RSS / hand-written TRL script (same "
+                          "settings)", memory, "<= 1.05", goal(memory, at_most=1.05))
+        speed = ratio(lora["ftcli"]["tokens_per_s"], lora["trl_defaults"]["tokens_per_s"])
+        ftcli_loss, trl_loss = lora["ftcli"].get("eval_loss"), lora["trl_defaults"].get("eval_loss")
+        no_worse = None if ftcli_loss is None or trl_loss is None else ftcli_loss <= trl_loss * 1.01
+        section["lora_defaults_ratios"] = {"tokens_per_s": speed, "eval_loss_ftcli": ftcli_loss,
+                                           "eval_loss_trl_defaults": trl_loss,
+                                           "eval_loss_ratio": ratio(ftcli_loss, trl_loss, 4)}
+        self.add_goal("training/lora/defaults-speed", "lora: ftcli defaults tokens/s / the script with TRL's "
+                      "defaults (bf16, gradient checkpointing, random order)", speed, ">= 1.30",
+                      goal(speed, at_least=1.3))
+        self.add_goal("training/lora/defaults-eval-loss", "lora: ftcli final eval loss / the script's with TRL's "
+                      "defaults (same steps; one scorer for both)", ratio(ftcli_loss, trl_loss, 4),
+                      "<= 1.01 (no loss)", no_worse)
+        self.results["sections"]["training"] = section
+
+    def _score_eval_loss(self, arms: dict) -> None:
+        """Score every LoRA adapter with one scorer (ftcli's completion masks on the quickstart eval data)."""
+        adapters = [run["adapter"] for arm in arms.values() for run in arm["runs"] if run["ok"]]
+        if not adapters:
+            return
+        self.log(f"scoring {len(adapters)} adapters on the eval data")
+        result = self.child("score", [sys.executable, str(BENCH / "probes.py"), "score", str(RECIPES["lora"]),
+                                      *adapters])
+        if not result.ok:
+            return
+        losses = json.loads(result.stdout.strip().splitlines()[-1])["eval_loss"]
+        for arm in arms.values():
+            for run in arm["runs"]:
+                run["eval_loss"] = losses.get(run["adapter"])
+            arm["eval_loss"] = median([run.get("eval_loss") for run in arm["runs"]])
+
+    def varied_data(self) -> Path:
+        path = self.work / "varied" / "train.jsonl"
+        if not path.is_file():
+            write_jsonl(path, varied_chat_records(self.plan.varied_examples, seed=0))
+        return path
+
+    def varied_overrides(self, max_length: int) -> list[str]:
+        return [f"data.train={self.varied_data()}", "data.eval=null", f"data.max_length={max_length}",
+                "data.max_dropped_fraction=0.5"]
+
+    def packing(self) -> None:
+        p = self.plan
+        common = self.varied_overrides(256)
+        arms = self.compare("packing", "lora", {
+            "unpacked": lambda label: self.ftcli_train(label, "lora", p.packing_steps, common),
+            "packed": lambda label: self.ftcli_train(label, "lora", p.packing_steps, [*common, "data.packing=true"],
+                                                     packed_tokens=True),
+        }, p.repeats)
+        speed = ratio(arms["packed"]["tokens_per_s"], arms["unpacked"]["tokens_per_s"])
+        memory = ratio(arms["packed"]["peak_rss_bytes"], arms["unpacked"]["peak_rss_bytes"])
+        self.results["sections"]["packing"] = {"arms": arms, "ratios": {"tokens_per_s": speed, "peak_rss": memory},
+                                               "max_length": 256, "examples": p.varied_examples}
+        self.add_goal("packing/speed", "packing: tokens/s with data.packing=true / without (ftcli's default, "
+                      "group_by_length), varied-length chat data", speed, ">= 1.30", goal(speed, at_least=1.3))
+
+    def memory(self) -> None:
+        p = self.plan
+        packing = self.results["sections"].get("packing", {}).get("arms", {})
+        measured: dict[str, dict] = {}
+        for method, length in p.memory_cases:
+            key = f"{method}@{length}"
+            if key == "lora@256" and packing.get("unpacked", {}).get("peak_rss_bytes"):
+                measured[key] = {"peak_rss_bytes": packing["unpacked"]["peak_rss_bytes"], "from": "packing/unpacked"}
+                continue
+            self.log(f"memory: {key}")
+            run = self.ftcli_train(f"memory-{key}", method, p.memory_steps, self.varied_overrides(length))
+            measured[key] = {"peak_rss_bytes": run["peak_rss_bytes"] if run["ok"] else None, "from": "own run",
+                             "wall_s": run["wall_s"]}
+        if packing.get("packed", {}).get("peak_rss_bytes"):
+            measured["lora@256 packed"] = {"peak_rss_bytes": packing["packed"]["peak_rss_bytes"],
+                                           "from": "packing/packed"}
+        spec = [{"key": key, "recipe": str(RECIPES[key.split("@")[0]]),
+                 "overrides": self.varied_overrides(int(key.split("@")[1].split()[0]))
+                 + (["data.packing=true"] if key.endswith("packed") else [])} for key in measured]
+        spec_path = self.work / "estimate-spec.json"
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        self.log(f"memory: estimating {len(spec)} recipes (ftcli train --dry-run)")
+        result = self.child("estimate", [sys.executable, str(BENCH / "probes.py"), "estimate", str(spec_path)])
+        estimates = json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {}
+        rows = {}
+        for key, item in measured.items():
+            memory = (estimates.get(key) or {}).get("memory") or {}
+            estimate = memory.get("total_bytes")
+            value = ratio(estimate, item["peak_rss_bytes"])
+            rows[key] = {**item, "estimate_bytes": estimate, "estimate_parts": memory.get("parts"),
+                         "estimate_over_measured": value}
+            self.add_goal(f"memory/{key}", f"memory estimate / measured peak RSS, {key} (varied-length data)",
+                          value, "0.85 .. 1.15", goal(value, at_least=0.85, at_most=1.15))
+        self.results["sections"]["memory"] = {"cases": rows, "steps": p.memory_steps}
+
+    def load(self) -> None:
+        self.log("load: builtin model load time")
+        result = self.child("load", [sys.executable, str(BENCH / "probes.py"), "load", str(RECIPES["lora"]),
+                                     "--repeats", str(self.plan.load_repeats)])
+        section = json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {"error": result.stderr_tail}
+        if self.plan.first_conversion:
+            cache = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=self.work))
+            self.log("load: first conversion of the builtin model into an empty cache")
+            converted = self.child("convert", [sys.executable, str(BENCH / "probes.py"), "convert",
+                                               str(RECIPES["lora"])], env={**self.env, "FTCLI_CACHE_DIR": str(cache)})
+            if converted.ok:
+                section.update(json.loads(converted.stdout.strip().splitlines()[-1]))
+                section["first_conversion_peak_rss_bytes"] = converted.peak_rss_bytes
+            shutil.rmtree(cache, ignore_errors=True)
+        value = ratio(section.get("ftcli_load_s_median"), section.get("plain_load_s_median"))
+        section["ftcli_over_plain"] = value
+        self.results["sections"]["load"] = section
+        self.add_goal("load/builtin", "load of the converted builtin model: ftcli (resolve + load_model) / plain "
+                      "from_pretrained of the same folder", value, "<= 1.10", goal(value, at_most=1.10))
+
+
+def _run_summary(result, records: list[dict], skip: int) -> dict:
+    """A training child's figures: steady real tokens/s, peak RSS, wall time, last train loss (or its error)."""
+    steady = steady_throughput(records, skip=skip) if result.ok else None
+    steps = train_records(records)
+    return {"ok": result.ok, "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
+            "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s,
+            "train_loss_last": steps[-1]["loss"] if steps else None,
+            "error": None if result.ok else result.stderr_tail[-1500:]}
+
+
+def _arm_summary(runs: list[dict]) -> dict:
+    return {"runs": runs, "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+            "peak_rss_bytes": median([r["peak_rss_bytes"] if r["ok"] else None for r in runs]),
+            "wall_s": median([r["wall_s"] for r in runs])}
+
+
+def _gib(value) -> str:
+    return "?" if value is None else f"{value / 2**30:.2f}"
+
+
+def versions() -> dict:
+    from ftcli.runs import git_commit, package_versions
+
+    return {**package_versions(), "git_commit": git_commit(REPO)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (under 5 minutes)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and results.json go")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    args = parser.parse_args(argv)
+
+    from bench.report import render_markdown
+
+    plan = QUICK if args.quick else FULL
+    work = args.work or Path(tempfile.mkdtemp(prefix="ftcli-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(plan, work)
+    bench.results.update({
+        "quick": plan.quick, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "sections_run": args.sections, "plan": asdict(plan), "machine": machine_info(), "versions": versions(),
+        "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", *MATCHED_MALLOC_ENV)},
+    })
+    bench.log(f"{'quick' if plan.quick else 'full'} benchmark, work folder {work}")
+    try:
+        for section in SECTIONS:
+            if section in args.sections:
+                getattr(bench, section)()
+    finally:
+        bench.results["elapsed_s"] = round(time.perf_counter() - bench.started, 1)
+        bench.results["machine"]["load_average_end"] = list(os.getloadavg())
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(bench.results, indent=2) + "\n", encoding="utf-8")
+        (args.out / "RESULTS.md").write_text(render_markdown(bench.results), encoding="utf-8")
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    bench.log(f"done: {args.out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
