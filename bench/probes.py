@@ -26,7 +26,7 @@ def _quiet() -> None:
     silence_known_warnings()
 
 
-def score(recipe_path: str, adapters: list[str], overrides: list[str]) -> dict:
+def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examples: int | None = None) -> dict:
     """Completion-only eval loss (token-weighted mean over the recipe's eval data, ftcli's masks) of each adapter on
     the recipe's base model: one scorer for ftcli's and the hand-written script's adapters alike."""
     import torch
@@ -45,7 +45,7 @@ def score(recipe_path: str, adapters: list[str], overrides: list[str]) -> dict:
     if prepared.eval is None:
         raise SystemExit("the recipe has no eval data")
     collate = PaddingCollator(tokenizer.pad_token_id)
-    rows = [prepared.eval[i] for i in range(len(prepared.eval))]
+    rows = [prepared.eval[i] for i in range(min(len(prepared.eval), max_examples or len(prepared.eval)))]
     losses = {}
     for adapter in adapters:
         model = PeftModel.from_pretrained(models.load_model(recipe.model), adapter).eval()
@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("adapters", nargs="+")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--max-examples", type=int, default=None)
     commands.add_parser("estimate").add_argument("spec")
     p = commands.add_parser("load")
     p.add_argument("recipe")
@@ -132,7 +133,7 @@ def main() -> None:
     commands.add_parser("convert").add_argument("recipe")
     args = parser.parse_args()
     if args.command == "score":
-        result = score(args.recipe, args.adapters, args.overrides)
+        result = score(args.recipe, args.adapters, args.overrides, args.max_examples)
     elif args.command == "estimate":
         result = estimate(args.spec)
     elif args.command == "load":

@@ -59,14 +59,15 @@ class Plan:
     load_repeats: int
     first_conversion: bool
     timeout_s: int
+    score_examples: int | None = None   # eval examples scored per adapter (None: all)
 
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=2, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256), ("lora", 128), ("qlora", 128)),
             varied_examples=512, load_repeats=3, first_conversion=True, timeout_s=900)
-QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=5, qlora_steps=4, packing_steps=4, skip=2,
-             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256)), varied_examples=256, load_repeats=2,
-             first_conversion=False, timeout_s=600)
+QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=4, qlora_steps=3, packing_steps=3, skip=1,
+             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256)), varied_examples=256, load_repeats=3,
+             first_conversion=False, timeout_s=600, score_examples=32)
 
 
 def ftcli_command() -> list[str]:
@@ -247,8 +248,9 @@ class Bench:
         if not adapters:
             return
         self.log(f"scoring {len(adapters)} adapters on the eval data")
+        limit = ["--max-examples", str(self.plan.score_examples)] if self.plan.score_examples else []
         result = self.child("score", [sys.executable, str(BENCH / "probes.py"), "score", str(RECIPES["lora"]),
-                                      *adapters])
+                                      *adapters, *limit])
         if not result.ok:
             return
         losses = json.loads(result.stdout.strip().splitlines()[-1])["eval_loss"]

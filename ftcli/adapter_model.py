@@ -107,7 +107,9 @@ def load_run_model(run, *, merged: bool = False, action: str = "use", quantized:
     """
     run.require_adapter(action)
     recipe = run.load_recipe()
-    quiet_inference_loading()
+    from ftcli.quiet import quiet_libraries
+
+    quiet_libraries()
     trust = recipe.model.trust_remote_code  # the run was trained with --trust-remote-code when this is set
     model_config = recipe.model.model_copy(update={k: v for k, v in (("dtype", dtype), ("device", device)) if v})
     if merged:
@@ -125,24 +127,6 @@ def load_run_model(run, *, merged: bool = False, action: str = "use", quantized:
     model.eval()
     return RunModel(model=model, tokenizer=tokenizer, recipe=recipe, chat_template=run_chat_template(run, recipe),
                     merged=merged, base_model=base_info)
-
-
-def quiet_inference_loading() -> None:
-    """Keep loading chatter (weight-loading bars, advisory warnings meant for training) off the terminal."""
-    import warnings
-
-    from ftcli.models import silence_known_warnings
-    from ftcli.train import quiet_libraries
-
-    quiet_libraries()
-    silence_known_warnings()
-    with contextlib.suppress(Exception):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")   # merging handles tied weights itself
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
 
 
 def _load_base_with_adapter(run, recipe: Recipe, model_config, quantized: bool, trust: bool):

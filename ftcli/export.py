@@ -23,7 +23,7 @@ HEADROOM = 64 * 2**20
 def export_run(run, fmt: str, *, quant: str | None = None, out=None, console=None) -> dict:
     """Write the run as `fmt` into --out or export/FMT, atomically, check it, and record it in run.json."""
     from ftcli.gguf_writer import check_quant
-    from ftcli.train import quiet_libraries
+    from ftcli.quiet import quiet_libraries
 
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
@@ -68,6 +68,8 @@ def check_target(run, target: Path) -> None:
 
 def export_adapter(run, recipe, target: Path, quant, console) -> dict:
     """The PEFT adapter with base_model_name_or_path set to something loadable, plus tokenizer and template."""
+    from peft.utils import CONFIG_NAME
+
     from ftcli.adapter_model import check_base_fingerprint
 
     base = check_base_fingerprint(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
@@ -77,7 +79,7 @@ def export_adapter(run, recipe, target: Path, quant, console) -> dict:
         for path in run.adapter_dir.iterdir():
             if path.is_file():
                 shutil.copy2(path, staging / path.name)
-        config_path = staging / "adapter_config.json"
+        config_path = staging / CONFIG_NAME
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = loadable
         atomic_write_json(config_path, config)

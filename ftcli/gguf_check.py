@@ -7,9 +7,11 @@ from pathlib import Path
 from ftcli.errors import QualityGateError
 
 # f32 holds the very same numbers, so its logits must match (up to nothing but float noise); f16 must keep every
-# greedy next token (measured on SmolLM2: max |dlogit| 3.8e-3, argmax 100%); bf16 and q8_0 round harder.
+# greedy next token. bf16 and q8_0 round harder: measured on SmolLM2-135M over the check conversations, bf16 kept
+# 99.4% of next tokens (max |dlogit| 0.26) and q8_0 97.2% (1.3); a file with a real defect falls far lower (a
+# missing q/k permutation: 21-24%).
 MAX_F32_LOGIT_DIFF = 1e-5
-MIN_AGREEMENT = {"f32": 1.0, "f16": 1.0, "bf16": 0.95, "q8_0": 0.95}
+MIN_AGREEMENT = {"f32": 1.0, "f16": 1.0, "bf16": 0.90, "q8_0": 0.90}
 
 
 def check_model_gguf(gguf_file: Path, reference_dir: Path, *, quant: str, chat_template: str | None) -> dict:

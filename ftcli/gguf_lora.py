@@ -11,8 +11,6 @@ from ftcli.errors import QualityGateError, UsageError
 
 # Allowed max |rebuilt delta - PEFT's delta| relative to the largest delta entry, per tensor type.
 MAX_RELATIVE_ERROR = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 2e-2}
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -30,11 +28,12 @@ def refuse(reason: str, hint: str = "export the merged model instead: ftcli expo
 def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], float]:
     """(adapter config, A/B pairs by llama tensor name, the alpha llama.cpp needs); UsageError for what a llama.cpp
     LoRA can't express (DoRA, IA3, prompt methods, modules_to_save, per-module alphas, embeddings)."""
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
 
     from ftcli.gguf_writer import gguf_name
 
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         refuse(f"it is a {peft_type} adapter; llama.cpp adapters are plain LoRA")
@@ -50,7 +49,8 @@ def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], f
         refuse("rank-stabilised scaling with per-module ranks can't be written as one alpha")
 
     # torch reads every dtype PEFT saves (QLoRA adapters come out in bfloat16; numpy has no bfloat16)
-    tensors = {key: value.float().numpy() for key, value in load_file(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
+    saved = load_file(Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME)
+    tensors = {key: value.float().numpy() for key, value in saved.items()}
     halves: dict[str, dict[str, object]] = {}
     for key, value in tensors.items():
         for half in ("lora_A", "lora_B"):

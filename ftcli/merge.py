@@ -134,12 +134,11 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
 
     from ftcli import parity
     from ftcli.adapter_model import load_run_tokenizer, run_chat_template
-    from ftcli.models import load_model, silence_known_warnings
+    from ftcli.models import load_model
     from ftcli.qlora_base import dequantize_like_training, trained_model_logits, training_dtype
-    from ftcli.train import quiet_libraries
+    from ftcli.quiet import quiet_libraries
 
     quiet_libraries()
-    silence_known_warnings()
     trust = recipe.model.trust_remote_code
     template = run_chat_template(run)
     tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=trust)

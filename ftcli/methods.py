@@ -206,9 +206,9 @@ def gradient_checkpointing_enabled(setting, device: str) -> bool:
 def apply_method(model, recipe, tokenizer=None):
     """Wrap the loaded base model in a PeftModel for the recipe's method (kbit preparation for qlora);
     returns (peft_model, {"trainable": int, "total": int})."""
-    from ftcli.models import silence_known_warnings
+    from ftcli.quiet import quiet_libraries
 
-    silence_known_warnings()
+    quiet_libraries()
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     method = recipe.method

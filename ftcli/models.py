@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from ftcli.model_sources import (  # noqa: F401  (re-exported: part of this modu
     BUILTIN_PREFIX, BUILTINS, HUB_PREFIX, builtin_folder, builtin_gguf_path, fingerprint, hub_folder,
     looks_like_path, require_safetensors,
 )
+from ftcli.quiet import quiet_libraries
 from ftcli.recipe import ModelConfig, QuantizationConfig
 
 CACHE_DIR_ENV = "FTCLI_CACHE_DIR"  # default ~/.cache/ftcli
@@ -109,13 +109,6 @@ def _placement(device: str) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def silence_known_warnings() -> None:
-    """bitsandbytes warns at import that it cannot fetch an optional CPU kernel offline; its fallback works."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage()
-    )
-
-
 def load_tokenizer(model: ModelConfig, *, trust_remote_code: bool = False, padding_side: str = "right"):
     """The model's tokenizer with a pad token set (never the EOS token's id being masked by accident).
 
@@ -154,7 +147,7 @@ def bnb_config(quantization: QuantizationConfig, device: str):
     import torch
     from transformers import BitsAndBytesConfig
 
-    silence_known_warnings()
+    quiet_libraries()
     if quantization.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

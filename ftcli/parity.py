@@ -49,6 +49,8 @@ def check_texts(chat_template: str | None, tokenizer) -> list[str]:
 
 def encode(tokenizer, texts: list[str]) -> dict:
     """One right-padded batch; special tokens are already in the rendered texts, so none are added."""
+    if tokenizer.pad_token is None:  # padding is masked out, so any token will do
+        tokenizer.pad_token = tokenizer.eos_token
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:

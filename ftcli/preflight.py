@@ -65,9 +65,9 @@ def count_parameters(recipe, model_config, tokenizer=None) -> dict:
     """Trainable and total parameters of the recipe's PEFT model, built on the meta device (no weights loaded)."""
     import warnings
 
-    from ftcli.models import silence_known_warnings
+    from ftcli.quiet import quiet_libraries
 
-    silence_known_warnings()
+    quiet_libraries()
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM

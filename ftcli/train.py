@@ -122,6 +122,8 @@ class TrainingSession:
         from ftcli import data, methods, models
         from ftcli.distributed import resolve_strategy, strategy_arguments, world_size
 
+        from ftcli.quiet import quiet_libraries
+
         quiet_libraries()
         recipe, t = self.recipe, self.recipe.training
         # Cheap checks first: a recipe that can't run must fail before anything is loaded.
@@ -368,20 +370,3 @@ def _report_dict(report) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {k: v for k, v in asdict(report).items() if k != "fingerprints"}
-
-
-def quiet_libraries() -> None:
-    """Keep library chatter (progress bars, advisory warnings) off the terminal; ftcli reports what matters."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with contextlib.suppress(Exception):
-        import datasets
-
-        datasets.disable_progress_bars()
-    with contextlib.suppress(Exception):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*kernels.*")

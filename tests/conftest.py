@@ -183,8 +183,7 @@ def cli_inproc():
 
     runner = CliRunner()
 
-    def invoke(*args: str) -> "CliRunnerResult":
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        return result
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke

@@ -87,7 +87,7 @@ def test_kill_during_write_leaves_old_content(tmp_path):
         "import os, signal, sys\n"
         "from ftcli import atomic\n"
         "atomic.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"atomic.atomic_write_text(sys.argv[1], 'new')\n"
+        "atomic.atomic_write_text(sys.argv[1], 'new')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(target)])
     assert proc.returncode == -9

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -141,7 +140,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, runs_dir, tiny_mod
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), scan.newest_complete)
     resumed = run_cli("train", tiny_recipe, "--resume", "--set", "training.max_steps=200", "--set",
-                      f"training.save_steps=2", "--set", f"training.max_steps={step + 2}")
+                      "training.save_steps=2", "--set", f"training.max_steps={step + 2}")
     assert resumed.exit_code == 0, resumed
 
 
