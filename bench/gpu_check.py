@@ -57,10 +57,9 @@ def build_model(size: str, folder: Path, tokenizer_dir: Path, device: str) -> Pa
     fields.pop("model_type")
     config = LlamaConfig(**fields, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):   # initialised where it will train: an 8B model is built in seconds on a GPU
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
@@ -128,8 +127,9 @@ def child_main(recipe: str, runs_dir: str, stats_path: str) -> None:
     from ftcli.cli import app
 
     code = 0
-    try:
-        app(["train", recipe, "--runs-dir", runs_dir, "--overwrite", "--json"], standalone_mode=False)
+    try:   # without standalone mode a handled error comes back as its exit code
+        returned = app(["train", recipe, "--runs-dir", runs_dir, "--overwrite", "--json"], standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
     except SystemExit as exc:
         code = exc.code or 0
     except BaseException as exc:  # a failed training still reports its memory
@@ -145,14 +145,22 @@ def child_main(recipe: str, runs_dir: str, stats_path: str) -> None:
     sys.exit(code)
 
 
-def measure(size: str, method: str, work: Path, model_dir: Path, data: Path, args, device: str) -> dict:
+def estimates(work: Path, size: str, recipes: dict[str, Path]) -> dict[str, dict]:
+    """ftcli's memory estimate (as `ftcli train --dry-run`) of each recipe, in one child process."""
+    spec = work / f"{size}-spec.json"
+    spec.write_text(json.dumps([{"key": key, "recipe": str(path)} for key, path in recipes.items()]), encoding="utf-8")
+    result = run_child([sys.executable, str(BENCH / "probes.py"), "estimate", str(spec)],
+                       log_dir=work / "logs" / f"{size}-estimate", timeout_s=300)
+    if not result.ok:
+        print(f"gpu_check: estimate failed: {result.stderr_tail[-800:]}", flush=True)
+        return {}
+    return {key: value["memory"] for key, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+def measure(name: str, recipe: Path, memory: dict, work: Path, args) -> dict:
+    """One `ftcli train` in a child process, its GPU memory polled; tokens/s from its metrics.jsonl."""
     from ftcli.runs import RunDir
 
-    name = f"{size}-{method}"
-    recipe = write_recipe(work / f"{name}.yaml", model_dir, data, method, args.steps, args.batch, device)
-    estimate = run_child([sys.executable, str(BENCH / "probes.py"), "estimate", str(_spec(work, name, recipe))],
-                         log_dir=work / "logs" / f"{name}-estimate", timeout_s=300)
-    memory = json.loads(estimate.stdout.strip().splitlines()[-1])[name]["memory"] if estimate.ok else {}
     stats_path = work / f"{name}-stats.json"
     command = [sys.executable, str(Path(__file__)), "--child", str(recipe), str(work / "runs"), str(stats_path)]
     log_dir = work / "logs" / name
@@ -169,6 +177,7 @@ def measure(size: str, method: str, work: Path, model_dir: Path, data: Path, arg
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
     steady = steady_throughput(read_jsonl(RunDir(work / "runs", name).metrics_path), skip=2)
     measured = poller.peak_bytes or stats.get("max_reserved_bytes")
+    size, method = name.split("-", 1)
     result = {
         "model": size, "method": method, "ok": process.returncode == 0, "wall_s": round(time.perf_counter() - started, 1),
         "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
@@ -180,12 +189,6 @@ def measure(size: str, method: str, work: Path, model_dir: Path, data: Path, arg
     if process.returncode != 0:
         result["error"] = (log_dir / "stderr.txt").read_text(encoding="utf-8", errors="replace")[-1500:]
     return result
-
-
-def _spec(work: Path, name: str, recipe: Path) -> Path:
-    path = work / f"{name}-spec.json"
-    path.write_text(json.dumps([{"key": name, "recipe": str(recipe), "overrides": []}]), encoding="utf-8")
-    return path
 
 
 def render(results: dict) -> str:
@@ -243,8 +246,11 @@ def main() -> int:
             started = time.perf_counter()
             model_dir = build_model(size, work / f"model-{size}", tokenizer_dir, device)
             print(f"gpu_check: built {size} in {time.perf_counter() - started:.0f} s", flush=True)
-            for method in args.methods:
-                result = measure(size, method, work, model_dir, data, args, device)
+            recipes = {f"{size}-{method}": write_recipe(work / f"{size}-{method}.yaml", model_dir, data, method,
+                                                        args.steps, args.batch, device) for method in args.methods}
+            memory = estimates(work, size, recipes)
+            for name, recipe in recipes.items():
+                result = measure(name, recipe, memory.get(name, {}), work, args)
                 print(f"gpu_check: {size} {method}: {json.dumps(result)}", flush=True)
                 results["runs"].append(result)
                 _write(args.out, results)

@@ -19,11 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _quiet() -> None:
-    from ftcli.models import silence_known_warnings
-    from ftcli.train import quiet_libraries
+    """Library chatter off stderr (it would bury a real error in the child's log)."""
+    from ftcli.quiet import quiet_libraries
 
     quiet_libraries()
-    silence_known_warnings()
 
 
 def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examples: int | None = None) -> dict:

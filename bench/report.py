@@ -129,6 +129,15 @@ def render_markdown(results: dict) -> str:
                          ", ".join(f"{k} {_mib(v)}" for k, v in parts.items()), case.get("from", "")])
         lines += _table(["recipe", "estimate MiB", "measured MiB", "estimate / measured", "estimate parts MiB",
                          "measured in"], rows)
+        fits = s.get("per_token_fit") or {}
+        if fits:
+            lines += ["Which part is off: from the two lengths of each method, the memory each batch token adds "
+                      "(activations, logits) and the rest (weights, libraries, allocator).", ""]
+            lines += _table(["method", "KiB per token: measured", "estimated", "fixed MiB: measured", "estimated"],
+                            [[method, _num((f.get("measured_bytes_per_token") or 0) / 1024, 1),
+                              _num((f.get("estimated_bytes_per_token") or 0) / 1024, 1),
+                              _mib(f.get("measured_fixed_bytes")), _mib(f.get("estimated_fixed_bytes"))]
+                             for method, f in fits.items()])
     if "load" in sections:
         s = sections["load"]
         lines += ["## 5. Load time of the builtin model", ""]

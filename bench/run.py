@@ -317,7 +317,9 @@ class Bench:
                          "estimate_over_measured": value}
             self.add_goal(f"memory/{key}", f"memory estimate / measured peak RSS, {key} (varied-length data)",
                           value, "0.85 .. 1.15", goal(value, at_least=0.85, at_most=1.15))
-        self.results["sections"]["memory"] = {"cases": rows, "steps": p.memory_steps}
+        batch = self.recipe("lora").training.batch_size
+        self.results["sections"]["memory"] = {"cases": rows, "steps": p.memory_steps,
+                                              "per_token_fit": per_token_fit(rows, batch)}
 
     def load(self) -> None:
         self.log("load: builtin model load time")
@@ -348,6 +350,28 @@ def _run_summary(result, records: list[dict], skip: int) -> dict:
             "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s,
             "train_loss_last": steps[-1]["loss"] if steps else None,
             "error": None if result.ok else result.stderr_tail[-1500:]}
+
+
+def per_token_fit(cases: dict[str, dict], batch: int) -> dict[str, dict]:
+    """Per method measured at two lengths: the bytes each batch token adds (slope) and the rest (intercept: weights,
+    libraries, allocator), measured and estimated, so an estimate that is off says which part is off."""
+    fits = {}
+    for method in sorted({key.split("@")[0] for key in cases}):
+        lengths = sorted(int(key.split("@")[1]) for key in cases if key.startswith(f"{method}@")
+                         and key.split("@")[1].isdigit())
+        if len(lengths) < 2:
+            continue
+        short, long = cases[f"{method}@{lengths[0]}"], cases[f"{method}@{lengths[-1]}"]
+        tokens = batch * (lengths[-1] - lengths[0])
+        fit = {}
+        for side, key in (("measured", "peak_rss_bytes"), ("estimated", "estimate_bytes")):
+            if short.get(key) is None or long.get(key) is None:
+                continue
+            slope = (long[key] - short[key]) / tokens
+            fit[f"{side}_bytes_per_token"] = round(slope)
+            fit[f"{side}_fixed_bytes"] = round(long[key] - slope * batch * lengths[-1])
+        fits[method] = fit
+    return fits
 
 
 def _arm_summary(runs: list[dict]) -> dict:

@@ -78,7 +78,7 @@ class ProgressCallback(TrainerCallback):
             return
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, info=self._info(state))
-        elif logs:
+        elif logs and any(key in logs for key in ("loss", "eval_loss")):
             self.console.print(f"step {state.global_step}/{state.max_steps}  {self._info(state)}", markup=False,
                                highlight=False)
 

@@ -1,0 +1,145 @@
+"""The benchmark scripts' pure helpers (throughput, peak RSS, interleaving, report) and their command lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import measure, report  # noqa: E402
+
+
+def _steps(times, tokens, start_step=1):
+    return [{"step": start_step + i, "time": t, "loss": 1.0, "num_tokens": n} for i, (t, n) in enumerate(zip(times, tokens))]
+
+
+def test_steady_throughput_skips_warmup_and_ignores_other_records():
+    records = _steps([10.0, 20.0, 22.0, 24.0, 26.0], [100, 200, 300, 400, 500])
+    records.insert(3, {"step": 3, "time": 23.0, "eval_loss": 2.0})                  # an eval line: no loss
+    records.append({"step": 5, "time": 27.0, "train_runtime": 17.0, "train_loss": 1.0})  # the summary line
+    records.append(dict(records[-2]))                                                   # a duplicated step
+    result = measure.steady_throughput(records, skip=2)
+    # from the log of step 2 (t=20, 200 tokens) to step 5 (t=26, 500 tokens): 300 tokens in 6 s
+    assert result["tokens_per_s"] == pytest.approx(50.0)
+    assert (result["steps"], result["first_step"], result["last_step"]) == (3, 3, 5)
+    with_warmup = measure.steady_throughput(records, skip=1)
+    assert with_warmup["tokens_per_s"] == pytest.approx(400 / 16)
+
+
+def test_steady_throughput_packed_tokens_and_too_few_steps():
+    records = _steps([0.0, 5.0, 7.0, 9.0], [256, 512, 768, 1024])
+    packed = measure.steady_throughput(records, skip=2, tokens_per_step=2000.0)
+    assert packed["tokens_per_s"] == pytest.approx(2 * 2000 / 4)
+    assert measure.steady_throughput(records[:3], skip=2) is None   # one step after the warm-up is not a rate
+    assert measure.steady_throughput([], skip=1) is None
+
+
+def test_ratio_median_goal():
+    assert measure.ratio(3.0, 2.0) == 1.5
+    assert measure.ratio(None, 2.0) is None and measure.ratio(1.0, 0) is None
+    assert measure.median([3.0, None, 1.0, 2.0]) == 2.0
+    assert measure.median([None]) is None
+    assert measure.goal(0.09, at_most=0.1) is True
+    assert measure.goal(0.11, at_most=0.1) is False
+    assert measure.goal(1.2, at_least=0.85, at_most=1.15) is False
+    assert measure.goal(None, at_least=1.0) is None
+
+
+def test_interleaved_rotates_arms_every_repeat():
+    assert measure.interleaved(["a", "b"], 2) == [(0, "a"), (0, "b"), (1, "b"), (1, "a")]
+    order = measure.interleaved(["a", "b", "c"], 3)
+    assert [arm for _, arm in order] == list("abcbcacab")
+
+
+def test_run_child_reports_peak_rss_and_exit_code(tmp_path):
+    big = measure.run_child([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                            log_dir=tmp_path / "big")
+    small = measure.run_child([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"], log_dir=tmp_path / "small")
+    assert big.ok and big.peak_rss_bytes >= 300 * 2**20
+    assert small.returncode == 3 and not small.ok and small.stdout.strip() == "hi"
+    assert small.peak_rss_bytes < big.peak_rss_bytes - 200 * 2**20
+
+
+def test_parse_meminfo_and_machine_info():
+    parsed = measure.parse_meminfo("MemTotal:       24576000 kB\nMemAvailable:   1000 kB\nHugePages_Total:       0\n")
+    assert parsed == {"MemTotal": 24576000 * 1024, "MemAvailable": 1024000, "HugePages_Total": 0}
+    info = measure.machine_info()
+    assert info["nproc"] >= 1 and info["memory_total_bytes"] > 0
+
+
+def test_varied_chat_records_are_deterministic_and_varied():
+    records = measure.varied_chat_records(300, seed=0)
+    assert records == measure.varied_chat_records(300, seed=0)
+    lengths = sorted(len(r["messages"][1]["content"]) for r in records)
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
+    assert lengths[len(lengths) // 2] < 150 < lengths[-1]   # skewed short with a long tail
+    assert lengths[-1] > 4 * lengths[len(lengths) // 2]
+
+
+def _results(quick: bool) -> dict:
+    run = {"ok": True, "tokens_per_s": 100.0, "peak_rss_bytes": 3 * 2**30, "wall_s": 50.0, "repeat": 1,
+           "eval_loss": 1.5}
+    arm = {"runs": [run], "tokens_per_s": 100.0, "peak_rss_bytes": 3 * 2**30, "wall_s": 50.0, "eval_loss": 1.5}
+    failed = {"runs": [{**run, "ok": False, "tokens_per_s": None, "error": "Traceback\nValueError: boom"}],
+              "tokens_per_s": None, "peak_rss_bytes": None, "wall_s": 10.0}
+    return {
+        "quick": quick, "date": "2026-01-01", "elapsed_s": 12.0, "plan": {"skip": 2},
+        "machine": {"nproc": 2, "memory_total_bytes": 24 * 2**30, "cpu_model": "AMD EPYC", "load_average": [0.1]},
+        "versions": {"torch": "2.13.0"},
+        "goals": [{"id": "a", "what": "startup ratio", "value": 0.2, "target": "<= 0.10", "met": False},
+                  {"id": "b", "what": "speed ratio", "value": 1.1, "target": ">= 1.00", "met": True}],
+        "sections": {
+            "startup": {"runs_s": {"ftcli --help": [0.1], "import torch": [1.0]},
+                        "median_s": {"ftcli --help": 0.1, "import torch": 1.0},
+                        "ratio_to_import_torch": {"ftcli --help": 0.1}},
+            "training": {"lora": {"ftcli": arm, "trl_matched": arm, "trl_defaults": failed},
+                         "qlora": {"ftcli": arm, "trl_matched": arm}},
+            "memory": {"steps": 1, "cases": {"lora@256": {"estimate_bytes": 2**30, "peak_rss_bytes": 2**30,
+                                                          "estimate_over_measured": 1.0, "from": "own run"}}},
+        },
+    }
+
+
+def test_report_lists_goals_sections_and_failures():
+    text = report.render_markdown(_results(quick=True))
+    assert text.startswith("# ftcli benchmark results (QUICK")
+    assert "| startup ratio | 0.200 | <= 0.10 | **no** |" in text
+    assert "| speed ratio | 1.100 | >= 1.00 | yes |" in text
+    assert "trl_defaults repeat 1 failed" in text and "ValueError: boom" in text
+    assert "| lora@256 | 1,024 | 1,024 | 1.000 |" in text
+    assert "QUICK" not in report.render_markdown(_results(quick=False))
+
+
+def _run(args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=60, **kwargs)
+
+
+def test_run_help_is_fast_and_imports_nothing_heavy():
+    result = _run(["bench/run.py", "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "packing" in result.stdout
+    probe = _run(["-c", "import json, sys; sys.path.insert(0, '.'); import bench.run, bench.report; "
+                        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules)))"])
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == []
+
+
+def test_baseline_and_probe_help():
+    baseline = _run(["bench/trl_baseline.py", "--help"])
+    assert baseline.returncode == 0 and "--trl-defaults" in baseline.stdout
+    probes = _run(["bench/probes.py", "--help"])
+    assert probes.returncode == 0 and "estimate" in probes.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would run the real check")
+def test_gpu_check_exits_cleanly_without_gpu():
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "no NVIDIA GPU" in result.stdout and "nothing measured" in result.stdout
