@@ -49,16 +49,21 @@ def is_local_reference(reference: str) -> bool:
     return Path(reference).exists()
 
 
-def read_source(reference: str, split: str) -> SourceData:
-    """All records of one data reference; NotAvailableError (4) when it doesn't exist, DataError (3) when unreadable."""
-    if not is_local_reference(reference):
-        return _read_hub(reference, split)
+def _existing_path(reference: str) -> Path:
     path = Path(os.path.expanduser(reference))
     if not path.exists():
         raise NotAvailableError(
             f"data file not found: {path}",
             hint="check data.train / data.eval in the recipe (relative paths are relative to the recipe file)",
         )
+    return path
+
+
+def read_source(reference: str, split: str) -> SourceData:
+    """All records of one data reference; NotAvailableError (4) when it doesn't exist, DataError (3) when unreadable."""
+    if not is_local_reference(reference):
+        return _read_hub(reference, split)
+    path = _existing_path(reference)
     if path.is_dir():
         return _read_saved_dataset(path, split)
     suffix = path.suffix.lower()
@@ -81,12 +86,7 @@ def read_source(reference: str, split: str) -> SourceData:
 
 def source_fingerprint(reference: str) -> str:
     """sha256 of a local file's bytes (or of a saved folder's files), without parsing it."""
-    path = Path(os.path.expanduser(reference))
-    if not path.exists():
-        raise NotAvailableError(
-            f"data file not found: {path}",
-            hint="check data.train / data.eval in the recipe (relative paths are relative to the recipe file)",
-        )
+    path = _existing_path(reference)
     if path.is_dir():
         return _folder_fingerprint(path)
     digest = hashlib.sha256()

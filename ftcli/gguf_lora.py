@@ -79,8 +79,8 @@ def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], f
 def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant: str, name: str) -> dict:
     import gguf
 
-    from ftcli.gguf_writer import ARCHITECTURE, add_tensor, check_quant, file_type, llama_shape, permute_rows, \
-        rows_permutation
+    from ftcli.gguf_writer import (ARCHITECTURE, add_tensor, check_quant, file_type, finish_gguf, llama_shape,
+                                   permute_rows, rows_permutation)
 
     check_quant(quant)
     shape = llama_shape(base_dir)
@@ -98,11 +98,7 @@ def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant:
         b = permute_rows(pair.b, heads) if heads is not None else pair.b
         add_tensor(writer, pair.gguf_name + ".lora_a", pair.a, quant)
         add_tensor(writer, pair.gguf_name + ".lora_b", b, quant)
-    out_file = Path(out_file)
-    writer.write_header_to_file(path=out_file)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    out_file = finish_gguf(writer, out_file)
     return {"file": out_file.name, "bytes": out_file.stat().st_size, "quant": quant, "alpha": alpha,
             "rank": int(pairs[0].a.shape[0]), "modules": len(pairs)}
 

@@ -215,11 +215,7 @@ def write_model_gguf(model_dir: Path, out_file: Path, *, quant: str, chat_templa
             array = permute_rows(array, heads)
         kind = add_tensor(writer, target, array, quant)
         types[kind] = types.get(kind, 0) + 1
-    out_file = Path(out_file)
-    writer.write_header_to_file(path=out_file)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    out_file = finish_gguf(writer, out_file)
     return {"file": out_file.name, "bytes": out_file.stat().st_size, "quant": quant, "tensor_types": types,
             "architecture": ARCHITECTURE, "tied_embeddings": shape.tied_embeddings, "heads": shape.heads,
             "kv_heads": shape.kv_heads, "rope_theta": shape.rope_theta, **vocab}
@@ -230,3 +226,13 @@ def _tensor_order(name: str) -> tuple:
     if name.startswith("blk."):
         return (1, int(name.split(".")[1]), name)
     return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+def finish_gguf(writer, out_file) -> Path:
+    """Write header, metadata and tensors of a filled GGUFWriter to `out_file` and close it."""
+    out_file = Path(out_file)
+    writer.write_header_to_file(path=out_file)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
