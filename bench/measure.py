@@ -32,6 +32,8 @@ class ChildResult:
     returncode: int
     wall_s: float
     peak_rss_bytes: int
+    cpu_s: float = 0.0                 # CPU time of the child (user + system)
+    others_cpu_share: float | None = None   # share of the machine's CPU other processes used meanwhile (noise)
     stdout: str = ""
     stderr_tail: str = ""
     extra: dict = field(default_factory=dict)
@@ -50,18 +52,44 @@ def run_child(command: list[str], *, env: dict[str, str] | None = None, cwd: Pat
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bench-child-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    busy_before = machine_busy_seconds()
     started = time.perf_counter()
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd)
         status, rusage = _wait(process, timeout_s)
     wall = time.perf_counter() - started
+    busy_after = machine_busy_seconds()
     returncode = os.waitstatus_to_exitcode(status)
     process.returncode = returncode  # reaped here, not by Popen
     stderr = stderr_path.read_text(encoding="utf-8", errors="replace")
+    cpu = rusage.ru_utime + rusage.ru_stime
+    others = None
+    if busy_before is not None and busy_after is not None and wall > 0:
+        others = others_cpu_share(busy_after - busy_before, cpu, wall, os.cpu_count() or 1)
     return ChildResult(command=[str(c) for c in command], returncode=returncode, wall_s=round(wall, 3),
                        peak_rss_bytes=rusage.ru_maxrss * 1024,  # Linux reports KiB
+                       cpu_s=round(cpu, 2), others_cpu_share=others,
                        stdout=stdout_path.read_text(encoding="utf-8", errors="replace"),
                        stderr_tail=stderr[-3000:])
+
+
+def machine_busy_seconds(stat_text: str | None = None) -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat's first line)."""
+    try:
+        text = stat_text if stat_text is not None else Path("/proc/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    fields = text.splitlines()[0].split()
+    if fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cpu_share(busy_s: float, own_cpu_s: float, wall_s: float, cores: int) -> float:
+    """The share of the machine's CPU capacity that other processes used while a child ran: 0 on a quiet
+    machine; 0.5 on 2 cores means another process kept one core busy the whole time."""
+    return round(min(1.0, max(0.0, busy_s - own_cpu_s) / (wall_s * cores)), 3)
 
 
 def _wait(process: subprocess.Popen, timeout_s: float | None):

@@ -17,6 +17,10 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / MIB:,.0f}"
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def _met(met) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[met]
 
@@ -32,14 +36,16 @@ def _runs_cell(runs: list[dict], key: str, fmt) -> str:
 
 
 def _arms_table(arms: dict, *, with_eval: bool = False) -> list[str]:
-    header = ["side", "tokens/s (median)", "per run", "peak RSS MiB (median)", "per run", "wall s (median)"]
+    header = ["side", "tokens/s (median)", "per run", "peak RSS MiB (median)", "per run", "wall s (median)",
+              "others' CPU per run"]
     if with_eval:
         header += ["eval loss (median)", "per run"]
     rows = []
     for name, arm in arms.items():
         runs = arm["runs"]
         row = [name, _num(arm["tokens_per_s"], 1), _runs_cell(runs, "tokens_per_s", lambda v: _num(v, 1)),
-               _mib(arm["peak_rss_bytes"]), _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0)]
+               _mib(arm["peak_rss_bytes"]), _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0),
+               _runs_cell(runs, "others_cpu_share", _pct)]
         if with_eval:
             row += [_num(arm.get("eval_loss"), 4), _runs_cell(runs, "eval_loss", lambda v: _num(v, 4))]
         rows.append(row)
@@ -59,7 +65,17 @@ def render_markdown(results: dict) -> str:
              "Every comparison ran side by side in this one run, interleaved (A B, B A, ...); figures are medians. "
              "Compare figures only within this file: on a shared machine the same training has run 107 and 143 "
              "tokens/s an hour apart.", "",
-             "## Goals", ""]
+             ]
+    noise = results.get("noise") or {}
+    if noise.get("runs_over_limit"):
+        lines += [f"**NOISY RUN: other processes used more than {noise['limit']:.0%} of the CPU during "
+                  f"{noise['runs_over_limit']} of {len(noise.get('runs', {}))} measured commands (up to "
+                  f"{noise['max_others_cpu_share']:.0%}; column `others' CPU` below). Speed figures and ratios "
+                  "from those runs are not trustworthy: run again on a quiet machine.**", ""]
+    elif noise.get("runs"):
+        lines += [f"Quiet machine: other processes used at most {noise['max_others_cpu_share']:.0%} of the CPU "
+                  "during any measured command.", ""]
+    lines += ["## Goals", ""]
     lines += _table(["goal", "value", "target", "met"],
                     [[g["what"], _num(g["value"], 3), g["target"], _met(g["met"])] for g in results.get("goals", [])])
     lines += ["## Machine and versions", "",

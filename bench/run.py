@@ -40,6 +40,7 @@ from bench.measure import (  # noqa: E402
 SECTIONS = ("startup", "training", "packing", "memory", "load")
 RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml"}
 NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed steps would time the disk
+NOISE_LIMIT = 0.10   # above this share of the CPU used by other processes during a run, its figures are suspect
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Bench:
         self.work = work
         self.runs_root = work / "runs"
         self.started = time.perf_counter()
-        self.results: dict = {"sections": {}, "goals": []}
+        self.results: dict = {"sections": {}, "goals": [], "noise": {"runs": {}}}
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         self._children = 0
 
@@ -99,6 +100,8 @@ class Bench:
                            log_dir=self.work / "logs" / f"{self._children:03d}-{label}")
         if not result.ok:
             self.log(f"  {label} FAILED (exit {result.returncode}):\n{result.stderr_tail[-1500:]}")
+        if result.others_cpu_share is not None:
+            self.results["noise"]["runs"][label] = result.others_cpu_share
         return result
 
     def add_goal(self, key: str, what: str, value, target: str, met: bool | None) -> None:
@@ -178,7 +181,8 @@ class Bench:
             summary["repeat"] = repeat + 1
             runs[name].append(summary)
             self.log(f"  {name}: {summary['tokens_per_s']} tokens/s, peak RSS "
-                     f"{_gib(summary['peak_rss_bytes'])} GiB, {summary['wall_s']:.0f} s")
+                     f"{_gib(summary['peak_rss_bytes'])} GiB, {summary['wall_s']:.0f} s, other processes used "
+                     f"{summary['others_cpu_share']} of the CPU")
         return {name: _arm_summary(items) for name, items in runs.items()}
 
     # ------------------------------------------------------------------------------------------ sections
@@ -347,7 +351,8 @@ def _run_summary(result, records: list[dict], skip: int) -> dict:
     steady = steady_throughput(records, skip=skip) if result.ok else None
     steps = train_records(records)
     return {"ok": result.ok, "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
-            "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s,
+            "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
+            "others_cpu_share": result.others_cpu_share,
             "train_loss_last": steps[-1]["loss"] if steps else None,
             "error": None if result.ok else result.stderr_tail[-1500:]}
 
@@ -417,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(bench, section)()
     finally:
         bench.results["elapsed_s"] = round(time.perf_counter() - bench.started, 1)
+        shares = list(bench.results["noise"]["runs"].values())
+        bench.results["noise"].update(max_others_cpu_share=max(shares, default=None),
+                                      runs_over_limit=sum(share > NOISE_LIMIT for share in shares),
+                                      limit=NOISE_LIMIT)
         bench.results["machine"]["load_average_end"] = list(os.getloadavg())
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(bench.results, indent=2) + "\n", encoding="utf-8")

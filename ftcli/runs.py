@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftcli.atomic import STAGING_PREFIX, atomic_write_json, atomic_write_text
-from ftcli.errors import RunStateError, UsageError
+from ftcli.errors import NotAvailableError, RunStateError, UsageError
 from ftcli.recipe import SCHEMA_VERSION, check_run_name
 
 RUNS_DIR_ENV = "FTCLI_RUNS_DIR"
@@ -34,6 +34,8 @@ EVAL_LATEST_FILE = "latest.json"      # eval/latest.json: the newest eval result
 MERGED_DIR = "merged"
 EXPORT_DIR = "export"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+ADAPTER_CONFIG_FILE = "adapter_config.json"        # PEFT's own names inside adapter/
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
 EXPORT_RECORD_FILE = "ftcli-export.json"  # inside every export folder: what it holds; marks it replaceable
 
@@ -216,9 +218,22 @@ class RunDir:
         return info
 
     def require_adapter(self, action: str) -> None:
+        """A completed run with a safetensors adapter; pickle-only adapter weights are refused, never unpickled."""
         self.require_status("completed", action=action)
-        if not (self.adapter_dir / "adapter_config.json").exists():
+        if not (self.adapter_dir / ADAPTER_CONFIG_FILE).exists():
             raise RunStateError(f"run {self.name!r} has no adapter in {self.adapter_dir}",
+                                hint="train it again with --overwrite")
+        if not (self.adapter_dir / ADAPTER_WEIGHTS_FILE).exists():
+            from ftcli.model_sources import PICKLE_WEIGHT_SUFFIXES
+
+            pickles = sorted(p.name for p in self.adapter_dir.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+            if pickles:
+                raise NotAvailableError(
+                    f"run {self.name!r}: the adapter weights are pickle files only ({', '.join(pickles)}); ftcli "
+                    "loads safetensors only, because loading a pickle file can run arbitrary code",
+                    hint="convert them to adapter_model.safetensors in an environment you trust",
+                )
+            raise RunStateError(f"run {self.name!r} has no {ADAPTER_WEIGHTS_FILE} in {self.adapter_dir}",
                                 hint="train it again with --overwrite")
 
     def load_recipe(self):

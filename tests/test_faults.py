@@ -122,3 +122,28 @@ def test_data_and_recipe_errors_never_create_a_run(case, tiny_recipe, runs_dir, 
     if case == "broken_line":
         assert f"{bad}:2" in result.stderr or ("line 2" in result.stderr and str(bad) in result.stderr)
     assert not (runs_dir / "tiny").exists()
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that a pickle ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_only_adapter_is_refused_and_never_unpickled(tiny_recipe, runs_dir, tmp_path):
+    import pickle
+
+    assert run_cli("train", tiny_recipe, "--set", "training.max_steps=1").exit_code == 0
+    adapter = runs_dir / "tiny" / "adapter"
+    (adapter / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weights": _Payload(str(marker))}))
+    for command in (["eval"], ["merge"], ["export", "--format", "adapter"], ["generate", "--prompt", "hi"]):
+        result = run_cli(command[0], "tiny", *command[1:])
+        assert result.exit_code == 4, (command, result)
+        assert "pickle" in result.stderr and "adapter_model.bin" in result.stderr
+        assert not marker.exists()
