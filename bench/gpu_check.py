@@ -27,7 +27,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from bench.measure import read_jsonl, run_child, steady_throughput, varied_chat_records, write_jsonl  # noqa: E402
+from bench.measure import (  # noqa: E402
+    read_jsonl, run_child, steady_throughput, varied_chat_records, wait_with_rusage, write_jsonl,
+)
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5,
          "max_position_embeddings": 8192, "rope_theta": 500000.0, "attention_bias": False, "mlp_bias": False}
@@ -50,7 +52,7 @@ SEQUENCE_LENGTH = 512
 def build_model(size: str, folder: Path, tokenizer_dir: Path, device: str) -> Path:
     """A random-weight model of the named config, saved as safetensors (bf16 on a GPU) with the tokenizer."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     fields = dict(CONFIGS[size])
@@ -59,7 +61,7 @@ def build_model(size: str, folder: Path, tokenizer_dir: Path, device: str) -> Pa
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(device):   # initialised where it will train: an 8B model is built in seconds on a GPU
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     del model
@@ -169,24 +171,24 @@ def measure(name: str, recipe: Path, memory: dict, work: Path, args) -> dict:
     with open(log_dir / "stdout.txt", "wb") as out, open(log_dir / "stderr.txt", "wb") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, cwd=REPO)
         with GpuMemoryPoller(process.pid) as poller:
-            try:
-                process.wait(timeout=args.run_timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            status, rusage = wait_with_rusage(process, args.run_timeout)
+    returncode = os.waitstatus_to_exitcode(status)
     stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
     steady = steady_throughput(read_jsonl(RunDir(work / "runs", name).metrics_path), skip=2)
-    measured = poller.peak_bytes or stats.get("max_reserved_bytes")
+    # GPU: what nvidia-smi saw (else the caching allocator's peak); the CPU smoke test: the peak RSS
+    measured = poller.peak_bytes or stats.get("max_reserved_bytes") or (
+        rusage.ru_maxrss * 1024 if args.cpu_smoke else None)
     size, method = name.split("-", 1)
     result = {
-        "model": size, "method": method, "ok": process.returncode == 0, "wall_s": round(time.perf_counter() - started, 1),
+        "model": size, "method": method, "ok": returncode == 0, "wall_s": round(time.perf_counter() - started, 1),
+        "measured_bytes": measured,
         "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
         "gpu_peak_nvidia_smi_bytes": poller.peak_bytes, "torch_max_allocated_bytes": stats.get("max_allocated_bytes"),
         "torch_max_reserved_bytes": stats.get("max_reserved_bytes"), "estimate_bytes": memory.get("total_bytes"),
         "estimate_parts": memory.get("parts"),
         "estimate_over_measured": round(memory["total_bytes"] / measured, 3) if measured and memory else None,
     }
-    if process.returncode != 0:
+    if returncode != 0:
         result["error"] = (log_dir / "stderr.txt").read_text(encoding="utf-8", errors="replace")[-1500:]
     return result
 
@@ -199,10 +201,12 @@ def render(results: dict) -> str:
              "the training process (CUDA context + caching allocator); the estimate is `ftcli train --dry-run`.", "",
              "| model | method | tokens/s | measured MiB | torch max allocated MiB | max reserved MiB | estimate MiB "
              "| estimate / measured | within 15% |", "|---|---|---|---|---|---|---|---|---|"]
+    if results["device"].startswith("CPU"):
+        lines[2] += " CPU smoke test: measured = peak RSS."
     for r in results["runs"]:
         value = r.get("estimate_over_measured")
         within = "n/a" if value is None else ("yes" if abs(value - 1) <= 0.15 else "**no**")
-        lines.append(f"| {r['model']} | {r['method']} | {r.get('tokens_per_s')} | {mib(r.get('gpu_peak_nvidia_smi_bytes'))}"
+        lines.append(f"| {r['model']} | {r['method']} | {r.get('tokens_per_s')} | {mib(r.get('measured_bytes'))}"
                      f" | {mib(r.get('torch_max_allocated_bytes'))} | {mib(r.get('torch_max_reserved_bytes'))} | "
                      f"{mib(r.get('estimate_bytes'))} | {value} | {within} |")
     failures = [f"- {r['model']} {r['method']} failed: `{(r.get('error') or '').strip().splitlines()[-1:]}`"
@@ -251,7 +255,7 @@ def main() -> int:
             memory = estimates(work, size, recipes)
             for name, recipe in recipes.items():
                 result = measure(name, recipe, memory.get(name, {}), work, args)
-                print(f"gpu_check: {size} {method}: {json.dumps(result)}", flush=True)
+                print(f"gpu_check: {name}: {json.dumps(result)}", flush=True)
                 results["runs"].append(result)
                 _write(args.out, results)
             shutil.rmtree(model_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ import platform
 import random
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ class ChildResult:
     returncode: int
     wall_s: float
     peak_rss_bytes: int
+    started_at: float = 0.0            # epoch seconds at the start (step logs carry epoch times too)
+    cpu_samples: list = field(default_factory=list)   # (epoch s, CPU s of the child so far), every ~0.2 s
     cpu_s: float = 0.0                 # CPU time of the child (user + system)
     others_cpu_share: float | None = None   # share of the machine's CPU other processes used meanwhile (noise)
     stdout: str = ""
@@ -53,10 +56,13 @@ def run_child(command: list[str], *, env: dict[str, str] | None = None, cwd: Pat
     log_dir.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
     busy_before = machine_busy_seconds()
+    started_at = time.time()
     started = time.perf_counter()
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd)
-        status, rusage = _wait(process, timeout_s)
+        sampler = CpuSampler(process.pid)
+        status, rusage = wait_with_rusage(process, timeout_s)
+        sampler.stop()
     wall = time.perf_counter() - started
     busy_after = machine_busy_seconds()
     returncode = os.waitstatus_to_exitcode(status)
@@ -68,7 +74,8 @@ def run_child(command: list[str], *, env: dict[str, str] | None = None, cwd: Pat
         others = others_cpu_share(busy_after - busy_before, cpu, wall, os.cpu_count() or 1)
     return ChildResult(command=[str(c) for c in command], returncode=returncode, wall_s=round(wall, 3),
                        peak_rss_bytes=rusage.ru_maxrss * 1024,  # Linux reports KiB
-                       cpu_s=round(cpu, 2), others_cpu_share=others,
+                       started_at=started_at, cpu_samples=sampler.samples, cpu_s=round(cpu, 2),
+                       others_cpu_share=others,
                        stdout=stdout_path.read_text(encoding="utf-8", errors="replace"),
                        stderr_tail=stderr[-3000:])
 
@@ -92,7 +99,49 @@ def others_cpu_share(busy_s: float, own_cpu_s: float, wall_s: float, cores: int)
     return round(min(1.0, max(0.0, busy_s - own_cpu_s) / (wall_s * cores)), 3)
 
 
-def _wait(process: subprocess.Popen, timeout_s: float | None):
+class CpuSampler:
+    """Samples a running process's own CPU time (/proc/PID/stat utime + stime) with the wall clock, so the CPU a
+    training spent inside its timed steps can be told apart from its start-up."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2):
+        self.pid, self.interval_s, self.samples = pid, interval_s, []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        ticks = os.sysconf("SC_CLK_TCK")
+        while not self._done.is_set():
+            try:
+                fields = Path(f"/proc/{self.pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                return
+            # after the command name: state is field 3, utime and stime are fields 14 and 15 (man 5 proc)
+            self.samples.append((time.time(), (int(fields[11]) + int(fields[12])) / ticks))
+            self._done.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(1)
+
+
+def cpu_seconds_between(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """CPU seconds a sampled process spent between two epoch times (linear between samples); None when the samples
+    do not cover the interval."""
+    if len(samples) < 2 or start < samples[0][0] or end > samples[-1][0] or end <= start:
+        return None
+
+    def at(moment: float) -> float:
+        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+            if t0 <= moment <= t1:
+                return c0 + (c1 - c0) * ((moment - t0) / (t1 - t0) if t1 > t0 else 0.0)
+        return samples[-1][1]
+
+    return at(end) - at(start)
+
+
+def wait_with_rusage(process: subprocess.Popen, timeout_s: float | None):
+    """Reap `process` (killed after timeout_s) and return (wait status, its rusage)."""
     if timeout_s is None:
         _, status, rusage = os.wait4(process.pid, 0)
         return status, rusage
@@ -142,7 +191,8 @@ def steady_throughput(records: list[dict], *, skip: int, tokens_per_step: float 
     tokens = tokens_per_step * count if tokens_per_step is not None else float(last["num_tokens"]) - float(
         first["num_tokens"])
     return {"tokens_per_s": round(tokens / seconds, 2), "steps": count, "tokens": round(tokens, 1),
-            "seconds": round(seconds, 3), "first_step": int(first["step"]) + 1, "last_step": int(last["step"])}
+            "seconds": round(seconds, 3), "first_step": int(first["step"]) + 1, "last_step": int(last["step"]),
+            "window": [float(first["time"]), float(last["time"])]}
 
 
 def final_value(records: list[dict], key: str) -> float | None:

@@ -36,16 +36,16 @@ def _runs_cell(runs: list[dict], key: str, fmt) -> str:
 
 
 def _arms_table(arms: dict, *, with_eval: bool = False) -> list[str]:
-    header = ["side", "tokens/s (median)", "per run", "peak RSS MiB (median)", "per run", "wall s (median)",
-              "others' CPU per run"]
+    header = ["side", "tokens/s (median)", "per run", "tokens per CPU-s", "peak RSS MiB (median)", "per run",
+              "wall s (median)", "start to step 1 s (median)", "others' CPU per run"]
     if with_eval:
         header += ["eval loss (median)", "per run"]
     rows = []
     for name, arm in arms.items():
         runs = arm["runs"]
         row = [name, _num(arm["tokens_per_s"], 1), _runs_cell(runs, "tokens_per_s", lambda v: _num(v, 1)),
-               _mib(arm["peak_rss_bytes"]), _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0),
-               _runs_cell(runs, "others_cpu_share", _pct)]
+               _num(arm.get("tokens_per_cpu_s"), 1), _mib(arm["peak_rss_bytes"]), _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0),
+               _num(arm.get("first_step_s"), 1), _runs_cell(runs, "others_cpu_share", _pct)]
         if with_eval:
             row += [_num(arm.get("eval_loss"), 4), _runs_cell(runs, "eval_loss", lambda v: _num(v, 4))]
         rows.append(row)
@@ -90,10 +90,14 @@ def render_markdown(results: dict) -> str:
               f"- plan: {plan}", ""]
     if "startup" in sections:
         s = sections["startup"]
-        lines += ["## 1. Start-up", "", "Wall time of the whole command, median of the runs.", ""]
-        lines += _table(["command", "median s", "runs s", "/ import torch"],
+        lines += ["## 1. Start-up", "", "Wall time of the whole command, median of the runs (the goal), and the CPU "
+                  "time the process spent (steadier on a shared machine). The last two rows are references: the "
+                  "interpreter alone, and the libraries every ftcli command needs.", ""]
+        cpu_ratio = s.get("cpu_ratio_to_import_torch", {})
+        lines += _table(["command", "median s", "runs s", "/ import torch", "CPU s (median)", "CPU / import torch"],
                         [[k, _num(v, 3), ", ".join(_num(x, 3) for x in s["runs_s"][k]),
-                          _num(s["ratio_to_import_torch"].get(k), 3)] for k, v in s["median_s"].items()])
+                          _num(s["ratio_to_import_torch"].get(k), 3), _num(s.get("cpu_median_s", {}).get(k), 3),
+                          _num(cpu_ratio.get(k), 3)] for k, v in s["median_s"].items()])
     if "training" in sections:
         s = sections["training"]
         lines += ["## 2. Training speed and memory on the embedded model (SmolLM2-135M, quickstart data)", "",
@@ -104,21 +108,24 @@ def render_markdown(results: dict) -> str:
                   "bench/trl_baseline.py with the same settings (fp32, no checkpointing, group_by_length, "
                   "adamw_torch, the same malloc thresholds as environment variables); `trl_defaults` is the same "
                   "script with SFTConfig's defaults (bf16, gradient checkpointing, random order, fused AdamW). "
-                  "Same model folder, data, max_length, batch, lr schedule, LoRA settings, completion-only loss.", ""]
+                  "Same model folder, data, max_length, batch, lr schedule, LoRA settings, completion-only loss. "
+                  "Tokens per CPU-s: the same tokens over the CPU time the process spent in those steps (sampled "
+                  "from /proc): a cross-check that other processes disturb less; the goals use tokens/s.", ""]
         lines += [f"### LoRA ({plan.get('lora_steps')} steps)", ""] + _arms_table(s["lora"], with_eval=True)
         r = s.get("lora_matched_ratios", {})
         d = s.get("lora_defaults_ratios", {})
-        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)}, peak RSS "
-                  f"{_num(r.get('peak_rss'), 3)}",
-                  f"- ftcli / trl_defaults: tokens/s {_num(d.get('tokens_per_s'), 3)}, eval loss "
+        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)} (per CPU-s "
+                  f"{_num(r.get('tokens_per_cpu_s'), 3)}), peak RSS {_num(r.get('peak_rss'), 3)}",
+                  f"- ftcli / trl_defaults: tokens/s {_num(d.get('tokens_per_s'), 3)} (per CPU-s "
+                  f"{_num(d.get('tokens_per_cpu_s'), 3)}), eval loss "
                   f"{_num(d.get('eval_loss_ftcli'), 4)} vs {_num(d.get('eval_loss_trl_defaults'), 4)} (ratio "
                   f"{_num(d.get('eval_loss_ratio'), 4)}; every adapter scored by bench/probes.py score: completion "
                   "tokens of the quickstart eval set, ftcli's masks)", ""]
         lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute)", ""]
         lines += _arms_table(s["qlora"])
         r = s.get("qlora_matched_ratios", {})
-        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)}, peak RSS "
-                  f"{_num(r.get('peak_rss'), 3)}", ""]
+        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)} (per CPU-s "
+                  f"{_num(r.get('tokens_per_cpu_s'), 3)}), peak RSS {_num(r.get('peak_rss'), 3)}", ""]
     if "packing" in sections:
         s = sections["packing"]
         lines += ["## 3. Packing", "",
@@ -129,7 +136,8 @@ def render_markdown(results: dict) -> str:
                   "row (TRL's num_tokens counts one row's width per packed batch).", ""]
         lines += _arms_table(s["arms"])
         efficiency = [r.get("packing_efficiency") for r in s["arms"].get("packed", {}).get("runs", [])]
-        lines += [f"- packed / unpacked: tokens/s {_num(s['ratios'].get('tokens_per_s'), 3)}, peak RSS "
+        lines += [f"- packed / unpacked: tokens/s {_num(s['ratios'].get('tokens_per_s'), 3)} (per CPU-s "
+                  f"{_num(s['ratios'].get('tokens_per_cpu_s'), 3)}), peak RSS "
                   f"{_num(s['ratios'].get('peak_rss'), 3)}; packing efficiency {efficiency}", ""]
     if "memory" in sections:
         s = sections["memory"]

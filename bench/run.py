@@ -33,7 +33,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 from bench.measure import (  # noqa: E402
-    MATCHED_MALLOC_ENV, goal, interleaved, machine_info, median, ratio, read_jsonl, run_child, steady_throughput,
+    MATCHED_MALLOC_ENV, cpu_seconds_between, goal, interleaved, machine_info, median, ratio, read_jsonl, run_child, steady_throughput,
     train_records, varied_chat_records, write_jsonl,
 )
 
@@ -67,7 +67,7 @@ FULL = Plan(quick=False, startup_repeats=7, repeats=2, lora_steps=20, qlora_step
             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256), ("lora", 128), ("qlora", 128)),
             varied_examples=512, load_repeats=3, first_conversion=True, timeout_s=900)
 QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=4, qlora_steps=3, packing_steps=3, skip=1,
-             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256)), varied_examples=256, load_repeats=3,
+             memory_steps=1, memory_cases=(("lora", 256), ("lora", 128)), varied_examples=256, load_repeats=3,
              first_conversion=False, timeout_s=600, score_examples=32)
 
 
@@ -87,6 +87,7 @@ class Bench:
         self.results: dict = {"sections": {}, "goals": [], "noise": {"runs": {}}}
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         self._children = 0
+        self._recipes: dict = {}
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -108,9 +109,11 @@ class Bench:
         self.results["goals"].append({"id": key, "what": what, "value": value, "target": target, "met": met})
 
     def recipe(self, method: str):
-        from ftcli.recipe_loader import load_recipe
+        if method not in self._recipes:
+            from ftcli.recipe_loader import load_recipe
 
-        return load_recipe(RECIPES[method], []).recipe
+            self._recipes[method] = load_recipe(RECIPES[method], []).recipe
+        return self._recipes[method]
 
     def local_dir(self) -> Path:
         """The converted folder of the recipes' builtin model: the baseline loads the very same weights."""
@@ -141,8 +144,13 @@ class Bench:
         if packed_tokens and train_report.get("rows"):
             # TRL counts a packed batch (no attention_mask) as one row's width: use the mean real tokens per row.
             per_step = self.recipe(method).training.batch_size * train_report["total_tokens"] / train_report["rows"]
-            summary["steady"] = steady_throughput(records, skip=self.plan.skip, tokens_per_step=per_step)
-            summary["tokens_per_s"] = summary["steady"]["tokens_per_s"] if summary["steady"] else None
+            steady = steady_throughput(records, skip=self.plan.skip, tokens_per_step=per_step)
+            if steady:
+                cpu = cpu_seconds_between(result.cpu_samples, *steady["window"])
+                steady["tokens_per_cpu_s"] = round(steady["tokens"] / cpu, 2) if cpu else None
+            summary["steady"] = steady
+            summary["tokens_per_s"] = steady["tokens_per_s"] if steady else None
+            summary["tokens_per_cpu_s"] = steady.get("tokens_per_cpu_s") if steady else None
             summary["packing_efficiency"] = train_report.get("packing_efficiency")
         return summary
 
@@ -171,7 +179,7 @@ class Bench:
         summary["adapter"] = str(out)
         return summary
 
-    def compare(self, key: str, method: str, arms: dict, repeats: int) -> dict:
+    def compare(self, key: str, arms: dict, repeats: int) -> dict:
         """Run every arm `repeats` times, interleaved; arms maps a name to a function(label) -> run summary."""
         runs: dict[str, list[dict]] = {name: [] for name in arms}
         for repeat, name in interleaved(list(arms), repeats):
@@ -192,19 +200,29 @@ class Bench:
             "ftcli --help": [*ftcli_command(), "--help"],
             "ftcli validate": [*ftcli_command(), "validate", str(RECIPES["lora"])],
             "import torch": [sys.executable, "-c", "import torch"],
+            # References, no goal: the interpreter alone, and the libraries every ftcli command loads (the floor).
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "import typer, rich, pydantic, yaml": [sys.executable, "-c", "import typer, rich.console, pydantic, yaml"],
         }
         for label, command in commands.items():  # warm the page cache; not counted
             self.child(f"warm-{label.replace(' ', '_')}", command)
         times: dict[str, list[float]] = {label: [] for label in commands}
+        cpu: dict[str, list[float]] = {label: [] for label in commands}
         for _, label in interleaved(list(commands), self.plan.startup_repeats):
             result = self.child(label.replace(" ", "_"), commands[label])
             times[label].append(result.wall_s if result.ok else None)
+            cpu[label].append(result.cpu_s if result.ok else None)
         medians = {label: median(values) for label, values in times.items()}
-        torch_s = medians["import torch"]
-        section = {"runs_s": times, "median_s": medians,
-                   "ratio_to_import_torch": {k: ratio(v, torch_s) for k, v in medians.items() if k != "import torch"}}
+        cpu_medians = {label: median(values) for label, values in cpu.items()}
+        torch_s, torch_cpu_s = medians["import torch"], cpu_medians["import torch"]
+        section = {"runs_s": times, "median_s": medians, "cpu_s": cpu, "cpu_median_s": cpu_medians,
+                   "ratio_to_import_torch": {k: ratio(v, torch_s) for k, v in medians.items() if k != "import torch"},
+                   # CPU time is what the process itself spent: steadier than wall time on a shared machine
+                   "cpu_ratio_to_import_torch": {k: ratio(v, torch_cpu_s) for k, v in cpu_medians.items()
+                                                 if k != "import torch"}}
         self.results["sections"]["startup"] = section
-        for label, value in section["ratio_to_import_torch"].items():
+        for label in ("ftcli --help", "ftcli validate"):
+            value = section["ratio_to_import_torch"][label]
             self.add_goal(f"startup/{label}", f"`{label}` time / `python -c \"import torch\"` time", value,
                           "<= 0.10", goal(value, at_most=0.10))
         self.log(f"startup: {medians}")
@@ -212,14 +230,14 @@ class Bench:
     def training(self) -> None:
         p = self.plan
         section = {}
-        lora = self.compare("lora", "lora", {
+        lora = self.compare("lora", {
             "ftcli": lambda label: self.ftcli_train(label, "lora", p.lora_steps, ["data.eval=null"]),
             "trl_matched": lambda label: self.baseline_train(label, "lora", p.lora_steps, trl_defaults=False),
             "trl_defaults": lambda label: self.baseline_train(label, "lora", p.lora_steps, trl_defaults=True),
         }, p.repeats)
         self._score_eval_loss(lora)
         section["lora"] = lora
-        qlora = self.compare("qlora", "qlora", {
+        qlora = self.compare("qlora", {
             "ftcli": lambda label: self.ftcli_train(label, "qlora", p.qlora_steps, ["data.eval=null"]),
             "trl_matched": lambda label: self.baseline_train(label, "qlora", p.qlora_steps, trl_defaults=False),
         }, p.repeats)
@@ -227,7 +245,9 @@ class Bench:
         for method, arms in (("lora", lora), ("qlora", qlora)):
             speed = ratio(arms["ftcli"]["tokens_per_s"], arms["trl_matched"]["tokens_per_s"])
             memory = ratio(arms["ftcli"]["peak_rss_bytes"], arms["trl_matched"]["peak_rss_bytes"])
-            section[f"{method}_matched_ratios"] = {"tokens_per_s": speed, "peak_rss": memory}
+            section[f"{method}_matched_ratios"] = {
+                "tokens_per_s": speed, "peak_rss": memory,
+                "tokens_per_cpu_s": ratio(arms["ftcli"]["tokens_per_cpu_s"], arms["trl_matched"]["tokens_per_cpu_s"])}
             self.add_goal(f"training/{method}/speed", f"{method}: ftcli tokens/s / hand-written TRL script (same "
                           "settings)", speed, ">= 1.00", goal(speed, at_least=1.0))
             self.add_goal(f"training/{method}/memory", f"{method}: ftcli peak RSS / hand-written TRL script (same "
@@ -236,6 +256,8 @@ class Bench:
         ftcli_loss, trl_loss = lora["ftcli"].get("eval_loss"), lora["trl_defaults"].get("eval_loss")
         no_worse = None if ftcli_loss is None or trl_loss is None else ftcli_loss <= trl_loss * 1.01
         section["lora_defaults_ratios"] = {"tokens_per_s": speed, "eval_loss_ftcli": ftcli_loss,
+                                           "tokens_per_cpu_s": ratio(lora["ftcli"]["tokens_per_cpu_s"],
+                                                                     lora["trl_defaults"]["tokens_per_cpu_s"]),
                                            "eval_loss_trl_defaults": trl_loss,
                                            "eval_loss_ratio": ratio(ftcli_loss, trl_loss, 4)}
         self.add_goal("training/lora/defaults-speed", "lora: ftcli defaults tokens/s / the script with TRL's "
@@ -276,14 +298,16 @@ class Bench:
     def packing(self) -> None:
         p = self.plan
         common = self.varied_overrides(256)
-        arms = self.compare("packing", "lora", {
+        arms = self.compare("packing", {
             "unpacked": lambda label: self.ftcli_train(label, "lora", p.packing_steps, common),
             "packed": lambda label: self.ftcli_train(label, "lora", p.packing_steps, [*common, "data.packing=true"],
                                                      packed_tokens=True),
         }, p.repeats)
         speed = ratio(arms["packed"]["tokens_per_s"], arms["unpacked"]["tokens_per_s"])
         memory = ratio(arms["packed"]["peak_rss_bytes"], arms["unpacked"]["peak_rss_bytes"])
-        self.results["sections"]["packing"] = {"arms": arms, "ratios": {"tokens_per_s": speed, "peak_rss": memory},
+        per_cpu = ratio(arms["packed"]["tokens_per_cpu_s"], arms["unpacked"]["tokens_per_cpu_s"])
+        self.results["sections"]["packing"] = {"arms": arms, "ratios": {"tokens_per_s": speed, "peak_rss": memory,
+                                                                        "tokens_per_cpu_s": per_cpu},
                                                "max_length": 256, "examples": p.varied_examples}
         self.add_goal("packing/speed", "packing: tokens/s with data.packing=true / without (ftcli's default, "
                       "group_by_length), varied-length chat data", speed, ">= 1.30", goal(speed, at_least=1.3))
@@ -349,9 +373,16 @@ class Bench:
 def _run_summary(result, records: list[dict], skip: int) -> dict:
     """A training child's figures: steady real tokens/s, peak RSS, wall time, last train loss (or its error)."""
     steady = steady_throughput(records, skip=skip) if result.ok else None
+    if steady:
+        # Tokens per CPU-second of the process over the same steps: less hurt by other processes than wall time
+        cpu = cpu_seconds_between(result.cpu_samples, *steady["window"])
+        steady["tokens_per_cpu_s"] = round(steady["tokens"] / cpu, 2) if cpu else None
     steps = train_records(records)
+    first_step_s = round(float(steps[0]["time"]) - result.started_at, 2) if steps else None
     return {"ok": result.ok, "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
+            "tokens_per_cpu_s": steady.get("tokens_per_cpu_s") if steady else None,
             "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
+            "first_step_s": first_step_s,   # process start to the end of step 1: imports, data, model, one step
             "others_cpu_share": result.others_cpu_share,
             "train_loss_last": steps[-1]["loss"] if steps else None,
             "error": None if result.ok else result.stderr_tail[-1500:]}
@@ -381,8 +412,9 @@ def per_token_fit(cases: dict[str, dict], batch: int) -> dict[str, dict]:
 
 def _arm_summary(runs: list[dict]) -> dict:
     return {"runs": runs, "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+            "tokens_per_cpu_s": median([r.get("tokens_per_cpu_s") for r in runs]),
             "peak_rss_bytes": median([r["peak_rss_bytes"] if r["ok"] else None for r in runs]),
-            "wall_s": median([r["wall_s"] for r in runs])}
+            "wall_s": median([r["wall_s"] for r in runs]), "first_step_s": median([r.get("first_step_s") for r in runs])}
 
 
 def _gib(value) -> str:

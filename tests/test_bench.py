@@ -143,3 +143,48 @@ def test_gpu_check_exits_cleanly_without_gpu():
     result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "no NVIDIA GPU" in result.stdout and "nothing measured" in result.stdout
+
+
+def test_cpu_noise_helpers():
+    stat = "cpu  1000 50 250 9000 10 5 5 0 0 0\ncpu0 500 25 125 4500 5 2 3 0 0 0\n"
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert measure.machine_busy_seconds(stat) == pytest.approx((1000 + 50 + 250 + 5 + 5 + 0) / ticks)
+    # 2 cores for 10 s = 20 CPU-s of capacity; the machine was busy 14 s of which the child used 9: others 5/20
+    assert measure.others_cpu_share(14.0, 9.0, 10.0, 2) == 0.25
+    assert measure.others_cpu_share(8.0, 9.0, 10.0, 2) == 0.0   # accounting jitter never goes negative
+
+
+def test_per_token_fit_separates_token_cost_from_the_rest():
+    from bench.run import per_token_fit
+
+    mib = 2**20
+    cases = {  # measured: 1000 MiB fixed + 2 MiB per token; estimated: 1200 MiB + 1 MiB per token (batch 8)
+        "lora@128": {"peak_rss_bytes": (1000 + 2 * 1024) * mib, "estimate_bytes": (1200 + 1024) * mib},
+        "lora@256": {"peak_rss_bytes": (1000 + 2 * 2048) * mib, "estimate_bytes": (1200 + 2048) * mib},
+        "lora@256 packed": {"peak_rss_bytes": 1, "estimate_bytes": 1},
+        "qlora@256": {"peak_rss_bytes": 5 * mib, "estimate_bytes": 4 * mib},   # one length only: no fit
+    }
+    fit = per_token_fit(cases, batch=8)
+    assert set(fit) == {"lora"}
+    assert fit["lora"]["measured_bytes_per_token"] == 2 * mib
+    assert fit["lora"]["estimated_bytes_per_token"] == 1 * mib
+    assert fit["lora"]["measured_fixed_bytes"] == 1000 * mib and fit["lora"]["estimated_fixed_bytes"] == 1200 * mib
+
+
+def test_cpu_seconds_between_interpolates_samples():
+    samples = [(100.0, 1.0), (101.0, 2.0), (103.0, 2.5)]
+    assert measure.cpu_seconds_between(samples, 100.5, 102.0) == pytest.approx((2.0 + 0.25) - 1.5)
+    assert measure.cpu_seconds_between(samples, 99.0, 102.0) is None    # before the first sample
+    assert measure.cpu_seconds_between(samples[:1], 100.0, 100.0) is None
+
+
+def test_run_child_samples_its_cpu_time(tmp_path):
+    busy = "import time\nend = time.time() + 0.8\nwhile time.time() < end: pass\n"
+    result = measure.run_child([sys.executable, "-c", busy], log_dir=tmp_path)
+    assert result.ok and len(result.cpu_samples) >= 3
+    times = [t for t, _ in result.cpu_samples]
+    cpu = [c for _, c in result.cpu_samples]
+    assert times == sorted(times) and cpu == sorted(cpu) and cpu[-1] > 0.05   # a busy loop: CPU grows
+    assert result.cpu_s >= cpu[-1] - 0.05
