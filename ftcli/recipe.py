@@ -406,3 +406,14 @@ def recipe_json_schema() -> dict:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "ftcli recipe"
     return schema
+
+
+def flatten_keys(value: object, prefix: str = "") -> dict[str, object]:
+    """Nested dicts -> {"dotted.key": leaf}; lists stay whole leaves (used to diff recipes)."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, object] = {}
+        for key, item in value.items():
+            flat.update(flatten_keys(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import FtcliError
+from ftcli.recipe import flatten_keys
 from ftcli.runs import EXPORT_DIR
 
 FINAL_METRICS = ("train_loss", "eval_loss")
@@ -80,23 +81,13 @@ def run_details(run) -> dict:
     }
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"dotted.key": leaf}; lists stay whole leaves."""
-    if isinstance(value, dict) and value:
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): value}
-
-
 _ABSENT = object()
 
 
 def compare_runs(runs: list) -> dict:
     """Recipe keys whose values differ between the runs, and their final and latest-eval metrics side by side."""
     names = [run.name for run in runs]
-    recipes = [flatten(_resolved_recipe(run)[0] or {}) for run in runs]
+    recipes = [flatten_keys(_resolved_recipe(run)[0] or {}) for run in runs]
     keys = sorted(set().union(*recipes) - IDENTITY_KEYS)
     differences = {}
     for key in keys:

@@ -15,35 +15,6 @@ from ftcli.recipe import Recipe
 from ftcli.recipe_loader import LoadedRecipe
 from ftcli.runs import RunDir, now_iso, runs_root
 
-# Recipe keys that may change between a run and its --resume; any other change breaks the resumed curve.
-RESUMABLE_CHANGES = (
-    "name", "training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
-    "training.logging_steps", "training.eval_steps", "training.report_to", "training.early_stopping_patience",
-    "data.num_proc", "eval.", "export.",
-)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
-def resume_conflicts(old: Recipe, new: Recipe) -> list[str]:
-    """The recipe keys whose change makes --resume unsafe, as 'key: old -> new'."""
-    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    changed = []
-    for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key) and not any(
-            key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES
-        ):
-            changed.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
-    return changed
-
-
 def _recipe_yaml(recipe: Recipe) -> str:
     from ftcli.recipe_loader import recipe_to_yaml
 
@@ -78,8 +49,9 @@ def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume:
     with run.lock():
         try:
             if resume:
-                old = run.load_recipe()
-                conflicts = resume_conflicts(old, recipe)
+                from ftcli.resume import resume_conflicts
+
+                conflicts = resume_conflicts(run.load_recipe(), recipe)
                 if conflicts:
                     raise RunStateError(
                         f"run {run.name!r} can't resume: the recipe changed in ways that break resuming:\n  "

@@ -122,7 +122,7 @@ def test_runs_compare_refusals(cli_inproc, two_runs):
 
 
 def test_flatten_and_method_specific_keys():
-    from ftcli.run_report import flatten
+    from ftcli.recipe import flatten_keys as flatten
 
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}}) == {"a.b": 1, "a.c.d": [1, 2],
                                                                               "e": None, "f": {}}
