@@ -7,7 +7,7 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit
 INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
 ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight, gradient, two moments
 LOGIT_TILE_TOKENS = 32768       # TRL's fused LM head scores at most this many positions at once
-LOGIT_COPIES = 2                # the fp32 logits tile and its softmax / gradient
+LOGIT_COPIES = 4                # the fp32 logits, their log-softmax, and the gradients of both (measured on CPU)
 FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
 
 
@@ -91,9 +91,14 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     act_bytes = 2 if half else 4
     batch, length = recipe.training.batch_size, recipe.data.max_length
     tokens = batch * length
-    per_token_layer = act_bytes * (6 * d["hidden"] + 3 * d["intermediate"])
-    if recipe.model.attn_implementation == "eager":  # scores and probabilities materialised per head
+    # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
+    # 10 hidden-sized vectors) and gate, up, activation, product and down input (5 intermediate-sized ones).
+    # bench/RESULTS.md measured these against peak RSS on the CPU (within 15% for lora/qlora at lengths 128 and 256).
+    per_token_layer = act_bytes * (10 * d["hidden"] + 5 * d["intermediate"])
+    if recipe.model.attn_implementation == "eager" or device_kind == "cpu":
+        # Scores and probabilities materialised per head (eager, and sdpa's math kernel on the CPU).
         per_token_layer += act_bytes * 2 * d["heads"] * length
+    per_token_layer += act_bytes * d["hidden"] * _adapted_modules_per_layer(recipe.method)  # LoRA inputs kept
     checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
     if checkpointing:
         activations = tokens * (d["layers"] * act_bytes * d["hidden"] + per_token_layer)
@@ -119,6 +124,14 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         "available_bytes": available,
         "fits": None if available is None else total <= available,
     }
+
+
+def _adapted_modules_per_layer(method) -> int:
+    """Modules per layer whose input LoRA keeps for its backward pass (every linear one for all-linear)."""
+    if not hasattr(method, "r"):
+        return 0
+    targets = method.target_modules
+    return 7 if targets == "all-linear" else len(targets)
 
 
 def _guess_trainable(recipe, d: dict) -> int:

@@ -40,7 +40,7 @@ def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, r
     memory = report["memory"]
     assert set(memory["parts"]) == {"weights", "adapter_and_optimizer", "activations", "logits", "framework"}
     assert memory["total_bytes"] == sum(memory["parts"].values())
-    assert memory["parts"]["logits"] == 4 * 64 * 49152 * 4 * 2     # batch 4 x max_length 64 x vocab, fp32, x2
+    assert memory["parts"]["logits"] == 4 * 64 * 49152 * 4 * 4     # batch 4 x max_length 64 x vocab, fp32, x4
     assert memory["parts"]["adapter_and_optimizer"] == report["parameters"]["trainable"] * 16
 
     sample = report["samples"][0]
@@ -77,7 +77,7 @@ def test_memory_estimate_moves_the_right_way(smollm_config):
 
     base = estimate_peak_memory(recipe_of(training={"batch_size": 8}), smollm_config, "cpu")
     assert base["parts"]["weights"] == pytest.approx(134.5e6 * 4, rel=0.01)   # 134.5 M parameters in fp32
-    assert base["parts"]["logits"] == 8 * 256 * 49152 * 4 * 2
+    assert base["parts"]["logits"] == 8 * 256 * 49152 * 4 * 4
     checkpointed = estimate_peak_memory(
         recipe_of(training={"batch_size": 8, "gradient_checkpointing": True}), smollm_config, "cpu")
     assert checkpointed["parts"]["activations"] < base["parts"]["activations"] / 4
@@ -88,5 +88,6 @@ def test_memory_estimate_moves_the_right_way(smollm_config):
     assert qlora["parts"]["weights"] < base["parts"]["weights"] / 2
     doubled = estimate_peak_memory(recipe_of(training={"batch_size": 16}), smollm_config, "cpu")
     assert doubled["parts"]["activations"] == 2 * base["parts"]["activations"]
-    # MEASURED.md: this setting peaked at 3.3-4.0 GB RSS on the CPU; the estimate should be in that range.
-    assert 2.5e9 < base["total_bytes"] < 5e9
+    # bench/RESULTS.md: LoRA r16 on q/k/v/o, batch 8, every row 256 tokens long peaked at 7,235 MiB (7.6e9 B) RSS on
+    # the CPU; all-linear keeps a little more. (MEASURED.md's 3.3-4.0 GB were batches padded to ~100 tokens only.)
+    assert 6.4e9 < base["total_bytes"] < 9.5e9
