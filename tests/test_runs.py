@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ftcli.atomic import STAGING_PREFIX
-from ftcli.errors import RunStateError, UsageError
+from ftcli.errors import NotAvailableError, RunStateError, UsageError
 from ftcli.recipe import SCHEMA_VERSION
 from ftcli.runs import (
     LOCK_FILE,
@@ -275,6 +275,12 @@ def test_status_gates(tmp_path, recipe_file):
         run.require_adapter("merge")
     run.adapter_dir.mkdir()
     (run.adapter_dir / "adapter_config.json").write_text("{}")
+    with pytest.raises(RunStateError, match="no adapter_model.safetensors"):
+        run.require_adapter("merge")
+    (run.adapter_dir / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(NotAvailableError, match="pickle"):
+        run.require_adapter("merge")
+    (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"{}")
     run.require_adapter("merge")
 
 
