@@ -27,8 +27,13 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from bench.measure import (  # noqa: E402
-    read_jsonl, run_child, steady_throughput, varied_chat_records, wait_with_rusage, write_jsonl,
+from bench.measure import (
+    read_jsonl,
+    run_child,
+    steady_throughput,
+    varied_chat_records,
+    wait_with_rusage,
+    write_jsonl,
 )
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5,
@@ -114,7 +119,7 @@ class GpuMemoryPoller:
         while not self._stop.is_set():
             try:
                 text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,"
-                                       "nounits"], capture_output=True, text=True, timeout=5).stdout
+                                       "nounits"], capture_output=True, text=True, timeout=5, check=False).stdout
             except (OSError, subprocess.SubprocessError):
                 return
             for line in text.splitlines():
@@ -134,7 +139,7 @@ def child_main(recipe: str, runs_dir: str, stats_path: str) -> None:
         code = returned if isinstance(returned, int) else 0
     except SystemExit as exc:
         code = exc.code or 0
-    except BaseException as exc:  # a failed training still reports its memory
+    except Exception as exc:  # a failed training still reports its memory
         code = 1
         sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
     stats = {"exit": code}
@@ -194,7 +199,7 @@ def measure(name: str, recipe: Path, memory: dict, work: Path, args) -> dict:
 
 
 def render(results: dict) -> str:
-    mib = lambda v: "n/a" if v is None else f"{v / 2**20:,.0f}"  # noqa: E731
+    mib = lambda v: "n/a" if v is None else f"{v / 2**20:,.0f}"
     lines = ["# ftcli GPU check", "", f"{results['device']}; {results['date']}; sequence length {SEQUENCE_LENGTH}, "
              f"batch {results['batch']}, {results['steps']} steps, gradient checkpointing, LoRA r 16 on all linear "
              "layers; random weights (configs in bench/gpu_check.py). Measured = the most nvidia-smi reported for "

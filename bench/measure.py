@@ -5,6 +5,7 @@ Pure standard library (no torch), so `bench/run.py --help` and the tests stay fa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -132,7 +133,7 @@ def cpu_seconds_between(samples: list[tuple[float, float]], start: float, end: f
         return None
 
     def at(moment: float) -> float:
-        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+        for (t0, c0), (t1, c1) in itertools.pairwise(samples):
             if t0 <= moment <= t1:
                 return c0 + (c1 - c0) * ((moment - t0) / (t1 - t0) if t1 > t0 else 0.0)
         return samples[-1][1]
@@ -141,20 +142,18 @@ def cpu_seconds_between(samples: list[tuple[float, float]], start: float, end: f
 
 
 def wait_with_rusage(process: subprocess.Popen, timeout_s: float | None):
-    """Reap `process` (killed after timeout_s) and return (wait status, its rusage)."""
-    if timeout_s is None:
+    """Reap `process` (killed after timeout_s) and return (wait status, its rusage). A blocking wait4, so the wall
+    time of a 50 ms command is measured to the millisecond; a timer thread does the killing."""
+    timer = threading.Timer(timeout_s, process.kill) if timeout_s else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
         _, status, rusage = os.wait4(process.pid, 0)
-        return status, rusage
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pid, status, rusage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            return status, rusage
-        if time.monotonic() > deadline:
-            process.kill()
-            _, status, rusage = os.wait4(process.pid, 0)
-            return status, rusage
-        time.sleep(0.05)
+    finally:
+        if timer:
+            timer.cancel()
+    return status, rusage
 
 
 def read_jsonl(path: Path) -> list[dict]:

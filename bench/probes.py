@@ -47,18 +47,18 @@ def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examp
     rows = [prepared.eval[i] for i in range(min(len(prepared.eval), max_examples or len(prepared.eval)))]
     losses = {}
     for adapter in adapters:
-        model = PeftModel.from_pretrained(models.load_model(recipe.model), adapter).eval()
+        model = PeftModel.from_pretrained(models.load_model(recipe.model), adapter).eval().get_base_model()
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(rows), 8):
                 batch = collate(rows[start:start + 8])
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
                 labels = batch["labels"][:, 1:]
-                losses_per_token = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                    reduction="sum")
-                total += float(losses_per_token)
-                count += int((labels != IGNORE_INDEX).sum())
+                scored = labels != IGNORE_INDEX   # the LM head only where there is a target: a fraction of the cost
+                logits = head(hidden[:, :-1][scored]).float()
+                total += float(torch.nn.functional.cross_entropy(logits, labels[scored], reduction="sum"))
+                count += int(scored.sum())
         losses[adapter] = round(total / count, 5)
         del model
     return {"eval_loss": losses, "eval_examples": len(rows)}

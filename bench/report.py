@@ -31,6 +31,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
+def _ratio_line(what: str, ratios: dict | None) -> str:
+    r = ratios or {}
+    text = (f"- {what}: tokens/s {_num(r.get('tokens_per_s'), 3)} (per CPU-s {_num(r.get('tokens_per_cpu_s'), 3)}), "
+            f"peak RSS {_num(r.get('peak_rss'), 3)}")
+    return text + (f", eval loss {_num(r['eval_loss'], 4)}" if r.get("eval_loss") is not None else "")
+
+
 def _runs_cell(runs: list[dict], key: str, fmt) -> str:
     return ", ".join(fmt(r.get(key)) for r in runs) or "n/a"
 
@@ -69,12 +76,12 @@ def render_markdown(results: dict) -> str:
     noise = results.get("noise") or {}
     if noise.get("runs_over_limit"):
         lines += [f"**NOISY RUN: other processes used more than {noise['limit']:.0%} of the CPU during "
-                  f"{noise['runs_over_limit']} of {len(noise.get('runs', {}))} measured commands (up to "
+                  f"{noise['runs_over_limit']} of {len(noise.get('runs', {}))} timed runs (up to "
                   f"{noise['max_others_cpu_share']:.0%}; column `others' CPU` below). Speed figures and ratios "
                   "from those runs are not trustworthy: run again on a quiet machine.**", ""]
     elif noise.get("runs"):
         lines += [f"Quiet machine: other processes used at most {noise['max_others_cpu_share']:.0%} of the CPU "
-                  "during any measured command.", ""]
+                  "during any timed run.", ""]
     lines += ["## Goals", ""]
     lines += _table(["goal", "value", "target", "met"],
                     [[g["what"], _num(g["value"], 3), g["target"], _met(g["met"])] for g in results.get("goals", [])])
@@ -108,37 +115,38 @@ def render_markdown(results: dict) -> str:
                   "bench/trl_baseline.py with the same settings (fp32, no checkpointing, group_by_length, "
                   "adamw_torch, the same malloc thresholds as environment variables); `trl_defaults` is the same "
                   "script with SFTConfig's defaults (bf16, gradient checkpointing, random order, fused AdamW). "
+                  "`ftcli_random_order` (full run only) is ftcli with training.group_by_length=false: it tells which "
+                  "part of the speed and of the eval loss comes from grouping by length. "
                   "Same model folder, data, max_length, batch, lr schedule, LoRA settings, completion-only loss. "
                   "Tokens per CPU-s: the same tokens over the CPU time the process spent in those steps (sampled "
                   "from /proc): a cross-check that other processes disturb less; the goals use tokens/s.", ""]
         lines += [f"### LoRA ({plan.get('lora_steps')} steps)", ""] + _arms_table(s["lora"], with_eval=True)
-        r = s.get("lora_matched_ratios", {})
-        d = s.get("lora_defaults_ratios", {})
-        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)} (per CPU-s "
-                  f"{_num(r.get('tokens_per_cpu_s'), 3)}), peak RSS {_num(r.get('peak_rss'), 3)}",
-                  f"- ftcli / trl_defaults: tokens/s {_num(d.get('tokens_per_s'), 3)} (per CPU-s "
-                  f"{_num(d.get('tokens_per_cpu_s'), 3)}), eval loss "
-                  f"{_num(d.get('eval_loss_ftcli'), 4)} vs {_num(d.get('eval_loss_trl_defaults'), 4)} (ratio "
-                  f"{_num(d.get('eval_loss_ratio'), 4)}; every adapter scored by bench/probes.py score: completion "
-                  "tokens of the quickstart eval set, ftcli's masks)", ""]
+        lines += [_ratio_line("ftcli / trl_matched", s.get("lora_matched_ratios")),
+                  _ratio_line("ftcli / trl_defaults", s.get("lora_defaults_ratios"))]
+        if "lora_random_order_ratios" in s:
+            lines += [_ratio_line("ftcli_random_order (ftcli with training.group_by_length=false) / trl_defaults",
+                                  s["lora_random_order_ratios"])]
+        lines += ["- eval loss: every adapter scored by bench/probes.py score (completion tokens of the quickstart "
+                  "eval set, ftcli's masks), so both sides are measured alike", ""]
         lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute)", ""]
-        lines += _arms_table(s["qlora"])
-        r = s.get("qlora_matched_ratios", {})
-        lines += [f"- ftcli / trl_matched: tokens/s {_num(r.get('tokens_per_s'), 3)} (per CPU-s "
-                  f"{_num(r.get('tokens_per_cpu_s'), 3)}), peak RSS {_num(r.get('peak_rss'), 3)}", ""]
+        lines += _arms_table(s["qlora"]) + [_ratio_line("ftcli / trl_matched", s.get("qlora_matched_ratios")), ""]
     if "packing" in sections:
         s = sections["packing"]
         lines += ["## 3. Packing", "",
                   f"LoRA, max_length {s.get('max_length')}, {s.get('examples')} synthetic chat examples of varied "
                   "length (bench/measure.py varied_chat_records: 45 to ~500 tokens, skewed short), "
                   f"{plan.get('packing_steps')} steps. `unpacked` is ftcli's default (group_by_length); `packed` "
-                  "sets data.packing=true. Packed real tokens per step are batch x the mean real tokens per packed "
-                  "row (TRL's num_tokens counts one row's width per packed batch).", ""]
+                  "sets data.packing=true; `unpacked_random_order` (full run only) neither packs nor groups by "
+                  "length, so its batches carry the padding that packing removes. Packed real tokens per step are "
+                  "batch x the mean real tokens per packed row (TRL's num_tokens counts one row's width per packed "
+                  "batch).", ""]
         lines += _arms_table(s["arms"])
         efficiency = [r.get("packing_efficiency") for r in s["arms"].get("packed", {}).get("runs", [])]
-        lines += [f"- packed / unpacked: tokens/s {_num(s['ratios'].get('tokens_per_s'), 3)} (per CPU-s "
-                  f"{_num(s['ratios'].get('tokens_per_cpu_s'), 3)}), peak RSS "
-                  f"{_num(s['ratios'].get('peak_rss'), 3)}; packing efficiency {efficiency}", ""]
+        lines += [_ratio_line("packed / unpacked", s.get("ratios"))]
+        if "ratios_to_random_order" in s:
+            lines += [_ratio_line("packed / unpacked_random_order (training.group_by_length=false)",
+                                  s["ratios_to_random_order"])]
+        lines += [f"- packing efficiency (real tokens / row capacity): {efficiency}", ""]
     if "memory" in sections:
         s = sections["memory"]
         lines += ["## 4. Memory estimate against measured peak RSS", "",

@@ -24,11 +24,17 @@ p.add_argument("--dropout", type=float, default=0.05), p.add_argument("--targets
 p.add_argument("--seed", type=int, default=42), p.add_argument("--log", default="steps.jsonl")
 args = p.parse_args()
 
-import torch  # noqa: E402  (after argparse, so --help is instant)
-from datasets import load_dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+# The libraries after argparse, so --help is instant.
+import torch
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    TrainerCallback,
+)
+from trl import SFTConfig, SFTTrainer
 
 quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32) if args.method == "qlora" else None

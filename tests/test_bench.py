@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import measure, report  # noqa: E402
+from bench import measure, report
 
 
 def _steps(times, tokens, start_step=1):
@@ -118,7 +118,8 @@ def test_report_lists_goals_sections_and_failures():
 
 
 def _run(args, **kwargs):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=60, **kwargs)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+                          **kwargs)
 
 
 def test_run_help_is_fast_and_imports_nothing_heavy():
@@ -140,7 +141,8 @@ def test_baseline_and_probe_help():
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would run the real check")
 def test_gpu_check_exits_cleanly_without_gpu():
-    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                            check=False)
     assert result.returncode == 0
     assert "no NVIDIA GPU" in result.stdout and "nothing measured" in result.stdout
 
@@ -188,3 +190,12 @@ def test_run_child_samples_its_cpu_time(tmp_path):
     cpu = [c for _, c in result.cpu_samples]
     assert times == sorted(times) and cpu == sorted(cpu) and cpu[-1] > 0.05   # a busy loop: CPU grows
     assert result.cpu_s >= cpu[-1] - 0.05
+
+
+def test_run_child_times_short_commands_precisely_and_kills_on_timeout(tmp_path):
+    quick = measure.run_child([sys.executable, "-c", "import time; time.sleep(0.12)"], log_dir=tmp_path / "q",
+                              timeout_s=30)
+    assert quick.ok and 0.12 <= quick.wall_s < 0.12 + 0.5
+    slow = measure.run_child([sys.executable, "-c", "import time; time.sleep(30)"], log_dir=tmp_path / "s",
+                             timeout_s=0.5)
+    assert not slow.ok and slow.wall_s < 10
