@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 MIB = 2**20
+DISTURBED = 0.10   # bench/run.py NOISE_LIMIT: other processes' CPU share above which a run's speed is set aside
 
 
 def _num(value, digits: int = 2) -> str:
@@ -58,6 +59,11 @@ def _arms_table(arms: dict, *, with_eval: bool = False) -> list[str]:
         rows.append(row)
     failures = [f"- {name} repeat {r['repeat']} failed: `{(r.get('error') or '').strip().splitlines()[-1:]}`"
                 for name, arm in arms.items() for r in arm["runs"] if not r["ok"]]
+    for name, arm in arms.items():
+        disturbed = [r.get("repeat") for r in arm["runs"] if (r.get("others_cpu_share") or 0) > DISTURBED]
+        if disturbed:
+            failures.append(f"- {name}: repeat {', '.join(map(str, disturbed))} disturbed by other processes; "
+                            f"tokens/s from {arm.get('speed_from', 'all runs')}")
     return _table(header, rows) + failures + ([""] if failures else [])
 
 

@@ -199,3 +199,17 @@ def test_run_child_times_short_commands_precisely_and_kills_on_timeout(tmp_path)
     slow = measure.run_child([sys.executable, "-c", "import time; time.sleep(30)"], log_dir=tmp_path / "s",
                              timeout_s=0.5)
     assert not slow.ok and slow.wall_s < 10
+
+
+def test_arm_speed_ignores_disturbed_runs_but_memory_uses_all():
+    from bench.sides import arm_summary as _arm_summary
+
+    def run(speed, rss, others):
+        return {"ok": True, "tokens_per_s": speed, "tokens_per_cpu_s": speed / 2, "peak_rss_bytes": rss,
+                "wall_s": 10.0, "others_cpu_share": others}
+
+    arm = _arm_summary([run(200.0, 100, 0.01), run(30.0, 300, 0.45), run(210.0, 200, 0.02)])
+    assert arm["tokens_per_s"] == 205.0 and arm["speed_from"] == "undisturbed runs"
+    assert arm["peak_rss_bytes"] == 200
+    all_disturbed = _arm_summary([run(30.0, 100, 0.5), run(50.0, 100, 0.3)])
+    assert all_disturbed["tokens_per_s"] == 40.0 and all_disturbed["speed_from"].startswith("all runs")

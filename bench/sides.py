@@ -1,0 +1,195 @@
+"""The measured sides of every comparison: `ftcli train` and the hand-written TRL script, run as child processes
+(peak RSS, CPU noise), their step logs turned into tokens/s, interleaved repeats and per-arm medians."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.measure import (
+    MATCHED_MALLOC_ENV,
+    cpu_seconds_between,
+    interleaved,
+    median,
+    ratio,
+    read_jsonl,
+    run_child,
+    steady_throughput,
+    train_records,
+)
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml"}
+NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed steps would time the disk
+NOISE_LIMIT = 0.10   # above this share of the CPU used by other processes during a run, its speed is set aside
+
+
+def ftcli_command() -> list[str]:
+    script = Path(sys.executable).parent / "ftcli"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ftcli"]
+
+
+class Session:
+    """A work folder for runs and logs, the results document and its goals, and the two sides to run."""
+
+    def __init__(self, plan, work: Path):
+        self.plan = plan
+        self.work = work
+        self.runs_root = work / "runs"
+        self.started = time.perf_counter()
+        self.results: dict = {"sections": {}, "goals": [], "noise": {"runs": {}}}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        self._children = 0
+        self._recipes: dict = {}
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def log(self, text: str) -> None:
+        sys.stderr.write(f"[{time.perf_counter() - self.started:7.1f}s] {text}\n")
+        sys.stderr.flush()
+
+    def child(self, label: str, command: list[str], *, env: dict | None = None, timed: bool = True):
+        """Run one command; `timed` ones (whose speed is reported) of 2 s or more count towards the noise warning
+        (shorter ones are a few /proc/stat ticks: their share is mostly rounding)."""
+        self._children += 1
+        result = run_child(command, env=env or self.env, cwd=REPO, timeout_s=self.plan.timeout_s,
+                           log_dir=self.work / "logs" / f"{self._children:03d}-{label}")
+        if not result.ok:
+            self.log(f"  {label} FAILED (exit {result.returncode}):\n{result.stderr_tail[-1500:]}")
+        if timed and result.others_cpu_share is not None and result.wall_s >= 2:
+            self.results["noise"]["runs"][label] = result.others_cpu_share
+        return result
+
+    def add_goal(self, key: str, what: str, value, target: str, met: bool | None) -> None:
+        self.results["goals"].append({"id": key, "what": what, "value": value, "target": target, "met": met})
+
+    def recipe(self, method: str):
+        if method not in self._recipes:
+            from ftcli.recipe_loader import load_recipe
+
+            self._recipes[method] = load_recipe(RECIPES[method], []).recipe
+        return self._recipes[method]
+
+    def local_dir(self) -> Path:
+        """The converted folder of the recipes' builtin model: the baseline loads the very same weights."""
+        from ftcli.models import resolve_model
+
+        return resolve_model(self.recipe("lora").model).local_dir
+
+    # ------------------------------------------------------------------------------------------ training runs
+
+    def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str], *,
+                    packed_tokens: bool = False) -> dict:
+        from ftcli.runs import RunDir
+
+        name = label.replace("@", "-")
+        command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
+                   name, "--overwrite", "--json", "--set", f"training.max_steps={steps}", "--set", NO_CHECKPOINTS,
+                   "--set", "training.logging_steps=1"]
+        for override in overrides:
+            command += ["--set", override]
+        result = self.child(label, command)
+        run = RunDir(self.runs_root, name)
+        records = read_jsonl(run.metrics_path)
+        summary = run_summary(result, records, self.plan.skip)
+        run_json = run.read() if run.run_json_path.is_file() else {}
+        summary["timings"] = run_json.get("timings")
+        summary["adapter"] = str(run.adapter_dir)
+        train_report = (run_json.get("data") or {}).get("train") or {}
+        if packed_tokens and train_report.get("rows"):
+            # TRL counts a packed batch (no attention_mask) as one row's width: use the mean real tokens per row.
+            per_step = self.recipe(method).training.batch_size * train_report["total_tokens"] / train_report["rows"]
+            steady = steady_throughput(records, skip=self.plan.skip, tokens_per_step=per_step)
+            if steady:
+                cpu = cpu_seconds_between(result.cpu_samples, *steady["window"])
+                steady["tokens_per_cpu_s"] = round(steady["tokens"] / cpu, 2) if cpu else None
+            summary["steady"] = steady
+            summary["tokens_per_s"] = steady["tokens_per_s"] if steady else None
+            summary["tokens_per_cpu_s"] = steady.get("tokens_per_cpu_s") if steady else None
+            summary["packing_efficiency"] = train_report.get("packing_efficiency")
+        return summary
+
+    def baseline_train(self, label: str, method: str, steps: int, *, trl_defaults: bool) -> dict:
+        recipe = self.recipe(method)
+        t, m = recipe.training, recipe.method
+        if (t.grad_accum, t.weight_decay, t.max_grad_norm) != (1, 0.0, 1.0):
+            raise SystemExit("bench recipes must keep grad_accum 1, weight_decay 0 and max_grad_norm 1 (the script's)")
+        out = self.work / "baseline" / label
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        log = out / "steps.jsonl"
+        targets = m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules)
+        command = [sys.executable, str(BENCH / "trl_baseline.py"), str(self.local_dir()), str(recipe.data.train),
+                   "--out", str(out), "--log", str(log), "--method", method, "--steps", str(steps),
+                   "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
+                   "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
+                   "--r", str(m.r), "--alpha", str(m.alpha), "--dropout", str(m.dropout), "--targets", targets,
+                   "--seed", str(t.seed)]
+        env = self.env
+        if trl_defaults:
+            command.append("--trl-defaults")
+        else:
+            env = {**self.env, **MATCHED_MALLOC_ENV}
+        summary = run_summary(self.child(label, command, env=env), read_jsonl(log), self.plan.skip)
+        summary["adapter"] = str(out)
+        return summary
+
+    def compare(self, key: str, arms: dict, repeats: int) -> dict:
+        """Run every arm `repeats` times, interleaved; arms maps a name to a function(label) -> run summary."""
+        runs: dict[str, list[dict]] = {name: [] for name in arms}
+        for repeat, name in interleaved(list(arms), repeats):
+            label = f"{key}-{name}-{repeat + 1}"
+            self.log(f"{key}: {name} (repeat {repeat + 1}/{repeats})")
+            summary = arms[name](label)
+            summary["repeat"] = repeat + 1
+            runs[name].append(summary)
+            self.log(f"  {name}: {summary['tokens_per_s']} tokens/s, peak RSS "
+                     f"{gib(summary['peak_rss_bytes'])} GiB, {summary['wall_s']:.0f} s, other processes used "
+                     f"{summary['others_cpu_share']} of the CPU")
+        return {name: arm_summary(items) for name, items in runs.items()}
+
+
+def run_summary(result, records: list[dict], skip: int) -> dict:
+    """A training child's figures: steady real tokens/s, peak RSS, wall time, last train loss (or its error)."""
+    steady = steady_throughput(records, skip=skip) if result.ok else None
+    if steady:
+        # Tokens per CPU-second of the process over the same steps: less hurt by other processes than wall time
+        cpu = cpu_seconds_between(result.cpu_samples, *steady["window"])
+        steady["tokens_per_cpu_s"] = round(steady["tokens"] / cpu, 2) if cpu else None
+    steps = train_records(records)
+    first_step_s = round(float(steps[0]["time"]) - result.started_at, 2) if steps else None
+    return {"ok": result.ok, "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
+            "tokens_per_cpu_s": steady.get("tokens_per_cpu_s") if steady else None,
+            "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
+            "first_step_s": first_step_s,   # process start to the end of step 1: imports, data, model, one step
+            "others_cpu_share": result.others_cpu_share,
+            "train_loss_last": steps[-1]["loss"] if steps else None,
+            "error": None if result.ok else result.stderr_tail[-1500:]}
+
+
+def side_ratios(side: dict, other: dict) -> dict:
+    """side / other for the medians of two arms: tokens/s, tokens per CPU-s, peak RSS, eval loss."""
+    return {"tokens_per_s": ratio(side.get("tokens_per_s"), other.get("tokens_per_s")),
+            "tokens_per_cpu_s": ratio(side.get("tokens_per_cpu_s"), other.get("tokens_per_cpu_s")),
+            "peak_rss": ratio(side.get("peak_rss_bytes"), other.get("peak_rss_bytes")),
+            "eval_loss": ratio(side.get("eval_loss"), other.get("eval_loss"), 4)}
+
+
+def arm_summary(runs: list[dict]) -> dict:
+    """Medians of an arm's runs. Speed comes from the runs no other process disturbed (others' CPU share at most
+    NOISE_LIMIT) when there is one; memory and loss do not depend on the CPU, so from every run."""
+    clean = [r for r in runs if r["ok"] and (r.get("others_cpu_share") or 0) <= NOISE_LIMIT]
+    timed = clean or runs
+    return {"runs": runs, "speed_from": "undisturbed runs" if clean else "all runs (every one disturbed)",
+            "tokens_per_s": median([r["tokens_per_s"] for r in timed]),
+            "tokens_per_cpu_s": median([r.get("tokens_per_cpu_s") for r in timed]),
+            "peak_rss_bytes": median([r["peak_rss_bytes"] if r["ok"] else None for r in runs]),
+            "wall_s": median([r["wall_s"] for r in runs]), "first_step_s": median([r.get("first_step_s") for r in runs])}
+
+
+def gib(value) -> str:
+    return "?" if value is None else f"{value / 2**30:.2f}"
