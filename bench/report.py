@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 MIB = 2**20
-DISTURBED = 0.10   # bench/run.py NOISE_LIMIT: other processes' CPU share above which a run's speed is set aside
+DISTURBED = 0.03   # bench/sides.py NOISE_LIMIT: the CPU share of other processes above which a run is disturbed
 
 
 def _num(value, digits: int = 2) -> str:
