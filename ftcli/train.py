@@ -307,11 +307,8 @@ class TrainingSession:
                                    "train_loss_first": losses[0] if losses else None,
                                    "train_loss_mean": output.training_loss}
         if self.prepared.eval is not None:
-            evaluated = trainer.evaluate()
-            metrics["eval_loss"] = evaluated.get("eval_loss")
-            if self.is_main_process:
-                self.run.append_metrics({"step": trainer.state.global_step, "time": round(time.time(), 3),
-                                         **evaluated})
+            # trainer.evaluate() logs through MetricsCallback, which writes the record to metrics.jsonl.
+            metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
         return metrics
 
     def _save_outputs(self) -> None:
