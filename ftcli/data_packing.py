@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 from ftcli.data_types import IGNORE_INDEX
 
+# Batch key carrying the number of real (non-padding) tokens of a packed batch; the trainer removes it before the
+# forward pass (ftcli/sft_trainer.py), since position_ids alone can't tell padding from a short example.
+REAL_TOKENS_KEY = "ftcli_real_tokens"
+
 
 @dataclass
 class PackedRow:
@@ -97,8 +101,10 @@ class PackedCollator(PaddingCollator):
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        real_tokens = torch.tensor(sum(len(f["input_ids"]) for f in features), dtype=torch.long)
         if self.flatten:
             return {
+                REAL_TOKENS_KEY: real_tokens,
                 "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]], dtype=torch.long),
                 "labels": torch.tensor([[t for f in features for t in f["labels"]]], dtype=torch.long),
                 "position_ids": torch.tensor([[p for f in features for p in packed_position_ids(
@@ -111,4 +117,5 @@ class PackedCollator(PaddingCollator):
             dtype=torch.long,
         )
         del batch["attention_mask"]
+        batch[REAL_TOKENS_KEY] = real_tokens
         return batch

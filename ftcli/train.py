@@ -176,7 +176,7 @@ class TrainingSession:
             greater_is_better=False if t.early_stopping_patience is not None else None,
             report_to=list(t.report_to) or "none",
             disable_tqdm=True,
-            train_sampling_strategy="group_by_length" if (t.group_by_length and not recipe.data.packing) else "random",
+            train_sampling_strategy="random",  # group_by_length is ftcli's own sampler (ftcli/length_batches.py)
             max_length=recipe.data.max_length,
             packing=False,  # ftcli packs in its data pipeline (see ftcli/data.py)
             dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, masked and truncated already
@@ -196,9 +196,8 @@ class TrainingSession:
     def train(self, *, resume: bool) -> dict[str, Any]:
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
-        from trl import SFTTrainer
-
         from ftcli import checkpoints
+        from ftcli.sft_trainer import FtcliSFTTrainer, RealTokenCount
         from ftcli.train_callbacks import CheckpointMarkCallback, GracefulStop, MetricsCallback, ProgressCallback
 
         run, recipe = self.run, self.recipe
@@ -223,13 +222,16 @@ class TrainingSession:
                                                     "the last complete checkpoint")
 
         stopper = GracefulStop(on_second_signal=stop_now)
-        callbacks = [MetricsCallback(run), ProgressCallback(self.console), CheckpointMarkCallback(), stopper]
+        real_tokens = RealTokenCount()
+        callbacks = [MetricsCallback(run, real_tokens), ProgressCallback(self.console), CheckpointMarkCallback(), stopper]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
         args = self.training_arguments()
         from ftcli import data
 
-        trainer = SFTTrainer(
+        trainer = FtcliSFTTrainer(
+            real_tokens=real_tokens,
+            group_by_length=t.group_by_length and not recipe.data.packing,
             model=self.model,
             args=args,
             train_dataset=self.prepared.train,

@@ -16,8 +16,9 @@ from ftcli.runs import RunDir
 class MetricsCallback(TrainerCallback):
     """Append every logged step to metrics.jsonl, with real-token throughput."""
 
-    def __init__(self, run: RunDir):
+    def __init__(self, run: RunDir, real_tokens):
         self.run = run
+        self.real_tokens = real_tokens  # ftcli.sft_trainer.RealTokenCount
         self._last_time: float | None = None
         self._last_tokens: float | None = None
 
@@ -29,9 +30,9 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "time": round(time.time(), 3), **logs}
-        tokens = logs.get("num_tokens")
         now = time.perf_counter()
-        if tokens is not None and "loss" in logs:
+        if "loss" in logs:
+            tokens = record["num_tokens"] = self.real_tokens.total  # TRL's count is wrong for packed rows
             if self._last_tokens is not None and now > self._last_time:
                 record["tokens_per_second"] = round((tokens - self._last_tokens) / (now - self._last_time), 2)
             self._last_tokens, self._last_time = tokens, now

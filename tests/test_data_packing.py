@@ -102,7 +102,10 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
 def test_packed_batch_trains_through_sft_trainer(tmp_path, tiny_model_dir):
     """One step of TRL's SFTTrainer on packed rows, as train.py runs it (our collator, prepared dataset)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from ftcli.data_packing import REAL_TOKENS_KEY
+    from ftcli.sft_trainer import FtcliSFTTrainer, RealTokenCount
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     path = write_jsonl(tmp_path / "d.jsonl", memorisable_chat(8))
@@ -121,9 +124,13 @@ def test_packed_batch_trains_through_sft_trainer(tmp_path, tiny_model_dir):
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[],
                      bf16=False, gradient_checkpointing=False, use_cpu=True, packing=False, max_length=96,
                      dataset_kwargs={"skip_prepare_dataset": True}, save_strategy="no", logging_steps=1)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, processing_class=tokenizer,
-                         data_collator=spy)
+    real_tokens = RealTokenCount()
+    trainer = FtcliSFTTrainer(model=model, args=args, train_dataset=prepared.train, processing_class=tokenizer,
+                              data_collator=spy, real_tokens=real_tokens, group_by_length=False)
     output = trainer.train()
     assert output.training_loss > 0
+    # Real tokens, not TRL's one row width per packed batch: the rows' own lengths.
+    assert real_tokens.total == int(seen[0][REAL_TOKENS_KEY]) == sum(
+        len(row) for row in prepared.train[:2]["input_ids"]) > seen[0]["input_ids"].shape[1]
     assert "position_ids" in seen[0] and "attention_mask" not in seen[0]
     assert (seen[0]["position_ids"][:, 1:] == 0).any()   # rows really hold several examples

@@ -210,3 +210,18 @@ def test_early_stopping_needs_aligned_save_steps(tiny_recipe, runs_dir, chat_dat
                      "--set", "training.save_steps=3", "--set", "training.early_stopping_patience=2")
     assert result.exit_code == 2 and "multiple of" in result.stderr
     assert not (runs_dir / "tiny").exists()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_metrics_count_every_real_token_once(packing, tiny_recipe, runs_dir):
+    """After one epoch, num_tokens is the data's token count: padding never counts, packed rows count in full."""
+    result = run_cli("train", tiny_recipe, "--name", f"count-{packing}", "--set", "training.max_steps=null",
+                     "--set", "training.epochs=1", "--set", f"data.packing={str(packing).lower()}", "--set", "data.max_length=256", "--json")
+    assert result.exit_code == 0, result
+    run_path = Path(result.json()["path"])
+    info = json.loads((run_path / "run.json").read_text())
+    train_report = info["data"]["train"]
+    assert (train_report["rows"] < train_report["examples"]) == packing
+    logged = [m for m in metrics(run_path) if "loss" in m]
+    assert logged[-1]["num_tokens"] == train_report["total_tokens"]
+    assert all(m["tokens_per_second"] > 0 for m in logged[1:])
