@@ -173,12 +173,11 @@ def train_records(records: list[dict]) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def steady_throughput(records: list[dict], *, skip: int, tokens_per_step: float | None = None) -> dict | None:
+def steady_throughput(records: list[dict], *, skip: int) -> dict | None:
     """Real tokens per second over the steps after the first `skip` (warm-up) ones.
 
     The window runs from the log of step `skip` to the log of the last step, so it covers whole steps only. Tokens are
-    the difference of the cumulative num_tokens, unless tokens_per_step is given (for packed rows, whose num_tokens
-    TRL counts as one row's width per batch). None when fewer than two steps remain after the warm-up."""
+    the difference of the cumulative num_tokens. None when fewer than two steps remain after the warm-up."""
     steps = train_records(records)
     if skip < 1 or len(steps) < skip + 2:
         return None
@@ -187,8 +186,7 @@ def steady_throughput(records: list[dict], *, skip: int, tokens_per_step: float 
     count = int(last["step"]) - int(first["step"])
     if seconds <= 0 or count <= 0:
         return None
-    tokens = tokens_per_step * count if tokens_per_step is not None else float(last["num_tokens"]) - float(
-        first["num_tokens"])
+    tokens = float(last["num_tokens"]) - float(first["num_tokens"])
     return {"tokens_per_s": round(tokens / seconds, 2), "steps": count, "tokens": round(tokens, 1),
             "seconds": round(seconds, 3), "first_step": int(first["step"]) + 1, "last_step": int(last["step"]),
             "window": [float(first["time"]), float(last["time"])]}

@@ -141,17 +141,16 @@ def render_markdown(results: dict) -> str:
         lines += ["## 3. Packing", "",
                   f"LoRA, max_length {s.get('max_length')}, {s.get('examples')} synthetic chat examples of varied "
                   "length (bench/measure.py varied_chat_records: 45 to ~500 tokens, skewed short), "
-                  f"{plan.get('packing_steps')} steps. `unpacked` is ftcli's default (group_by_length); `packed` "
-                  "sets data.packing=true; `unpacked_random_order` (full run only) neither packs nor groups by "
-                  "length, so its batches carry the padding that packing removes. Packed real tokens per step are "
-                  "batch x the mean real tokens per packed row (TRL's num_tokens counts one row's width per packed "
-                  "batch).", ""]
+                  f"{plan.get('packing_steps')} steps. `unpacked` pads plain batches in random order (the goal's "
+                  "baseline, as TRL's packing was measured in the issue); `packed` sets data.packing=true; "
+                  "`unpacked_grouped` (full run only) is ftcli's default, batches grouped by length "
+                  "(ftcli/length_batches.py), the other way to remove padding. Tokens are real (non-padding) tokens "
+                  "as ftcli counts them for packed rows too.", ""]
         lines += _arms_table(s["arms"])
         efficiency = [r.get("packing_efficiency") for r in s["arms"].get("packed", {}).get("runs", [])]
         lines += [_ratio_line("packed / unpacked", s.get("ratios"))]
-        if "ratios_to_random_order" in s:
-            lines += [_ratio_line("packed / unpacked_random_order (training.group_by_length=false)",
-                                  s["ratios_to_random_order"])]
+        if "ratios_to_grouped" in s:
+            lines += [_ratio_line("packed / unpacked_grouped (ftcli's default)", s["ratios_to_grouped"])]
         lines += [f"- packing efficiency (real tokens / row capacity): {efficiency}", ""]
     if "memory" in sections:
         s = sections["memory"]

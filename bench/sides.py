@@ -84,8 +84,7 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ training runs
 
-    def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str], *,
-                    packed_tokens: bool = False) -> dict:
+    def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str]) -> dict:
         from ftcli.runs import RunDir
 
         name = label.replace("@", "-")
@@ -102,17 +101,7 @@ class Session:
         summary["timings"] = run_json.get("timings")
         summary["adapter"] = str(run.adapter_dir)
         train_report = (run_json.get("data") or {}).get("train") or {}
-        if packed_tokens and train_report.get("rows"):
-            # TRL counts a packed batch (no attention_mask) as one row's width: use the mean real tokens per row.
-            per_step = self.recipe(method).training.batch_size * train_report["total_tokens"] / train_report["rows"]
-            steady = steady_throughput(records, skip=self.plan.skip, tokens_per_step=per_step)
-            if steady:
-                cpu = cpu_seconds_between(result.cpu_samples, *steady["window"])
-                steady["tokens_per_cpu_s"] = round(steady["tokens"] / cpu, 2) if cpu else None
-            summary["steady"] = steady
-            summary["tokens_per_s"] = steady["tokens_per_s"] if steady else None
-            summary["tokens_per_cpu_s"] = steady.get("tokens_per_cpu_s") if steady else None
-            summary["packing_efficiency"] = train_report.get("packing_efficiency")
+        summary["packing_efficiency"] = train_report.get("packing_efficiency")
         return summary
 
     def baseline_train(self, label: str, method: str, steps: int, *, trl_defaults: bool) -> dict:
