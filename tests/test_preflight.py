@@ -86,6 +86,10 @@ def test_memory_estimate_moves_the_right_way(smollm_config):
                                "data": {"train": "x.jsonl", "max_length": 256}, "training": {"batch_size": 8}}),
         smollm_config, "cpu")
     assert qlora["parts"]["weights"] < base["parts"]["weights"] / 2
+    # On the CPU: the fp32 checkpoint's pages read while quantizing stay in RSS; bf16 compute keeps fewer bytes.
+    assert qlora["parts"]["checkpoint_pages"] == pytest.approx(134.5e6 * 4, rel=0.01)
+    assert qlora["parts"]["activations"] == pytest.approx(0.82 * base["parts"]["activations"], rel=1e-6)
+    assert "checkpoint_pages" not in base["parts"]
     doubled = estimate_peak_memory(recipe_of(training={"batch_size": 16}), smollm_config, "cpu")
     assert doubled["parts"]["activations"] == 2 * base["parts"]["activations"]
     # bench/RESULTS.md: LoRA r16 on q/k/v/o, batch 8, every row 256 tokens long peaked at 7,235 MiB (7.6e9 B) RSS on
