@@ -35,15 +35,15 @@ def strategy_arguments(strategy: str, device: str) -> dict:
     if strategy in ("none", "ddp"):
         # LoRA leaves most parameters frozen; scanning for unused ones each step only costs time.
         return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
-    if device != "cuda":
-        raise NotAvailableError(
-            f"training.distributed: {strategy} needs CUDA GPUs and this machine trains on the {device}",
-            hint="use training.distributed: ddp (gloo on the CPU), or run on GPUs",
-        )
-    if strategy == "fsdp":
+    if strategy == "fsdp":  # FSDP2 (fully_shard) runs with gloo on the CPU too: tested there
         return {"fsdp": "full_shard auto_wrap",
                 "fsdp_config": {"fsdp_version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True,
                                 "transformer_layer_cls_to_wrap": None, "activation_checkpointing": False}}
+    if device != "cuda":
+        raise NotAvailableError(
+            f"training.distributed: {strategy} needs CUDA GPUs and this machine trains on the {device}",
+            hint="use training.distributed: ddp or fsdp (gloo on the CPU), or run on GPUs",
+        )
     if importlib.util.find_spec("deepspeed") is None:
         raise NotAvailableError(f"training.distributed: {strategy} needs DeepSpeed, which is not installed",
                                 hint="pip install deepspeed, or use training.distributed: ddp or fsdp")

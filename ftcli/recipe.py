@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -12,10 +14,39 @@ RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,100}")
 SCHEMA_VERSION = 1
 
 
+@functools.cache
+def _attribute_docstrings() -> dict[str, dict[str, str]]:
+    """{class name: {field name: the docstring under the field}} for this module's classes, read from its source."""
+    import ast
+    import inspect
+
+    documented: dict[str, dict[str, str]] = {}
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
+        if isinstance(node, ast.ClassDef):
+            fields = documented[node.name] = {}
+            for statement, following in zip(node.body, node.body[1:]):
+                if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                        and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                        and isinstance(following.value.value, str)):
+                    fields[statement.target.id] = inspect.cleandoc(following.value.value)
+    return documented
+
+
+def _describe_properties(schema: dict, cls: type) -> None:
+    """Give each property of a section's JSON schema the docstring of its field (in the class or a base class)."""
+    docs = _attribute_docstrings()
+    for name, prop in schema.get("properties", {}).items():
+        owner = next((c.__name__ for c in cls.__mro__ if name in docs.get(c.__name__, {})), None)
+        if owner is not None:
+            prop.setdefault("description", docs[owner][name])
+
+
 class Section(BaseModel):
     # strict: a quoted "8" is not an int and 'yes' is not a bool; YAML already gives every value its real type.
+    # Field docs are the docstrings under the fields, read only when a JSON schema is made: pydantic's
+    # use_attribute_docstrings would parse this file's source at import, 15 ms of every command's start-up.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, strict=True, allow_inf_nan=False
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, json_schema_extra=_describe_properties
     )
 
 
@@ -392,13 +423,6 @@ def check_run_name(name: str) -> str:
 def recipe_json_schema() -> dict:
     """The JSON Schema of a recipe file (what `ftcli schema` prints), every property with its description."""
     schema = Recipe.model_json_schema()
-    definitions = schema.get("$defs", {})
-    for node in (schema, *definitions.values()):
-        for prop in node.get("properties", {}).values():
-            # pydantic drops a field's description when it equals its model's docstring; put it back.
-            ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None)
-            if "description" not in prop and ref:
-                prop["description"] = definitions[ref.rsplit("/", 1)[-1]].get("description", "")
     schema["properties"]["extends"] = {
         "description": "Recipe file(s) this one builds on, relative to this file; deep merge, later wins.",
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],

@@ -58,9 +58,9 @@ def bad_recipe(tmp_path) -> Path:
     return path
 
 
-def probe(tmp_path: Path, *args) -> dict:
+def probe(tmp_path: Path, *args, modules: tuple[str, ...] = HEAVY) -> dict:
     report = tmp_path / "probe.json"
-    code = IMPORT_PROBE.format(heavy=HEAVY)
+    code = IMPORT_PROBE.format(heavy=modules)
     subprocess.run([sys.executable, "-c", code, str(report), *map(str, args)], capture_output=True, timeout=60,
                    stdin=subprocess.DEVNULL, check=False)
     return json.loads(report.read_text())
@@ -74,6 +74,17 @@ def probe(tmp_path: Path, *args) -> dict:
 def test_light_commands_import_nothing_heavy(args, tmp_path, recipe, bad_recipe):
     args = [a.format(recipe=recipe, bad=bad_recipe) for a in args]
     result = probe(tmp_path, *args)
+    assert result["exit_code"] in (0, 2, None)
+    assert result["heavy"] == [], args
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["schema"], ["validate", "{recipe}"], ["validate", "{bad}"], ["recipe", "show", "{recipe}"],
+])
+def test_plain_text_commands_do_not_import_rich(args, tmp_path, recipe, bad_recipe):
+    # Importing rich is about a tenth of validate's start-up; these commands print plain text.
+    args = [a.format(recipe=recipe, bad=bad_recipe) for a in args]
+    result = probe(tmp_path, *args, modules=("rich",))
     assert result["exit_code"] in (0, 2, None)
     assert result["heavy"] == [], args
 
@@ -161,3 +172,18 @@ def test_recipe_errors_go_to_stderr_with_exit_2(bad_recipe, cli):
     result = cli("validate", bad_recipe)
     assert result.exit_code == 2 and result.stdout == ""
     assert "Traceback" not in result.stderr and f"{bad_recipe}:" in result.stderr
+
+
+def test_output_is_printed_verbatim(tmp_path, cli):
+    # rich would print :ok: as an emoji: in a value `recipe show` must reproduce, or in a path.
+    folder = tmp_path / "a:ok:b"
+    folder.mkdir()
+    recipe = folder / "r.yaml"
+    recipe.write_text(RECIPE.replace("data:\n", "data:\n  system_prompt: 'Say :ok: when done'\n"))
+    shown = cli("recipe", "show", recipe)
+    assert shown.exit_code == 0 and "system_prompt: 'Say :ok: when done'" in shown.stdout, shown
+    validated = cli("validate", recipe)
+    assert validated.exit_code == 0 and validated.stdout == f"ok: {recipe} (run r, method lora)\n", validated
+    recipe.write_text(RECIPE.replace("lr: 1e-4", "lr: -1"))
+    failed = cli("validate", recipe)
+    assert failed.exit_code == 2 and f"{recipe}:" in failed.stderr and "\U0001f197" not in failed.stderr, failed

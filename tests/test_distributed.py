@@ -53,7 +53,40 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_recipe,
     assert json.loads((runs_dir / "double" / "run.json").read_text())["step"] == 6
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_fsdp_on_the_cpu_matches_one_process_and_resumes(tiny_recipe, runs_dir):
+    """FSDP2 (fully_shard) with gloo: LoRA and QLoRA shard, train, checkpoint and resume like DDP."""
+    common = ["--set", "training.max_steps=4", "--set", "training.save_steps=2", "--set", "training.scheduler=linear",
+              "--set", "training.group_by_length=false"]
+    single = run_cli("train", tiny_recipe, "--name", "single", "--set", "training.batch_size=8", *common)
+    assert single.exit_code == 0, single
+    fsdp = ["--set", "training.batch_size=4", "--nproc", "2", "--set", "training.distributed=fsdp"]
+    sharded = run_cli("train", tiny_recipe, "--name", "sharded", *fsdp, "--master-port", "29541", *common)
+    assert sharded.exit_code == 0, sharded
+    info = json.loads((runs_dir / "sharded" / "run.json").read_text())
+    assert info["distributed"] == {"world_size": 2, "strategy": "fsdp", "global_batch_size": 8}
+    one, two = losses(runs_dir / "single"), losses(runs_dir / "sharded")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=2e-3), (step, one, two)
+    from safetensors.torch import load_file
+
+    adapter = load_file(runs_dir / "sharded" / "adapter" / "adapter_model.safetensors")
+    reference = load_file(runs_dir / "single" / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()   # whole tensors gathered from the shards, not one rank's half
+    for key in adapter:
+        assert adapter[key].shape == reference[key].shape
+        assert (adapter[key] - reference[key]).abs().max() < 1e-3, key
+
+    resumed = run_cli("train", tiny_recipe, "--name", "sharded", "--resume", *fsdp, "--master-port", "29542",
+                      *common[2:], "--set", "training.max_steps=6")
+    assert resumed.exit_code == 0, resumed
+    assert "resuming from checkpoint-4" in resumed.stderr
+    quantized = run_cli("train", tiny_recipe, "--name", "qlora", "--set", "method.kind=qlora", *fsdp,
+                        "--master-port", "29543", *common)
+    assert quantized.exit_code == 0, quantized
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_unavailable_engines_are_refused_before_any_run(strategy, tiny_recipe, runs_dir):
     result = run_cli("train", tiny_recipe, "--set", f"training.distributed={strategy}")
     assert result.exit_code == 4, result

@@ -168,6 +168,15 @@ def test_schema_is_valid_against_the_metaschema():
         jsonschema.validate({**BASE, "method": {"kind": "prefix", "r": 4}}, schema)
 
 
+def test_property_descriptions_are_the_docstrings_under_the_fields():
+    schema = recipe_json_schema()
+    definitions = schema["$defs"]
+    assert definitions["TrainingConfig"]["properties"]["lr"]["description"] == "Peak learning rate."
+    assert definitions["LoraMethod"]["properties"]["r"]["description"] == "LoRA rank."  # from the base class
+    assert schema["properties"]["data"]["description"] == "Training and evaluation data."  # a section
+    assert definitions["LoraMethod"]["description"] == "Low-rank adaptation of the target modules."
+
+
 def test_every_field_has_a_one_line_description():
     for path, prop in walk_properties(recipe_json_schema()):
         assert "\n" not in prop["description"].strip(), path
