@@ -196,6 +196,7 @@ class TrainingSession:
     def train(self, *, resume: bool) -> dict[str, Any]:
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+
         from ftcli import checkpoints
         from ftcli.sft_trainer import FtcliSFTTrainer, RealTokenCount
         from ftcli.train_callbacks import CheckpointMarkCallback, GracefulStop, MetricsCallback, ProgressCallback
@@ -223,7 +224,8 @@ class TrainingSession:
 
         stopper = GracefulStop(on_second_signal=stop_now)
         real_tokens = RealTokenCount()
-        callbacks = [MetricsCallback(run, real_tokens), ProgressCallback(self.console), CheckpointMarkCallback(), stopper]
+        callbacks = [MetricsCallback(run, real_tokens), ProgressCallback(self.console), CheckpointMarkCallback(),
+                     stopper]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
         args = self.training_arguments()
