@@ -167,7 +167,8 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     key = None
     if fingerprints is not None:
         key = data_cache.cache_key({
-            "data": data.model_dump(mode="json"), "seed": recipe.training.seed if data.val_split else None,
+            # num_proc changes how fast, never what: the same cache entry serves any number of processes.
+            "data": data.model_dump(mode="json", exclude={"num_proc"}), "seed": recipe.training.seed if data.val_split else None,
             "files": fingerprints, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer), "template": template,
         })
         cached = data_cache.load_cached(key)

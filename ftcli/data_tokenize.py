@@ -21,20 +21,64 @@ class TokenizedExample:
 
 def tokenize_examples(conversations: list[Conversation], data: DataConfig, tokenizer,
                       chat_template: str | None, report: DataReport) -> list[TokenizedExample]:
-    """Every conversation tokenized, masked and truncated to data.max_length (report counts prefix mismatches)."""
+    """Every conversation tokenized, masked and truncated to data.max_length (report counts prefix mismatches).
+
+    With data.num_proc > 1 the chunks are tokenized in that many forked processes (the order is kept)."""
+    if data.format != "text" and chat_template is None:
+        raise DataError(f"format {data.format} needs a chat template", hint="see data.chat_template")
+    chunks = [conversations[start:start + TOKENIZE_CHUNK] for start in range(0, len(conversations), TOKENIZE_CHUNK)]
+    workers = min(data.num_proc or 1, len(chunks))
+    if workers > 1:
+        results = _tokenize_in_processes(chunks, data, tokenizer, chat_template, workers)
+    else:
+        results = [_tokenize_chunk(chunk, data, tokenizer, chat_template) for chunk in chunks]
     examples: list[TokenizedExample] = []
-    for start in range(0, len(conversations), TOKENIZE_CHUNK):
-        chunk = conversations[start:start + TOKENIZE_CHUNK]
-        if data.format == "text":
-            examples.extend(_tokenize_texts(chunk, tokenizer))
-        else:
-            if chat_template is None:
-                raise DataError(f"format {data.format} needs a chat template", hint="see data.chat_template")
-            examples.extend(_tokenize_chats(chunk, data, tokenizer, chat_template, report))
+    for chunk_examples, mismatches in results:
+        examples.extend(chunk_examples)
+        report.prefix_mismatches += mismatches
+    return examples
+
+
+def _tokenize_chunk(chunk: list[Conversation], data: DataConfig, tokenizer,
+                    chat_template: str | None) -> tuple[list[TokenizedExample], int]:
+    """(the chunk's examples truncated to data.max_length, the prefix mismatches met)."""
+    counts = DataReport()
+    if data.format == "text":
+        examples = _tokenize_texts(chunk, tokenizer)
+    else:
+        examples = _tokenize_chats(chunk, data, tokenizer, chat_template, counts)
     for example in examples:
         example.input_ids = example.input_ids[: data.max_length]
         example.labels = example.labels[: data.max_length]
-    return examples
+    return examples, counts.prefix_mismatches
+
+
+# What forked tokenizing processes inherit instead of receiving it with every chunk (the tokenizer is large).
+_FORKED_STATE: dict = {}
+
+
+def _tokenize_forked(chunk: list[Conversation]) -> tuple[list[TokenizedExample], int]:
+    return _tokenize_chunk(chunk, **_FORKED_STATE)   # a DataError reaches the parent through pool.map
+
+
+def _tokenize_in_processes(chunks, data: DataConfig, tokenizer, chat_template, workers: int):
+    import multiprocessing
+    import os
+
+    # The parent's tokenizer may already have used its own threads; in forked children that can deadlock, and the
+    # processes are the parallelism now.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _FORKED_STATE.update(data=data, tokenizer=tokenizer, chat_template=chat_template)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_tokenize_forked, chunks, chunksize=1)
+    finally:
+        _FORKED_STATE.clear()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def _tokenize_texts(chunk: list[Conversation], tokenizer) -> list[TokenizedExample]:

@@ -16,6 +16,10 @@ class FtcliError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def __reduce__(self):
+        # Errors raised in worker processes reach the parent pickled: keep every field (hint, problems ...).
+        return _restore_error, (type(self), self.args, dict(self.__dict__))
+
 
 class UsageError(FtcliError):
     """Bad command-line usage or a bad recipe (exit 2)."""
@@ -74,3 +78,10 @@ EXIT_CODES = {
     6: "a quality gate failed (--fail-under, merge or export parity)",
     130: "interrupted; continue with --resume",
 }
+
+
+def _restore_error(cls: type, args: tuple, fields: dict) -> FtcliError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(fields)
+    return error

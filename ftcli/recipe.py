@@ -240,7 +240,7 @@ class DataConfig(Section):
     max_dropped_fraction: float = Field(0.05, ge=0, le=1)
     """Fail when more than this fraction of examples has no trainable token left after truncation."""
     num_proc: int | None = Field(None, gt=0)
-    """Processes for tokenization (default: one)."""
+    """Processes that tokenize in parallel (large datasets on many cores; default one). The result is the same."""
 
     @model_validator(mode="after")
     def _exclusive(self) -> "DataConfig":

@@ -344,3 +344,47 @@ def test_cache_hit_and_one_byte_change_retokenizes(tmp_path, tokenizer, monkeypa
     assert tokenizer.decode(changed.train[0]["input_ids"]).count("Hellp") == 1
     data.prepare_data(make_recipe(path, max_length=33), tokenizer)
     assert calls == [1, 1]   # a data setting is part of the key too
+
+
+def test_num_proc_tokenizes_in_processes_with_the_same_result(tmp_path, tokenizer, monkeypatch):
+    """Three chunks in two processes: the same rows in the same order, counts summed, and an error still named."""
+    import os
+
+    from ftcli import data_tokenize
+    from ftcli.data_tokenize import TOKENIZE_CHUNK
+
+    pid_log = tmp_path / "pids"
+    tokenize_chunk = data_tokenize._tokenize_chunk
+
+    def spy(*args, **kwargs):   # runs in the forked workers too: they append to a file
+        with open(pid_log, "a", encoding="ascii") as log:
+            log.write(f"{os.getpid()}\n")
+        return tokenize_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(data_tokenize, "_tokenize_chunk", spy)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # restored after the test
+
+    template = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}{% endif %}"
+                "{% if m['role'] == 'user' %}Q:{{ m['content'] }}\n"
+                "{% else %}A:{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}A:{% endif %}")
+    records = memorisable_chat(2 * TOKENIZE_CHUNK + 50)
+    records[7]["messages"][1]["content"] = "::yes"   # tokens merge across the answer boundary: counted
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    results = {}
+    for workers in (1, 2):
+        recipe = make_recipe(path, chat_template=template, num_proc=workers)
+        conversations = data.load_conversations(recipe.data)
+        results[workers] = data.tokenize_conversations(conversations, recipe, tokenizer, template)
+    worker_pids = set(pid_log.read_text().split())
+    assert str(os.getpid()) in worker_pids and len(worker_pids) >= 2   # the chunks really ran in other processes
+    (single, single_report), (forked, forked_report) = results[1], results[2]
+    assert single["input_ids"] == forked["input_ids"] and single["labels"] == forked["labels"]
+    assert single_report == forked_report and forked_report.prefix_mismatches >= 1
+
+    records[2 * TOKENIZE_CHUNK + 10]["messages"][0]["content"] = "boom"   # in the last chunk, a worker's
+    write_jsonl(path, records)
+    recipe = make_recipe(path, chat_template=template, num_proc=2)
+    with pytest.raises(DataError, match=f"d.jsonl:{2 * TOKENIZE_CHUNK + 11}") as failure:
+        data.tokenize_conversations(data.load_conversations(recipe.data), recipe, tokenizer, template)
+    assert "no boom" in str(failure.value)

@@ -42,7 +42,10 @@ def test_prepare_data_packs_and_reports_efficiency(tmp_path, tokenizer_dir):
     assert all(sum(lengths) == len(ids) for lengths, ids in zip(prepared.train["seq_lengths"],
                                                                 prepared.train["input_ids"]))
     batch = data.make_collator(recipe, tokenizer)([prepared.train[i] for i in range(2)])
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    from ftcli.data_packing import REAL_TOKENS_KEY
+
+    assert set(batch) == {"input_ids", "labels", "position_ids", REAL_TOKENS_KEY}
+    assert int(batch[REAL_TOKENS_KEY]) == sum(len(prepared.train[i]["input_ids"]) for i in range(2))
     unpacked = recipe.model_copy(update={"data": recipe.data.model_copy(update={"packing": False})})
     assert set(data.make_collator(unpacked, tokenizer)([prepared.train[0]])) == {
         "input_ids", "labels", "attention_mask"}
@@ -57,6 +60,7 @@ def test_flash_attention_gets_one_flattened_row():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     assert batch["labels"].tolist() == [[-100, 6, -100, 8, -100, 10, 11]]
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 1, 2]]
+    assert int(batch["ftcli_real_tokens"]) == 7
     recipe = Recipe.model_validate({"model": {"path": "x", "attn_implementation": "flash_attention_2"},
                                     "method": {"kind": "lora"}, "data": {"train": "x.jsonl", "packing": True}})
 
