@@ -116,25 +116,25 @@ def render_markdown(results: dict) -> str:
         lines += ["## 2. Training speed and memory on the embedded model (SmolLM2-135M, quickstart data)", "",
                   f"Real (non-padding) tokens/s over the steps after the first {plan.get('skip')} (cumulative "
                   "`num_tokens` and the time of each step's log line, the same for both sides); peak RSS of the "
-                  "whole process (wait4). `ftcli` runs `ftcli train` with its automatic defaults (on the CPU: fp32, "
-                  "no gradient checkpointing, group_by_length, glibc malloc thresholds raised). `trl_matched` is "
-                  "bench/trl_baseline.py with the same settings (fp32, no checkpointing, group_by_length, "
-                  "adamw_torch, the same malloc thresholds as environment variables); `trl_defaults` is the same "
-                  "script with SFTConfig's defaults (bf16, gradient checkpointing, random order, fused AdamW). "
-                  "`ftcli_random_order` (full run only) is ftcli with training.group_by_length=false: it tells which "
-                  "part of the speed and of the eval loss comes from grouping by length. "
+                  "whole process (wait4). `ftcli` runs `ftcli train` with its automatic defaults (on this CPU: "
+                  "bf16 autocast, as it has AVX512-BF16; no gradient checkpointing; random order; glibc malloc "
+                  "thresholds raised). `trl_matched` is bench/trl_baseline.py with the same settings (the precision "
+                  "ftcli resolved, no checkpointing, random order, adamw_torch, the same malloc thresholds as "
+                  "environment variables); `trl_defaults` is the same script with SFTConfig's defaults (bf16, "
+                  "gradient checkpointing, fused AdamW, random order). `ftcli_grouped` (full run only) is ftcli with "
+                  "training.group_by_length=true: the speed and the eval loss of grouping by length. "
                   "Same model folder, data, max_length, batch, lr schedule, LoRA settings, completion-only loss. "
                   "Tokens per CPU-s: the same tokens over the CPU time the process spent in those steps (sampled "
                   "from /proc): a cross-check that other processes disturb less; the goals use tokens/s.", ""]
         lines += [f"### LoRA ({plan.get('lora_steps')} steps)", ""] + _arms_table(s["lora"], with_eval=True)
         lines += [_ratio_line("ftcli / trl_matched", s.get("lora_matched_ratios")),
                   _ratio_line("ftcli / trl_defaults", s.get("lora_defaults_ratios"))]
-        if "lora_random_order_ratios" in s:
-            lines += [_ratio_line("ftcli_random_order (ftcli with training.group_by_length=false) / trl_defaults",
-                                  s["lora_random_order_ratios"])]
+        if "lora_grouped_ratios" in s:
+            lines += [_ratio_line("ftcli_grouped (ftcli with training.group_by_length=true) / trl_defaults",
+                                  s["lora_grouped_ratios"])]
         lines += ["- eval loss: every adapter scored by bench/probes.py score (completion tokens of the quickstart "
                   "eval set, ftcli's masks), so both sides are measured alike", ""]
-        lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute)", ""]
+        lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute dtype, autocast as resolved)", ""]
         lines += _arms_table(s["qlora"]) + [_ratio_line("ftcli / trl_matched", s.get("qlora_matched_ratios")), ""]
     if "packing" in sections:
         s = sections["packing"]
@@ -156,8 +156,8 @@ def render_markdown(results: dict) -> str:
         s = sections["memory"]
         lines += ["## 4. Memory estimate against measured peak RSS", "",
                   "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/memory_estimate.py). Measured: peak RSS of "
-                  f"`ftcli train` ({s.get('steps')} step(s); group_by_length puts the longest batch first, so the "
-                  "first step runs at max_length) on the varied-length data.", ""]
+                  f"`ftcli train` ({s.get('steps')} step(s); training.group_by_length=true puts the longest batch "
+                  "first, so the first step runs at max_length) on the varied-length data.", ""]
         rows = []
         for key, case in s["cases"].items():
             parts = case.get("estimate_parts") or {}

@@ -124,6 +124,9 @@ class Session:
         if trl_defaults:
             command.append("--trl-defaults")
         else:
+            from ftcli.models import resolve_precision
+
+            command += ["--precision", resolve_precision(t.precision, "cpu")]   # what ftcli chose on this CPU
             env = {**self.env, **MATCHED_MALLOC_ENV}
         summary = run_summary(self.child(label, command, env=env), read_jsonl(log), self.plan.skip)
         summary["adapter"] = str(out)

@@ -1,10 +1,12 @@
 """The hand-written alternative to `ftcli train`: a plain TRL SFTTrainer + LoRA script, as a competent user writes it.
 
-    python bench/trl_baseline.py MODEL_DIR TRAIN.jsonl [--eval VAL.jsonl] [--method lora|qlora] [--trl-defaults] ...
+    python bench/trl_baseline.py MODEL_DIR TRAIN.jsonl [--eval VAL.jsonl] [--method lora|qlora] [--trl-defaults]
+        [--precision fp32|bf16] ...
 
 Chat data ({"messages": [...]}) becomes prompt-completion pairs, so TRL computes the loss on the completions only.
---trl-defaults keeps SFTConfig's own precision, checkpointing and sampling defaults (bf16, gradient checkpointing,
-random order); without it they match ftcli on the CPU (fp32, no checkpointing, group_by_length). The only addition
+--trl-defaults keeps SFTConfig's own precision, checkpointing and optimizer defaults (bf16, gradient checkpointing,
+fused AdamW); without it they match what ftcli resolved (--precision, no checkpointing, adamw_torch). Both sample in
+random order, as ftcli's default does. The only addition
 to the user's script is the timing log (--log: one JSON line per step with time and num_tokens, as ftcli's
 metrics.jsonl), which bench/run.py reads.
 """
@@ -22,6 +24,7 @@ p.add_argument("--warmup", type=float, default=3), p.add_argument("--scheduler",
 p.add_argument("--r", type=int, default=16), p.add_argument("--alpha", type=float, default=32)
 p.add_argument("--dropout", type=float, default=0.05), p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
 p.add_argument("--seed", type=int, default=42), p.add_argument("--log", default="steps.jsonl")
+p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
 args = p.parse_args()
 
 # The libraries after argparse, so --help is instant.
@@ -49,7 +52,7 @@ def to_prompt_completion(example):
 files = {"train": args.train} | ({"eval": args.eval} if args.eval else {})
 data = load_dataset("json", data_files=files).map(to_prompt_completion, remove_columns=["messages"])
 same_as_ftcli = {} if args.trl_defaults else {
-    "bf16": False, "gradient_checkpointing": False, "train_sampling_strategy": "group_by_length", "optim": "adamw_torch"}
+    "bf16": args.precision == "bf16", "gradient_checkpointing": False, "optim": "adamw_torch"}
 config = SFTConfig(
     output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.batch,
     learning_rate=args.lr, lr_scheduler_type=args.scheduler, warmup_steps=args.warmup, max_length=args.max_length,

@@ -12,6 +12,9 @@ FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libr
 # bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype (MEASURED.md), so autograd keeps
 # less per token than for the same LoRA on fp32 layers: measured 0.80-0.86 of it at lengths 96 to 320.
 QUANTIZED_CPU_ACTIVATION_FACTOR = 0.82
+# bf16 autocast of fp32 weights on the CPU: matmul outputs are kept in bf16, norms, residuals and softmax inputs in
+# fp32; measured 0.70 of the fp32 activations at lengths 96 to 320 (LoRA), plus a bf16 copy of the linear weights.
+CPU_AUTOCAST_ACTIVATION_FACTOR = 0.70
 
 
 def _text_config(model_config):
@@ -72,7 +75,7 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     TRL's fused LM head holds at most LOGIT_TILE_TOKENS x vocab fp32 logits; plus a fixed framework overhead.
     """
     from ftcli.methods import gradient_checkpointing_enabled
-    from ftcli.models import resolve_dtype
+    from ftcli.models import resolve_dtype, resolve_precision
 
     d = _dims(model_config)
     device_kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -94,9 +97,10 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
     optimizer = trainable * ADAMW_BYTES_PER_TRAINABLE
 
-    precision = recipe.training.precision
-    half = precision in ("bf16", "fp16") or (precision == "auto" and dtype != "float32") or weight_bytes == 2
-    act_bytes = 2 if half else 4
+    precision = resolve_precision(recipe.training.precision, device)
+    half = precision in ("bf16", "fp16") or weight_bytes == 2
+    cpu_autocast = device_kind == "cpu" and half and weight_bytes == 4
+    act_bytes = 2 if half and not cpu_autocast else 4
     batch, length = recipe.training.batch_size, recipe.data.max_length
     tokens = batch * length
     # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
@@ -112,8 +116,12 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         activations = tokens * (d["layers"] * act_bytes * d["hidden"] + per_token_layer)
     else:
         activations = tokens * d["layers"] * per_token_layer
+    autocast_weight_copies = 0
     if quantization is not None and device_kind == "cpu":
-        activations *= QUANTIZED_CPU_ACTIVATION_FACTOR
+        activations *= QUANTIZED_CPU_ACTIVATION_FACTOR   # whatever the precision: bitsandbytes computes in bf16
+    elif cpu_autocast:
+        activations *= CPU_AUTOCAST_ACTIVATION_FACTOR
+        autocast_weight_copies = linear * 2
     logits = min(tokens, LOGIT_TILE_TOKENS) * d["vocab"] * 4 * LOGIT_COPIES
     parts = {
         "weights": int(weights),
@@ -124,11 +132,14 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     }
     if checkpoint_pages:
         parts["checkpoint_pages"] = int(checkpoint_pages)
+    if autocast_weight_copies:
+        parts["autocast_weight_copies"] = int(autocast_weight_copies)
     total = sum(parts.values())
     available = _available_bytes(device)
     return {
         "device": device,
         "dtype": dtype,
+        "precision": precision,
         "gradient_checkpointing": checkpointing,
         "tokens_per_batch": tokens,
         "parts": parts,

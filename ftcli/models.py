@@ -93,6 +93,27 @@ def resolve_compute_dtype(requested: str, device: str) -> str:
     return ("bfloat16" if _cuda_bf16(device) else "float32") if requested == "auto" else requested
 
 
+def resolve_precision(requested: str, device: str) -> str:
+    """training.precision: auto is bf16 where the hardware computes it natively (GPUs that support it; CPUs with
+    AVX512-BF16 or AMX, where bf16 autocast trained 1.5x faster at the same eval loss, bench/RESULTS.md), fp16 on
+    older GPUs, fp32 on other CPUs."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bf16" if _cuda_bf16(device) else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except Exception:  # a private torch API: treat any change in it as "no"
+        return False
+
+
 def _cuda_bf16(device: str) -> bool:
     import torch
 

@@ -179,6 +179,8 @@ def render_preflight(report: dict, console) -> None:
     table = Table(title="model", show_header=False)
     table.add_row("trainable parameters", f"{params['trainable']:,} of {params['total']:,} "
                                           f"({params['trainable_percent']}%)")
+    table.add_row("precision (resolved)", f"{memory['precision']}, weights {memory['dtype']}, gradient "
+                                          f"checkpointing {'on' if memory['gradient_checkpointing'] else 'off'}")
     for part, value in memory["parts"].items():
         table.add_row(f"memory: {part}", _size(value))
     table.add_row("estimated peak memory", _size(memory["total_bytes"]))

@@ -304,11 +304,11 @@ class TrainingConfig(Section):
     seed: int = 42
     """Seed for initialisation, data order and dropout."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Mixed precision: auto is bf16 on GPUs that support it, fp32 on the CPU."""
+    """Mixed precision: auto is bf16 where the hardware has it (recent GPUs, AVX512-BF16/AMX CPUs), else fp16/fp32."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     """Recompute activations to save memory: auto turns it on for GPUs."""
-    group_by_length: bool = True
-    """Batch examples of similar length together (less padding, faster)."""
+    group_by_length: bool = False
+    """Batch similar lengths together (faster; but where length follows the kind of example, worse in short runs)."""
     logging_steps: int = Field(1, gt=0)
     """Log metrics every N steps."""
     eval_steps: int | None = Field(None, gt=0)

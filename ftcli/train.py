@@ -133,14 +133,10 @@ class TrainingSession:
         from trl import SFTConfig
 
         recipe, t = self.recipe, self.recipe.training
-        precision = t.precision
-        if precision == "auto":
-            precision = "fp32"
-            if self.device == "cuda":
-                import torch
-
-                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         from ftcli.methods import gradient_checkpointing_enabled
+        from ftcli.models import resolve_precision
+
+        precision = resolve_precision(t.precision, self.device)
 
         checkpointing = gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
         has_eval = self.prepared.eval is not None
@@ -288,6 +284,8 @@ class TrainingSession:
 
     def _run_facts(self, world_size: int) -> dict[str, Any]:
         from ftcli.distributed import resolve_strategy
+        from ftcli.methods import gradient_checkpointing_enabled
+        from ftcli.models import resolve_precision
 
         t = self.recipe.training
         report = self.prepared.train_report
@@ -298,6 +296,9 @@ class TrainingSession:
             "method": self.recipe.method.kind,
             "parameters": self.parameter_counts,
             "device": self.device,
+            # What the automatic settings resolved to on this device, so two runs of one recipe can be compared.
+            "precision": resolve_precision(t.precision, self.device),
+            "gradient_checkpointing": gradient_checkpointing_enabled(t.gradient_checkpointing, self.device),
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": report.fingerprints, "train": _report_dict(report),

@@ -38,7 +38,10 @@ def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, r
     assert report["parameters"]["total"] == base + report["parameters"]["trainable"]
 
     memory = report["memory"]
-    assert set(memory["parts"]) == {"weights", "adapter_and_optimizer", "activations", "logits", "framework"}
+    # autocast_weight_copies where precision auto means bf16 autocast (CPUs with native bf16)
+    assert set(memory["parts"]) - {"autocast_weight_copies"} == {
+        "weights", "adapter_and_optimizer", "activations", "logits", "framework"}
+    assert ("autocast_weight_copies" in memory["parts"]) == (memory["precision"] == "bf16")
     assert memory["total_bytes"] == sum(memory["parts"].values())
     assert memory["parts"]["logits"] == 4 * 64 * 49152 * 4 * 4     # batch 4 x max_length 64 x vocab, fp32, x4
     assert memory["parts"]["adapter_and_optimizer"] == report["parameters"]["trainable"] * 16
@@ -75,22 +78,29 @@ def recipe_of(**sections) -> Recipe:
 def test_memory_estimate_moves_the_right_way(smollm_config):
     from ftcli.preflight import estimate_peak_memory
 
-    base = estimate_peak_memory(recipe_of(training={"batch_size": 8}), smollm_config, "cpu")
+    base = estimate_peak_memory(recipe_of(training={"batch_size": 8, "precision": "fp32"}), smollm_config, "cpu")
+    assert base["precision"] == "fp32"
     assert base["parts"]["weights"] == pytest.approx(134.5e6 * 4, rel=0.01)   # 134.5 M parameters in fp32
     assert base["parts"]["logits"] == 8 * 256 * 49152 * 4 * 4
     checkpointed = estimate_peak_memory(
-        recipe_of(training={"batch_size": 8, "gradient_checkpointing": True}), smollm_config, "cpu")
+        recipe_of(training={"batch_size": 8, "gradient_checkpointing": True, "precision": "fp32"}), smollm_config,
+        "cpu")
     assert checkpointed["parts"]["activations"] < base["parts"]["activations"] / 4
     qlora = estimate_peak_memory(
         Recipe.model_validate({"model": {"path": "x"}, "method": {"kind": "qlora", "r": 16},
-                               "data": {"train": "x.jsonl", "max_length": 256}, "training": {"batch_size": 8}}),
+                               "data": {"train": "x.jsonl", "max_length": 256},
+                               "training": {"batch_size": 8, "precision": "fp32"}}),
         smollm_config, "cpu")
     assert qlora["parts"]["weights"] < base["parts"]["weights"] / 2
     # On the CPU: the fp32 checkpoint's pages read while quantizing stay in RSS; bf16 compute keeps fewer bytes.
     assert qlora["parts"]["checkpoint_pages"] == pytest.approx(134.5e6 * 4, rel=0.01)
     assert qlora["parts"]["activations"] == pytest.approx(0.82 * base["parts"]["activations"], rel=1e-6)
     assert "checkpoint_pages" not in base["parts"]
-    doubled = estimate_peak_memory(recipe_of(training={"batch_size": 16}), smollm_config, "cpu")
+    # bf16 autocast of the fp32 weights on the CPU: fewer activation bytes, plus bf16 copies of the linear weights.
+    autocast = estimate_peak_memory(recipe_of(training={"batch_size": 8, "precision": "bf16"}), smollm_config, "cpu")
+    assert autocast["parts"]["activations"] == pytest.approx(0.70 * base["parts"]["activations"], rel=1e-6)
+    assert 0 < autocast["parts"]["autocast_weight_copies"] < base["parts"]["weights"] / 2
+    doubled = estimate_peak_memory(recipe_of(training={"batch_size": 16, "precision": "fp32"}), smollm_config, "cpu")
     assert doubled["parts"]["activations"] == 2 * base["parts"]["activations"]
     # bench/RESULTS.md: LoRA r16 on q/k/v/o, batch 8, every row 256 tokens long peaked at 7,235 MiB (7.6e9 B) RSS on
     # the CPU; all-linear keeps a little more. (MEASURED.md's 3.3-4.0 GB were batches padded to ~100 tokens only.)

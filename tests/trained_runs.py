@@ -84,6 +84,7 @@ training:
   scheduler: constant
   seed: 7
   save_steps: 1000
+  precision: fp32   # eval tests compare ftcli eval's fp32 loss with the trainer's own eval loss exactly
 eval:
   max_new_tokens: 8
   batch_size: 16
@@ -108,6 +109,7 @@ training:
   lr: 1.0e-2
   seed: 7
   save_steps: 1000
+  precision: fp32   # see MEMORISED_RECIPE
 eval:
   max_new_tokens: 6
 """
