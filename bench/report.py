@@ -133,7 +133,18 @@ def render_markdown(results: dict) -> str:
             lines += [_ratio_line("ftcli_grouped (ftcli with training.group_by_length=true) / trl_defaults",
                                   s["lora_grouped_ratios"])]
         lines += ["- eval loss: every adapter scored by bench/probes.py score (completion tokens of the quickstart "
-                  "eval set, ftcli's masks), so both sides are measured alike", ""]
+                  "eval set, ftcli's masks), so both sides are measured alike"]
+        over_seeds = s.get("eval_loss_over_seeds")
+        if over_seeds:
+            per_seed = []
+            for seed in over_seeds["seeds"][1:]:
+                f, t = (s["seeds"].get(f"{side}_seed{seed}", {}).get("eval_loss") for side in ("ftcli", "trl_defaults"))
+                per_seed.append(f"seed {seed}: {_num(f, 4)} vs {_num(t, 4)}")
+            lines += [f"- eval loss over seeds {over_seeds['seeds']} (20 steps end far apart from one seed to the next, "
+                      f"so the goal compares means): ftcli {_num(over_seeds.get('ftcli'), 4)}, trl_defaults "
+                      f"{_num(over_seeds.get('trl_defaults'), 4)}; the extra seeds, ftcli vs trl_defaults: "
+                      + "; ".join(per_seed)]
+        lines += [""]
         lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute dtype, autocast as resolved)", ""]
         lines += _arms_table(s["qlora"]) + [_ratio_line("ftcli / trl_matched", s.get("qlora_matched_ratios")), ""]
     if "packing" in sections:

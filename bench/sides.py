@@ -104,7 +104,8 @@ class Session:
         summary["packing_efficiency"] = train_report.get("packing_efficiency")
         return summary
 
-    def baseline_train(self, label: str, method: str, steps: int, *, trl_defaults: bool) -> dict:
+    def baseline_train(self, label: str, method: str, steps: int, *, trl_defaults: bool,
+                       seed: int | None = None) -> dict:
         recipe = self.recipe(method)
         t, m = recipe.training, recipe.method
         if (t.grad_accum, t.weight_decay, t.max_grad_norm) != (1, 0.0, 1.0):
@@ -119,7 +120,7 @@ class Session:
                    "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
                    "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
                    "--r", str(m.r), "--alpha", str(m.alpha), "--dropout", str(m.dropout), "--targets", targets,
-                   "--seed", str(t.seed)]
+                   "--seed", str(t.seed if seed is None else seed)]
         env = self.env
         if trl_defaults:
             command.append("--trl-defaults")
