@@ -154,14 +154,14 @@ def render_markdown(results: dict) -> str:
                   "length (bench/measure.py varied_chat_records: 45 to ~500 tokens, skewed short), "
                   f"{plan.get('packing_steps')} steps. `unpacked` pads plain batches in random order (the goal's "
                   "baseline, as TRL's packing was measured in the issue); `packed` sets data.packing=true; "
-                  "`unpacked_grouped` (full run only) is ftcli's default, batches grouped by length "
+                  "`unpacked_grouped` (full run only) sets training.group_by_length=true, batches grouped by length "
                   "(ftcli/length_batches.py), the other way to remove padding. Tokens are real (non-padding) tokens "
                   "as ftcli counts them for packed rows too.", ""]
         lines += _arms_table(s["arms"])
         efficiency = [r.get("packing_efficiency") for r in s["arms"].get("packed", {}).get("runs", [])]
         lines += [_ratio_line("packed / unpacked", s.get("ratios"))]
         if "ratios_to_grouped" in s:
-            lines += [_ratio_line("packed / unpacked_grouped (ftcli's default)", s["ratios_to_grouped"])]
+            lines += [_ratio_line("packed / unpacked_grouped (training.group_by_length=true)", s["ratios_to_grouped"])]
         lines += [f"- packing efficiency (real tokens / row capacity): {efficiency}", ""]
     if "memory" in sections:
         s = sections["memory"]

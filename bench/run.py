@@ -8,7 +8,7 @@ Sections (all by default; --sections picks some):
   training  real tokens/s and peak RSS of `ftcli train` against bench/trl_baseline.py on the embedded model:
             LoRA and QLoRA with identical settings; LoRA also against the script with TRL's own defaults, with
             the final eval loss of every adapter scored alike (bench/probes.py score)
-  packing   data.packing=true against ftcli's default (no packing) on chat data of varied length
+  packing   data.packing=true against plain padded batches (ftcli's default) on chat data of varied length
   memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
   load      load time of the builtin model after its first conversion (and, full mode, that conversion)
 Runs are interleaved (A B, B A, ...) so the noise of a shared machine hits every side alike; figures are medians.
@@ -208,7 +208,7 @@ class Bench(Session):
         p = self.plan
         common = self.varied_overrides(256)
         # The goal's baseline is plain batches (random order, padded to the longest): what TRL's packing was measured
-        # against in the issue. ftcli's default, length-grouped batches, is the other way to remove padding.
+        # against in the issue (and ftcli's default). Length-grouped batches are the other way to remove padding.
         packing_arms = {
             "unpacked": lambda label: self.ftcli_train(label, "lora", p.packing_steps,
                                                        [*common, "training.group_by_length=false"]),
