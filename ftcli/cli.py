@@ -224,7 +224,7 @@ def train(
     if json_output:
         print_json(summary)
     else:
-        out().print(f"run {summary['name']} {summary['status']}: {summary['path']}", markup=False)
+        say(f"run {summary['name']} {summary['status']}: {summary['path']}")
 
 
 # ---------------------------------------------------------------------------------------------- eval, generate
@@ -328,7 +328,7 @@ def merge(
 
     result = merge_run(RunDir.open(runs_root(runs_dir), run), dtype=dtype, qlora_base=qlora_base,
                        force=force, console=err())
-    print_json(result) if json_output else out().print(f"merged: {result['path']}", markup=False)
+    print_json(result) if json_output else say(f"merged: {result['path']}")
 
 
 @app.command()
@@ -346,7 +346,7 @@ def export(
     from ftcli.runs import RunDir, runs_root
 
     result = export_run(RunDir.open(runs_root(runs_dir), run), format, quant=quant, out=out_dir, console=err())
-    print_json(result) if json_output else out().print(f"exported {format}: {result['path']}", markup=False)
+    print_json(result) if json_output else say(f"exported {format}: {result['path']}")
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -225,3 +225,11 @@ def test_metrics_count_every_real_token_once(packing, tiny_recipe, runs_dir):
     logged = [m for m in metrics(run_path) if "loss" in m]
     assert logged[-1]["num_tokens"] == train_report["total_tokens"]
     assert all(m["tokens_per_second"] > 0 for m in logged[1:])
+
+
+def test_completion_line_prints_the_path_verbatim(tiny_recipe, tmp_path):
+    # rich would turn :ok: in the runs path into an emoji; the line scripts read must carry the real path.
+    runs = tmp_path / "a:ok:b"
+    result = run_cli("train", tiny_recipe, "--runs-dir", runs, "--set", "training.max_steps=1")
+    assert result.exit_code == 0, result
+    assert result.stdout == f"run tiny completed: {runs / 'tiny'}\n"
