@@ -168,7 +168,8 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     if fingerprints is not None:
         key = data_cache.cache_key({
             # num_proc changes how fast, never what: the same cache entry serves any number of processes.
-            "data": data.model_dump(mode="json", exclude={"num_proc"}), "seed": recipe.training.seed if data.val_split else None,
+            "data": data.model_dump(mode="json", exclude={"num_proc"}),
+            "seed": recipe.training.seed if data.val_split else None,
             "files": fingerprints, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer), "template": template,
         })
         cached = data_cache.load_cached(key)

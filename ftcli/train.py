@@ -100,6 +100,9 @@ class TrainingSession:
         recipe, t = self.recipe, self.recipe.training
         # Cheap checks first: a recipe that can't run must fail before anything is loaded.
         self.device = models.resolve_device(recipe.model.device)
+        # The automatic settings, resolved once for this device: the trainer uses them and run.json records them.
+        self.precision = models.resolve_precision(t.precision, self.device)
+        self.gradient_checkpointing = methods.gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
         self.strategy_arguments = strategy_arguments(resolve_strategy(t.distributed, world_size()), self.device)
         self._check_trackers()
         if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
@@ -133,12 +136,6 @@ class TrainingSession:
         from trl import SFTConfig
 
         recipe, t = self.recipe, self.recipe.training
-        from ftcli.methods import gradient_checkpointing_enabled
-        from ftcli.models import resolve_precision
-
-        precision = resolve_precision(t.precision, self.device)
-
-        checkpointing = gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
         has_eval = self.prepared.eval is not None
         warmup = t.warmup_steps if t.warmup_steps else t.warmup_ratio  # below 1 is read as a ratio
         return SFTConfig(
@@ -157,9 +154,9 @@ class TrainingSession:
             optim=t.optimizer,
             seed=t.seed,
             data_seed=t.seed,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            gradient_checkpointing=bool(checkpointing),
+            bf16=self.precision == "bf16",
+            fp16=self.precision == "fp16",
+            gradient_checkpointing=self.gradient_checkpointing,
             use_cpu=self.device == "cpu",
             logging_steps=t.logging_steps,
             save_strategy="steps",
@@ -284,8 +281,6 @@ class TrainingSession:
 
     def _run_facts(self, world_size: int) -> dict[str, Any]:
         from ftcli.distributed import resolve_strategy
-        from ftcli.methods import gradient_checkpointing_enabled
-        from ftcli.models import resolve_precision
 
         t = self.recipe.training
         report = self.prepared.train_report
@@ -297,8 +292,8 @@ class TrainingSession:
             "parameters": self.parameter_counts,
             "device": self.device,
             # What the automatic settings resolved to on this device, so two runs of one recipe can be compared.
-            "precision": resolve_precision(t.precision, self.device),
-            "gradient_checkpointing": gradient_checkpointing_enabled(t.gradient_checkpointing, self.device),
+            "precision": self.precision,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": report.fingerprints, "train": _report_dict(report),
