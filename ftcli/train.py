@@ -192,7 +192,13 @@ class TrainingSession:
 
         from ftcli import checkpoints
         from ftcli.sft_trainer import FtcliSFTTrainer, RealTokenCount
-        from ftcli.train_callbacks import CheckpointMarkCallback, GracefulStop, MetricsCallback, ProgressCallback
+        from ftcli.train_callbacks import (
+            CheckpointMarkCallback,
+            GracefulStop,
+            MetricsCallback,
+            ProgressCallback,
+            ResumedLearningRate,
+        )
 
         run, recipe = self.run, self.recipe
         t = recipe.training
@@ -218,7 +224,7 @@ class TrainingSession:
         stopper = GracefulStop(on_second_signal=stop_now)
         real_tokens = RealTokenCount()
         callbacks = [MetricsCallback(run, real_tokens), ProgressCallback(self.console), CheckpointMarkCallback(),
-                     stopper]
+                     ResumedLearningRate(), stopper]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
         args = self.training_arguments()

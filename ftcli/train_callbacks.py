@@ -1,4 +1,5 @@
-"""Trainer callbacks: metrics.jsonl, the progress display, signal-safe stopping and checkpoint completion marks."""
+"""Trainer callbacks: metrics.jsonl, the progress display, signal-safe stopping, checkpoint completion marks and
+the learning rate of a resumed run."""
 
 from __future__ import annotations
 
@@ -91,6 +92,23 @@ class ProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class ResumedLearningRate(TrainerCallback):
+    """Start a resumed run at its own schedule's learning rate.
+
+    The optimizer's saved state carries the lr of the checkpoint's last step under the old schedule; when
+    training.max_steps or epochs grew, the restored scheduler follows the new schedule from the next step on, but
+    the first resumed step would train at the stale lr (0 at the end of a cosine or linear decay)."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if state.global_step == 0 or optimizer is None or lambdas is None:
+            return
+        rates = [base * rate(lr_scheduler.last_epoch) for base, rate in zip(lr_scheduler.base_lrs, lambdas)]
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
+        lr_scheduler._last_lr = rates  # what get_last_lr() and the logs report
 
 
 class CheckpointMarkCallback(TrainerCallback):

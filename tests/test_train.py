@@ -84,6 +84,24 @@ def test_existing_run_is_refused_and_resume_checks_the_recipe(tiny_recipe, runs_
     assert json.loads((runs_dir / "tiny" / "run.json").read_text())["step"] == 4
 
 
+def test_resume_with_more_steps_trains_its_first_step_at_the_new_schedule_lr(tiny_recipe, runs_dir):
+    # 4 steps of linear decay end at lr 0, and the checkpoint's optimizer state says so; the resumed run's schedule
+    # runs to 6 steps, so step 5 must train at its lr (2/6 of the peak), not at the stale 0.
+    from safetensors.torch import load_file
+
+    linear = ["--set", "training.scheduler=linear", "--set", "training.warmup_steps=0",
+              "--set", "training.save_steps=4"]
+    assert run_cli("train", tiny_recipe, *linear).exit_code == 0
+    adapter_file = runs_dir / "tiny" / "adapter" / "adapter_model.safetensors"
+    after_four = load_file(adapter_file)
+    resumed = run_cli("train", tiny_recipe, "--resume", *linear, "--set", "training.max_steps=5")
+    assert resumed.exit_code == 0, resumed
+    assert "resuming from checkpoint-4" in resumed.stderr
+    after_five = load_file(adapter_file)
+    moved = max(float((after_five[key] - after_four[key]).abs().max()) for key in after_four)
+    assert moved > 1e-4, "the first resumed step did not change the adapter: it trained at the stale lr 0"
+
+
 def _start(recipe: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ftcli", "train", str(recipe), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
