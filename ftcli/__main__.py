@@ -1,5 +1,5 @@
 """Entry point for `python -m ftcli`."""
 
-from ftcli.cli import main
+from ftcli.entry import main
 
 main()

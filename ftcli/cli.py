@@ -7,13 +7,13 @@ import gc
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
-from ftcli.errors import FtcliError, UsageError
+from ftcli.errors import UsageError
+from ftcli.terminal import print_json, report_failure, say
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -55,46 +55,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 RunArg = Annotated[str, typer.Argument(help="Run name (a folder under the runs root).")]
 
 
-def print_json(document: object) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def say(text: str, *, stderr: bool = False, end: str = "\n") -> None:
-    """Print text exactly as given (rich would also turn text like :ok: into an emoji)."""
-    stream = sys.stderr if stderr else sys.stdout
-    stream.write(text + end)
-    stream.flush()
-
-
 def handles_errors(func: Callable) -> Callable:
-    """Map FtcliError to its exit code with a one-paragraph message; anything else is a bug (exit 1)."""
+    """Map a failure to its documented exit code and message (ftcli.terminal.report_failure)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except FtcliError as exc:
-            say(f"error: {exc}", stderr=True)
-            if kwargs.get("json_output"):
-                # Scripts reading --json get a document on failure too.
-                print_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code,
-                            "kind": type(exc).__name__})
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            say("interrupted", stderr=True)
-            raise typer.Exit(130) from None
         except typer.Exit:
             raise
-        except Exception as exc:
-            from ftcli.atomic import is_disk_full
-
-            if is_disk_full(exc):
-                say(f"error: no space left on device: {exc}", stderr=True)
-                raise typer.Exit(4) from None
-            traceback.print_exc()
-            say("error: unexpected failure (a bug in ftcli); the traceback is above", stderr=True)
-            raise typer.Exit(1) from None
+        except (Exception, KeyboardInterrupt) as exc:
+            raise typer.Exit(report_failure(exc, json_output=bool(kwargs.get("json_output")))) from None
 
     return wrapper
 
@@ -110,26 +81,12 @@ def validate(
     json_output: JsonOpt = False,
 ) -> None:
     """Check recipes without loading any model; report every problem with its file, line and key."""
-    from ftcli.errors import RecipeError
-    from ftcli.recipe_loader import load_recipe
+    # The plain form of this command never reaches Typer: ftcli.entry runs it (ftcli.validate_command).
+    from ftcli.validate_command import ValidateArgs, validate_recipes
 
-    results, failed = [], False
-    for path in recipes:
-        try:
-            loaded = load_recipe(path, set_)
-            results.append({"recipe": str(path), "valid": True, "name": loaded.recipe.name,
-                            "method": loaded.recipe.method.kind})
-            if not json_output:
-                say(f"ok: {path} (run {loaded.recipe.name}, method {loaded.recipe.method.kind})")
-        except RecipeError as exc:
-            failed = True
-            results.append({"recipe": str(path), "valid": False, "problems": exc.problems})
-            if not json_output:
-                say(f"error: {exc}", stderr=True)
-    if json_output:
-        print_json({"valid": not failed, "recipes": results})
-    if failed:
-        raise typer.Exit(2)
+    code = validate_recipes(ValidateArgs(recipes=list(recipes), overrides=list(set_), json_output=json_output))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

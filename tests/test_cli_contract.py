@@ -28,18 +28,20 @@ training:
   lr: 1e-4
 """
 
-# Runs the Typer app in-process, then reports which heavy modules that pulled in.
+# Runs the ftcli program in-process, then reports which heavy modules that pulled in.
 IMPORT_PROBE = """
 import json, sys
-from ftcli.cli import app
+from ftcli.entry import main
+report_path = sys.argv[1]
+sys.argv = ["ftcli", *sys.argv[2:]]
 try:
-    app(sys.argv[2:], prog_name="ftcli")
+    main()
 except SystemExit as exc:
     code = exc.code
 else:
     code = 0
 heavy = [m for m in {heavy!r} if m in sys.modules]
-with open(sys.argv[1], "w") as report:
+with open(report_path, "w") as report:
     json.dump({{"exit_code": code, "heavy": heavy}}, report)
 """
 
@@ -91,11 +93,72 @@ def test_plain_text_commands_do_not_import_rich(args, tmp_path, recipe, bad_reci
 
 def test_the_probe_can_see_a_heavy_import(tmp_path):
     # Guards the test above: the probe must notice a heavy module when one is imported.
-    code = IMPORT_PROBE.format(heavy=HEAVY).replace("from ftcli.cli import app", "import yaml as torch; "
-                                                    "sys.modules['torch'] = torch\nfrom ftcli.cli import app")
+    code = IMPORT_PROBE.format(heavy=HEAVY).replace("from ftcli.entry import main", "import yaml as torch; "
+                                                    "sys.modules['torch'] = torch\nfrom ftcli.entry import main")
     report = tmp_path / "probe.json"
     subprocess.run([sys.executable, "-c", code, str(report), "--help"], capture_output=True, timeout=60)
     assert json.loads(report.read_text())["heavy"] == ["torch"]
+
+
+def test_plain_validate_never_imports_typer(tmp_path, recipe, bad_recipe):
+    # The plain form is parsed by ftcli.validate_command (Typer is about a fifth of validate's start-up) ...
+    for args in (["validate", recipe], ["validate", recipe, bad_recipe, "--json", "--set", "training.seed=3"]):
+        assert probe(tmp_path, *args, modules=("typer",))["heavy"] == [], args
+    # ... and every other form still goes through Typer (the probe does see it).
+    assert probe(tmp_path, "validate", "--help", modules=("typer",))["heavy"] == ["typer"]
+
+
+# The installed `ftcli` program, and the same arguments through the Typer command alone (no plain-validate path).
+THROUGH_ENTRY = "import sys; sys.argv[0] = 'ftcli'; from ftcli.entry import main; main()"
+THROUGH_TYPER = "import sys; sys.argv[0] = 'ftcli'; from ftcli.cli import main; main()"
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "{recipe}"],
+    ["validate", "{recipe}", "{bad}"],
+    ["validate", "{bad}", "--json"],
+    ["validate", "{missing}"],
+    ["validate", "--json", "{recipe}", "--set", "training.seed=3", "--set=method.r=4"],
+    ["validate", "{recipe}", "--set", "training.lr=-1", "--json"],
+    ["validate", "{recipe}", "--set", "nokey"],
+    ["validate", "{recipe}", "--set"],
+    ["validate", "{recipe}", "--set", "--json"],
+    ["validate"],
+    ["validate", "{recipe}", "--unknown"],
+])
+def test_plain_validate_answers_exactly_as_the_typer_command(args, tmp_path, recipe, bad_recipe):
+    args = [a.format(recipe=recipe, bad=bad_recipe, missing=tmp_path / "missing.yaml") for a in args]
+
+    def run(command):
+        proc = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    plain, typer_path = run(["-c", THROUGH_ENTRY]), run(["-c", THROUGH_TYPER])
+    assert plain == typer_path
+    assert plain[0] in (0, 2)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["a.yaml"], (["a.yaml"], [], False)),
+    (["a.yaml", "b.yaml", "--json"], (["a.yaml", "b.yaml"], [], True)),
+    (["--set", "x=1", "a.yaml", "--set=y=-2", "--set", "-z"], (["a.yaml"], ["x=1", "y=-2", "-z"], False)),
+    ([], None),
+    (["--json"], None),
+    (["a.yaml", "--help"], None),
+    (["a.yaml", "-h"], None),
+    (["a.yaml", "--"], None),
+    (["a.yaml", "--set"], None),
+    (["a.yaml", "--runs-dir", "x"], None),
+])
+def test_plain_validate_parsing(args, expected):
+    from ftcli.validate_command import parse_plain_validate
+
+    parsed = parse_plain_validate(args)
+    if expected is None:
+        assert parsed is None
+    else:
+        assert ([str(p) for p in parsed.recipes], parsed.overrides, parsed.json_output) == expected
 
 
 def best_of(times: int, *args, cwd=None) -> float:
