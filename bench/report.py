@@ -105,7 +105,9 @@ def render_markdown(results: dict) -> str:
         s = sections["startup"]
         lines += ["## 1. Start-up", "", "Wall time of the whole command, median of the runs (the goal), and the CPU "
                   "time the process spent (steadier on a shared machine). The last two rows are references: the "
-                  "interpreter alone, and the libraries every ftcli command needs.", ""]
+                  "interpreter alone, and the libraries every ftcli command needs. ftcli's own modules are byte-compiled "
+                  "first, as a wheel install leaves them (an editable checkout under PYTHONDONTWRITEBYTECODE=1 "
+                  "would compile them from source at every start, ~10 ms).", ""]
         cpu_ratio = s.get("cpu_ratio_to_import_torch", {})
         lines += _table(["command", "median s", "runs s", "/ import torch", "CPU s (median)", "CPU / import torch"],
                         [[k, _num(v, 3), ", ".join(_num(x, 3) for x in s["runs_s"][k]),

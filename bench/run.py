@@ -18,6 +18,7 @@ Every child's peak RSS comes from wait4 (the whole process, whatever allocated i
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import json
 import os
@@ -92,6 +93,8 @@ class Bench(Session):
     # ------------------------------------------------------------------------------------------ sections
 
     def startup(self) -> None:
+        # As a wheel install leaves them; this checkout may have none (PYTHONDONTWRITEBYTECODE=1, editable install).
+        compileall.compile_dir(str(REPO / "ftcli"), quiet=1)
         commands = {
             "ftcli --help": [*ftcli_command(), "--help"],
             "ftcli validate": [*ftcli_command(), "validate", str(RECIPES["lora"])],
