@@ -80,7 +80,7 @@ class Plan:
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=2, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256), ("lora", 128), ("qlora", 128)),
-            varied_examples=512, load_repeats=3, first_conversion=True, timeout_s=900, context_arms=True,
+            varied_examples=512, load_repeats=7, first_conversion=True, timeout_s=900, context_arms=True,
             loss_seeds=(43, 44, 45))
 QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=4, qlora_steps=3, packing_steps=3, skip=1,
              memory_steps=1, memory_cases=(("lora", 256), ("lora", 128)), varied_examples=256, load_repeats=3,

@@ -202,7 +202,7 @@ def load_model(model: ModelConfig, *, quantization: QuantizationConfig | None = 
         loaded = AutoModelForCausalLM.from_pretrained(resolved.local_dir, **kwargs)
     except (ImportError, ValueError, KeyError) as exc:  # custom code refused, unknown architecture, missing extra
         raise load_error(model.path, exc) from exc
-    if quantization is None:
+    if quantization is None and device != "cpu":  # from_pretrained loads onto the CPU; .to() would only walk it
         loaded.to(_placement(device))
     return loaded
 
