@@ -192,6 +192,39 @@ def steady_throughput(records: list[dict], *, skip: int) -> dict | None:
             "window": [float(first["time"]), float(last["time"])]}
 
 
+def step_times(records: list[dict], *, skip: int) -> list[list[float]]:
+    """[step, real tokens, seconds] of each step after the first `skip`, from consecutive log lines."""
+    steps = train_records(records)
+    return [[int(b["step"]), float(b["num_tokens"]) - float(a["num_tokens"]), float(b["time"]) - float(a["time"])]
+            for a, b in zip(steps[skip - 1:], steps[skip:]) if int(b["step"]) == int(a["step"]) + 1]
+
+
+def paired_step_ratio(side_runs: list[dict], other_runs: list[dict]) -> dict | None:
+    """Tokens/s of one side over the other's from the same steps of both: when both trained the same batches (the
+    same real tokens at every step), the median over every pair of runs and every step of other's step time / side's.
+    A step slowed by another process then moves the median little, where it moves a run's tokens/s; None when the
+    batches differ."""
+    ratios, per_run_pair = [], []
+    for side in side_runs:
+        for other in other_runs:
+            mine = {step: (tokens, seconds) for step, tokens, seconds in side.get("step_times") or []}
+            theirs = {step: (tokens, seconds) for step, tokens, seconds in other.get("step_times") or []}
+            pair = []
+            for step in sorted(set(mine) & set(theirs)):
+                if mine[step][0] != theirs[step][0]:
+                    return None
+                if mine[step][1] > 0:
+                    pair.append(theirs[step][1] / mine[step][1])
+            ratios += pair
+            if pair:
+                per_run_pair.append(statistics.median(pair))
+    if not ratios:
+        return None
+    # The spread over pairs of runs: how far one pair of runs can land from the overall figure on this machine.
+    return {"ratio": round(statistics.median(ratios), 3), "pairs": len(ratios),
+            "run_pairs_range": [round(min(per_run_pair), 3), round(max(per_run_pair), 3)]}
+
+
 def final_value(records: list[dict], key: str) -> float | None:
     """The last value of `key` in the records (eval_loss, loss ...), None when absent."""
     values = [r[key] for r in records if key in r]

@@ -36,7 +36,13 @@ def _ratio_line(what: str, ratios: dict | None) -> str:
     r = ratios or {}
     text = (f"- {what}: tokens/s {_num(r.get('tokens_per_s'), 3)} (per CPU-s {_num(r.get('tokens_per_cpu_s'), 3)}), "
             f"peak RSS {_num(r.get('peak_rss'), 3)}")
-    return text + (f", eval loss {_num(r['eval_loss'], 4)}" if r.get("eval_loss") is not None else "")
+    text += f", eval loss {_num(r['eval_loss'], 4)}" if r.get("eval_loss") is not None else ""
+    paired = r.get("paired_steps")
+    if paired:
+        text += (f"; from paired steps (the same batches on both sides, median of {paired['pairs']} step-time "
+                 f"ratios): tokens/s {_num(paired['ratio'], 3)}, from one pair of runs to another "
+                 f"{_num(paired['run_pairs_range'][0], 3)} to {_num(paired['run_pairs_range'][1], 3)}")
+    return text
 
 
 def _runs_cell(runs: list[dict], key: str, fmt) -> str:

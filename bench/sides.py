@@ -18,6 +18,7 @@ from bench.measure import (
     read_jsonl,
     run_child,
     steady_throughput,
+    step_times,
     train_records,
 )
 
@@ -163,6 +164,7 @@ def run_summary(result, records: list[dict], skip: int) -> dict:
             "first_step_s": first_step_s,   # process start to the end of step 1: imports, data, model, one step
             "others_cpu_share": result.others_cpu_share,
             "train_loss_last": steps[-1]["loss"] if steps else None,
+            "step_times": step_times(records, skip=skip) if result.ok and skip >= 1 else [],
             "error": None if result.ok else result.stderr_tail[-1500:]}
 
 

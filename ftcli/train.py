@@ -100,6 +100,10 @@ class TrainingSession:
         recipe, t = self.recipe, self.recipe.training
         # Cheap checks first: a recipe that can't run must fail before anything is loaded.
         self.device = models.resolve_device(recipe.model.device)
+        if self.device == "cpu":
+            # Before the data and the model are allocated, as the MALLOC_* environment variables would from the
+            # process start (the bench's hand-written script gets those).
+            _speed_up_allocator()
         # The automatic settings, resolved once for this device: the trainer uses them and run.json records them.
         self.precision = models.resolve_precision(t.precision, self.device)
         self.gradient_checkpointing = methods.gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
@@ -202,9 +206,6 @@ class TrainingSession:
 
         run, recipe = self.run, self.recipe
         t = recipe.training
-        if self.device == "cpu":
-            _speed_up_allocator()
-
         resume_from = None
         if resume:
             scan = checkpoints.scan_checkpoints(run.checkpoints_dir)

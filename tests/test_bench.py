@@ -211,3 +211,23 @@ def test_arm_speed_ignores_disturbed_runs_but_memory_uses_all():
     assert arm["peak_rss_bytes"] == 200
     all_disturbed = _arm_summary([run(30.0, 100, 0.5), run(50.0, 100, 0.3)])
     assert all_disturbed["tokens_per_s"] == 40.0 and all_disturbed["speed_from"].startswith("all runs")
+
+
+def test_paired_step_ratio_compares_the_same_steps_and_refuses_different_batches():
+    def records(seconds_per_step, tokens_per_step):
+        rows, time, tokens = [], 100.0, 0.0
+        for step, (seconds, count) in enumerate(zip(seconds_per_step, tokens_per_step), start=1):
+            time, tokens = time + seconds, tokens + count
+            rows.append({"step": step, "loss": 1.0, "num_tokens": tokens, "time": time})
+        return rows
+
+    tokens = [400, 420, 380, 410, 390]
+    # The side is 10% faster at every step but one, which another process slowed 3x.
+    side = {"step_times": measure.step_times(records([9, 1.0, 1.0, 3.0, 1.0], tokens), skip=1)}
+    other = {"step_times": measure.step_times(records([9, 1.1, 1.1, 1.1, 1.1], tokens), skip=1)}
+    assert [s for s, _, _ in side["step_times"]] == [2, 3, 4, 5]  # the warm-up step is left out
+    paired = measure.paired_step_ratio([side], [other])
+    assert paired == {"ratio": 1.1, "pairs": 4, "run_pairs_range": [1.1, 1.1]}
+    assert measure.paired_step_ratio([other], [side])["ratio"] == round(1 / 1.1, 3)
+    shuffled = {"step_times": measure.step_times(records([9, 1.1, 1.1, 1.1, 1.1], tokens[::-1]), skip=1)}
+    assert measure.paired_step_ratio([side], [shuffled]) is None

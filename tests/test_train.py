@@ -55,8 +55,13 @@ def test_each_method_trains_and_saves_a_loadable_adapter(method, tiny_recipe, ru
         "im_start" in (run_path / "adapter" / "chat_template.jinja").read_text()
 
     from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    if method in ("lora", "dora", "qlora"):  # README: qlora trains bf16 LoRA weights (TRL), the others fp32
+        dtypes = {str(t.dtype) for k, t in load_file(run_path / "adapter" / "adapter_model.safetensors").items()
+                  if "lora_A" in k or "lora_B" in k}
+        assert dtypes == {"torch.bfloat16" if method == "qlora" else "torch.float32"}, dtypes
     config = PeftConfig.from_pretrained(run_path / "adapter")
     assert config.peft_type.value.lower().startswith({"lora": "lora", "dora": "lora", "qlora": "lora",
                                                       "prefix": "prefix", "prompt": "prompt", "ia3": "ia3"}[method])
