@@ -1,6 +1,6 @@
 """ftcli against the hand-written TRL script, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python bench/run.py            # full: about 20 minutes on 2 quiet CPU cores  (make bench)
+    python bench/run.py            # full: about 33 minutes on 2 quiet CPU cores  (make bench)
     python bench/run.py --quick    # under 5 minutes: fewer steps and repeats, labelled quick  (make bench-quick)
 
 Sections (all by default; --sections picks some):
