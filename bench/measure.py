@@ -204,11 +204,14 @@ def paired_step_ratio(side_runs: list[dict], other_runs: list[dict]) -> dict | N
     same real tokens at every step), the median over every pair of runs and every step of other's step time / side's.
     A step slowed by another process then moves the median little, where it moves a run's tokens/s; None when the
     batches differ."""
+
+    def by_step(run: dict) -> dict[int, tuple[float, float]]:
+        return {step: (tokens, seconds) for step, tokens, seconds in run.get("step_times") or []}
+
     ratios, per_run_pair = [], []
-    for side in side_runs:
-        for other in other_runs:
-            mine = {step: (tokens, seconds) for step, tokens, seconds in side.get("step_times") or []}
-            theirs = {step: (tokens, seconds) for step, tokens, seconds in other.get("step_times") or []}
+    others = [by_step(run) for run in other_runs]
+    for mine in map(by_step, side_runs):
+        for theirs in others:
             pair = []
             for step in sorted(set(mine) & set(theirs)):
                 if mine[step][0] != theirs[step][0]:

@@ -22,7 +22,7 @@ def report_failure(exc: BaseException, *, json_output: bool) -> int:
     """Print why a command failed and return its documented exit code: an FtcliError's own code with its one
     paragraph (and, under --json, an error document on stdout), 130 for an interrupt, 4 for a full disk; anything
     else is a bug in ftcli (exit 1, with the traceback)."""
-    from ftcli.errors import FtcliError
+    from ftcli.errors import FtcliError, Interrupted, NotAvailableError
 
     if isinstance(exc, FtcliError):
         say(f"error: {exc}", stderr=True)
@@ -32,12 +32,12 @@ def report_failure(exc: BaseException, *, json_output: bool) -> int:
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         say("interrupted", stderr=True)
-        return 130
+        return Interrupted.exit_code
     from ftcli.atomic import is_disk_full
 
     if is_disk_full(exc):
         say(f"error: no space left on device: {exc}", stderr=True)
-        return 4
+        return NotAvailableError.exit_code
     import traceback
 
     traceback.print_exception(exc)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECIPE_ERROR_EXIT = 2
-
 
 @dataclass
 class ValidateArgs:
@@ -64,4 +62,4 @@ def validate_recipes(args: ValidateArgs) -> int:
                 say(f"error: {exc}", stderr=True)
     if args.json_output:
         print_json({"valid": not failed, "recipes": results})
-    return RECIPE_ERROR_EXIT if failed else 0
+    return RecipeError.exit_code if failed else 0
