@@ -4,6 +4,7 @@
     python bench/probes.py estimate SPEC_JSON
     python bench/probes.py load RECIPE [--repeats N]
     python bench/probes.py convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
+    python bench/probes.py head RECIPE [--batches N] [--repeats N]
 """
 
 from __future__ import annotations
@@ -122,6 +123,57 @@ def convert(recipe_path: str) -> dict:
     return {"first_conversion_s": round(time.perf_counter() - started, 2)}
 
 
+def head(recipe_path: str, batches: int, repeats: int) -> dict:
+    """Where ftcli's training speed comes from: ftcli's own trainer, forward and backward over the same batches, with
+    TRL's fused LM head projecting only the labelled positions (ftcli/fused_head.py) or every position (TRL's choice
+    without Triton), alternated in this one process so that other processes and memory layout weigh on both alike."""
+    import tempfile
+    from itertools import islice
+
+    import torch
+    from rich.console import Console
+    from trl.trainer import utils as trl_utils
+
+    from ftcli.recipe_loader import load_recipe
+    from ftcli.runs import RunDir
+    from ftcli.sft_trainer import RealTokenCount
+    from ftcli.train import TrainingSession
+
+    _quiet()
+    recipe = load_recipe(Path(recipe_path), []).recipe
+    session = TrainingSession(recipe, RunDir(Path(tempfile.mkdtemp(prefix="bench-head-")), "head"),
+                              trust_remote_code=False, console=Console(quiet=True))
+    session.prepare()
+    trainer = session.make_trainer(RealTokenCount(), [])
+    choices = {"labelled_only": trl_utils._use_triton, "every_position": trl_utils._use_triton.trl_choice}
+    steps = list(islice(trainer.get_train_dataloader(), batches + 1))   # the first warms both arms up
+    model = trainer.model.train()
+    seconds: dict[str, list[float]] = {arm: [] for arm in choices}
+    losses: dict[str, list[float]] = {arm: [] for arm in choices}
+    for repeat in range(repeats):
+        for arm in (list(choices) if repeat % 2 == 0 else list(choices)[::-1]):
+            trl_utils._use_triton = choices[arm]
+            for index, batch in enumerate(steps):
+                model.zero_grad(set_to_none=True)
+                started = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=session.precision == "bf16"):
+                    loss = trainer.compute_loss(model, dict(batch))
+                loss.backward()
+                if index:   # not the warm-up batch
+                    seconds[arm].append(time.perf_counter() - started)
+                    losses[arm].append(loss.item())
+    trl_utils._use_triton = choices["labelled_only"]
+    per_batch = [every / labelled for every, labelled in zip(seconds["every_position"], seconds["labelled_only"])]
+    labels = [batch["labels"][:, 1:] for batch in steps[1:]]
+    return {"batches": batches, "repeats": repeats, "precision": session.precision,
+            "labelled_share": round(sum(int((l != -100).sum()) for l in labels) / sum(l.numel() for l in labels), 4),
+            "step_s_median": {arm: round(statistics.median(v), 4) for arm, v in seconds.items()},
+            "every_over_labelled": round(statistics.median(per_batch), 4),
+            "every_over_labelled_range": [round(min(per_batch), 4), round(max(per_batch), 4)],
+            "largest_loss_difference": max(abs(a - b) for a, b in zip(losses["labelled_only"],
+                                                                      losses["every_position"]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +187,10 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("--repeats", type=int, default=3)
     commands.add_parser("convert").add_argument("recipe")
+    p = commands.add_parser("head")
+    p.add_argument("recipe")
+    p.add_argument("--batches", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.command == "score":
         result = score(args.recipe, args.adapters, args.overrides, args.max_examples)
@@ -142,6 +198,8 @@ def main() -> None:
         result = estimate(args.spec)
     elif args.command == "load":
         result = load(args.recipe, args.repeats)
+    elif args.command == "head":
+        result = head(args.recipe, args.batches, args.repeats)
     else:
         result = convert(args.recipe)
     sys.stdout.write(json.dumps(result) + "\n")

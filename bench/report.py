@@ -155,6 +155,25 @@ def render_markdown(results: dict) -> str:
         lines += [""]
         lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute dtype, autocast as resolved)", ""]
         lines += _arms_table(s["qlora"]) + [_ratio_line("ftcli / trl_matched", s.get("qlora_matched_ratios")), ""]
+        if s.get("head"):
+            lines += ["### Where ftcli's speed comes from: the LM head over labelled positions only", "",
+                      "TRL's fused LM head projects only the positions that have a label on Triton GPUs and every "
+                      "position elsewhere; ftcli makes it project labelled positions only on the CPU too "
+                      "(ftcli/fused_head.py). bench/probes.py head times ftcli's own trainer (forward and backward, "
+                      "autocast as resolved) over the same batches with either choice, alternated in one process, so "
+                      "this ratio is not the noise of separate runs.", ""]
+            rows = []
+            for method, h in s["head"].items():
+                if "error" in h:
+                    rows.append([method, "failed", "", "", "", ""])
+                    continue
+                step = h.get("step_s_median", {})
+                rows.append([method, _pct(h.get("labelled_share")), _num(step.get("every_position"), 3),
+                             _num(step.get("labelled_only"), 3),
+                             f"{_num(h.get('every_over_labelled'), 3)} ({', '.join(_num(x, 3) for x in h.get('every_over_labelled_range', []))})",
+                             _num(h.get("largest_loss_difference"), 6)])
+            lines += _table(["method", "labelled share of positions", "step s, every position",
+                             "step s, labelled only", "every / labelled (range)", "largest loss difference"], rows)
     if "packing" in sections:
         s = sections["packing"]
         lines += ["## 3. Packing", "",

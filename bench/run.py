@@ -72,6 +72,8 @@ class Plan:
     load_repeats: int
     first_conversion: bool
     timeout_s: int
+    head_batches: int = 6               # batches of the LM-head probe (bench/probes.py head)
+    head_repeats: int = 3
     score_examples: int | None = None   # eval examples scored per adapter (None: all)
     context_arms: bool = False          # also ftcli grouped by length and packing against grouped batches
     # Extra training seeds for the eval-loss comparison with TRL's defaults: 20 steps end 8% apart from one seed to
@@ -85,7 +87,7 @@ FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_step
             loss_seeds=(43, 44, 45))
 QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=4, qlora_steps=3, packing_steps=3, skip=1,
              memory_steps=1, memory_cases=(("lora", 256), ("lora", 128)), varied_examples=256, load_repeats=3,
-             first_conversion=False, timeout_s=600, score_examples=32)
+             first_conversion=False, timeout_s=600, head_batches=2, head_repeats=1, score_examples=32)
 
 
 class Bench(Session):
@@ -152,7 +154,7 @@ class Bench(Session):
             "ftcli": lambda label: self.ftcli_train(label, "qlora", p.qlora_steps, ["data.eval=null"]),
             "trl_matched": lambda label: self.baseline_train(label, "qlora", p.qlora_steps, trl_defaults=False),
         }, p.repeats)
-        section = {"lora": lora, "qlora": qlora}
+        section = {"lora": lora, "qlora": qlora, "head": {method: self._head_probe(method) for method in RECIPES}}
         for method, arms in (("lora", lora), ("qlora", qlora)):
             ratios = side_ratios(arms["ftcli"], arms["trl_matched"])
             ratios["paired_steps"] = paired_step_ratio(arms["ftcli"]["runs"], arms["trl_matched"]["runs"])
@@ -181,6 +183,14 @@ class Bench(Session):
                       "defaults (same steps; one scorer for both; mean over the seeds)", loss_ratio, "<= 1.01 (no loss)",
                       goal(loss_ratio, at_most=1.01))
         self.results["sections"]["training"] = section
+
+    def _head_probe(self, method: str) -> dict:
+        """ftcli's steps with the LM head over labelled positions only against every position, in one process."""
+        p = self.plan
+        self.log(f"head: {method}, labelled positions only / every position, alternated in one process")
+        result = self.child(f"head-{method}", [sys.executable, str(BENCH / "probes.py"), "head", str(RECIPES[method]),
+                                               "--batches", str(p.head_batches), "--repeats", str(p.head_repeats)])
+        return json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {"error": result.stderr_tail}
 
     def _score_eval_loss(self, arms: dict) -> None:
         """Score every LoRA adapter with one scorer (ftcli's completion masks on the quickstart eval data)."""

@@ -6,8 +6,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
 ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight, gradient, two moments
-LOGIT_TILE_TOKENS = 32768       # TRL's fused LM head scores at most this many positions at once
-LOGIT_COPIES = 4                # the fp32 logits, their log-softmax, and the gradients of both (measured on CPU)
+# TRL's fused LM head projects the labelled positions (ftcli/fused_head.py) in tiles of at most this many positions
+# by this many vocabulary entries; a tile and the fold's temporaries hold about LOGIT_TILE_COPIES fp32 copies at once
+# (6 of a 32768-wide tile, fitted to the peak RSS measured on the CPU, bench/RESULTS.md).
+LOGIT_TILE_TOKENS = 4096
+LOGIT_TILE_VOCAB = 32768
+LOGIT_TILE_COPIES = 6
 FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
 # bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype (MEASURED.md), so autograd keeps
 # less per token than for the same LoRA on fp32 layers: measured 0.80-0.86 of it at lengths 96 to 320.
@@ -66,13 +70,21 @@ def _available_bytes(device: str) -> int | None:
     return None
 
 
-def estimate_peak_memory(recipe, model_config, device: str, *, trainable_parameters: int | None = None) -> dict:
+def labelled_tokens_per_batch(label_rows, batch_size: int, ignore_index: int = -100) -> int:
+    """The most labelled positions one batch can hold: those of the batch_size rows that have the most."""
+    counts = sorted((sum(1 for label in labels if label != ignore_index) for labels in label_rows), reverse=True)
+    return sum(counts[:batch_size])
+
+
+def estimate_peak_memory(recipe, model_config, device: str, *, trainable_parameters: int | None = None,
+                         labelled_tokens: int | None = None) -> dict:
     """Estimated peak bytes (total and by part: weights, adapter+optimizer, activations, logits).
 
     A deliberately simple model, accurate to tens of percent: the weights at their dtype (4/8-bit linear layers for
     qlora); AdamW on the trainable parameters; per layer and token the tensors autograd keeps (about 6 hidden- and
     3 intermediate-sized vectors; only the layer input with gradient checkpointing, plus one layer recomputed);
-    TRL's fused LM head holds at most LOGIT_TILE_TOKENS x vocab fp32 logits; plus a fixed framework overhead.
+    TRL's fused LM head, tiled over the labelled positions (`labelled_tokens` per batch, from the data; every
+    position when not given); plus a fixed framework overhead.
     """
     from ftcli.methods import gradient_checkpointing_enabled
     from ftcli.models import resolve_dtype, resolve_precision
@@ -122,7 +134,8 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     elif cpu_autocast:
         activations *= CPU_AUTOCAST_ACTIVATION_FACTOR
         autocast_weight_copies = linear * 2
-    logits = min(tokens, LOGIT_TILE_TOKENS) * d["vocab"] * 4 * LOGIT_COPIES
+    scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens)
+    logits = min(scored, LOGIT_TILE_TOKENS) * min(d["vocab"], LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
     parts = {
         "weights": int(weights),
         "adapter_and_optimizer": int(optimizer),
@@ -142,6 +155,7 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         "precision": precision,
         "gradient_checkpointing": checkpointing,
         "tokens_per_batch": tokens,
+        "labelled_tokens_per_batch": scored,
         "parts": parts,
         "total_bytes": int(total),
         "available_bytes": available,

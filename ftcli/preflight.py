@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftcli.memory_estimate import estimate_peak_memory
+from ftcli.memory_estimate import estimate_peak_memory, labelled_tokens_per_batch
 
 __all__ = ["run_preflight", "render_preflight", "estimate_peak_memory"]
 SAMPLE_COUNT = 3
@@ -30,7 +30,9 @@ def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
     samples = _samples(conversations[:SAMPLE_COUNT], recipe, tokenizer, prepared.chat_template)
     model_config = _model_config(resolved.local_dir, trust_remote_code)
     parameters = count_parameters(recipe, model_config, tokenizer)
-    memory = estimate_peak_memory(recipe, model_config, device, trainable_parameters=parameters["trainable"])
+    memory = estimate_peak_memory(recipe, model_config, device, trainable_parameters=parameters["trainable"],
+                                  labelled_tokens=labelled_tokens_per_batch(prepared.train["labels"],
+                                                                            recipe.training.batch_size))
     return {
         "recipe": recipe.name,
         "model": {"reference": resolved.reference, "kind": resolved.kind, "local_dir": str(resolved.local_dir),

@@ -182,6 +182,29 @@ class TrainingSession:
             save_only_model=False,
         )
 
+    def make_trainer(self, real_tokens, callbacks: list):
+        """ftcli's SFTTrainer over the prepared model and data, reporting through `callbacks` only."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+
+        from ftcli import data
+        from ftcli.sft_trainer import FtcliSFTTrainer
+
+        recipe = self.recipe
+        trainer = FtcliSFTTrainer(
+            real_tokens=real_tokens,
+            group_by_length=recipe.training.group_by_length and not recipe.data.packing,
+            model=self.model,
+            args=self.training_arguments(),
+            train_dataset=self.prepared.train,
+            eval_dataset=self.prepared.eval,
+            processing_class=self.tokenizer,
+            data_collator=data.make_collator(recipe, self.tokenizer),
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(HFProgress)
+        return trainer
+
     def _check_trackers(self) -> None:
         import importlib.util
 
@@ -192,10 +215,9 @@ class TrainingSession:
 
     def train(self, *, resume: bool) -> dict[str, Any]:
         from transformers import EarlyStoppingCallback
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
 
         from ftcli import checkpoints
-        from ftcli.sft_trainer import FtcliSFTTrainer, RealTokenCount
+        from ftcli.sft_trainer import RealTokenCount
         from ftcli.train_callbacks import (
             CheckpointMarkCallback,
             GracefulStop,
@@ -228,22 +250,7 @@ class TrainingSession:
                      ResumedLearningRate(), stopper]
         if t.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-        args = self.training_arguments()
-        from ftcli import data
-
-        trainer = FtcliSFTTrainer(
-            real_tokens=real_tokens,
-            group_by_length=t.group_by_length and not recipe.data.packing,
-            model=self.model,
-            args=args,
-            train_dataset=self.prepared.train,
-            eval_dataset=self.prepared.eval,
-            processing_class=self.tokenizer,
-            data_collator=data.make_collator(recipe, self.tokenizer),
-            callbacks=callbacks,
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(HFProgress)
+        trainer = self.make_trainer(real_tokens, callbacks)
 
         from ftcli.distributed import world_size
 

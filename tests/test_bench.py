@@ -98,7 +98,12 @@ def _results(quick: bool) -> dict:
                         "median_s": {"ftcli --help": 0.1, "import torch": 1.0},
                         "ratio_to_import_torch": {"ftcli --help": 0.1}},
             "training": {"lora": {"ftcli": arm, "trl_matched": arm, "trl_defaults": failed},
-                         "qlora": {"ftcli": arm, "trl_matched": arm}},
+                         "qlora": {"ftcli": arm, "trl_matched": arm},
+                         "head": {"lora": {"labelled_share": 0.11, "step_s_median": {"every_position": 2.3,
+                                                                                     "labelled_only": 1.3},
+                                           "every_over_labelled": 1.77, "every_over_labelled_range": [1.7, 1.8],
+                                           "largest_loss_difference": 0.0},
+                                  "qlora": {"error": "Traceback"}}},
             "memory": {"steps": 1, "cases": {"lora@256": {"estimate_bytes": 2**30, "peak_rss_bytes": 2**30,
                                                           "estimate_over_measured": 1.0, "from": "own run"}}},
         },
@@ -112,6 +117,8 @@ def test_report_lists_goals_sections_and_failures():
     assert "| speed ratio | 1.100 | >= 1.00 | yes |" in text
     assert "trl_defaults repeat 1 failed" in text and "ValueError: boom" in text
     assert "| lora@256 | 1,024 | 1,024 | 1.000 |" in text
+    assert "| lora | 11% | 2.300 | 1.300 | 1.770 (1.700, 1.800) | 0.000000 |" in text
+    assert "| qlora | failed |" in text
     assert "QUICK" not in report.render_markdown(_results(quick=False))
 
 
@@ -231,3 +238,14 @@ def test_paired_step_ratio_compares_the_same_steps_and_refuses_different_batches
     assert measure.paired_step_ratio([other], [side])["ratio"] == round(1 / 1.1, 3)
     shuffled = {"step_times": measure.step_times(records([9, 1.1, 1.1, 1.1, 1.1], tokens[::-1]), skip=1)}
     assert measure.paired_step_ratio([side], [shuffled]) is None
+
+
+def test_head_probe_times_both_choices_over_the_same_batches(tiny_recipe):
+    result = _run(["bench/probes.py", "head", str(tiny_recipe), "--batches", "2", "--repeats", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 < figures["labelled_share"] < 0.5    # the tiny chat data is mostly prompt
+    assert set(figures["step_s_median"]) == {"labelled_only", "every_position"}
+    assert all(seconds > 0 for seconds in figures["step_s_median"].values())
+    assert figures["every_over_labelled"] > 0 and len(figures["every_over_labelled_range"]) == 2
+    assert figures["largest_loss_difference"] < 1e-4   # the same batches, the same loss either way

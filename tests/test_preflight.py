@@ -43,13 +43,36 @@ def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, r
         "weights", "adapter_and_optimizer", "activations", "logits", "framework"}
     assert ("autocast_weight_copies" in memory["parts"]) == (memory["precision"] == "bf16")
     assert memory["total_bytes"] == sum(memory["parts"].values())
-    assert memory["parts"]["logits"] == 4 * 64 * 49152 * 4 * 4     # batch 4 x max_length 64 x vocab, fp32, x4
+    # The fused LM head projects labelled positions only: at most those of the 4 rows with the most (completions of
+    # a few tokens here, far fewer than batch 4 x max_length 64), each onto a 32768-wide fp32 tile, 6 copies.
+    most = sorted((len(row) for row in _trained_token_rows(tiny_recipe)), reverse=True)[:4]
+    assert 4 <= memory["labelled_tokens_per_batch"] <= sum(most) < 4 * 64 / 2
+    assert memory["parts"]["logits"] == memory["labelled_tokens_per_batch"] * 32768 * 4 * 6
     assert memory["parts"]["adapter_and_optimizer"] == report["parameters"]["trainable"] * 16
 
     sample = report["samples"][0]
     trained = "".join(s["text"] for s in sample["segments"] if s["trained"])
     assert trained.endswith("<|im_end|>") and sample["trained_tokens"] > 0
     assert any("default system prompt" in w for w in report["warnings"])
+
+
+def _trained_token_rows(recipe_path) -> list[list[int]]:
+    """The trained tokens of every training example, tokenized as ftcli trains them."""
+    from ftcli.data import prepare_data
+    from ftcli.models import load_tokenizer
+    from ftcli.recipe_loader import load_recipe
+
+    recipe = load_recipe(recipe_path, ["data.val_split=0.25"]).recipe
+    prepared = prepare_data(recipe, load_tokenizer(recipe.model))
+    return [[t for t in labels if t != -100] for labels in prepared.train["labels"]]
+
+
+def test_labelled_tokens_per_batch_takes_the_rows_with_the_most():
+    from ftcli.memory_estimate import labelled_tokens_per_batch
+
+    rows = [[-100, 5, 6], [-100, -100, -100, 7], [1, 2, 3, 4], [-100, 9]]
+    assert labelled_tokens_per_batch(rows, 2) == 4 + 2
+    assert labelled_tokens_per_batch(rows, 10) == 2 + 1 + 4 + 1
 
 
 def test_dry_run_renders_for_people(cli, tiny_recipe, runs_dir):
@@ -81,7 +104,16 @@ def test_memory_estimate_moves_the_right_way(smollm_config):
     base = estimate_peak_memory(recipe_of(training={"batch_size": 8, "precision": "fp32"}), smollm_config, "cpu")
     assert base["precision"] == "fp32"
     assert base["parts"]["weights"] == pytest.approx(134.5e6 * 4, rel=0.01)   # 134.5 M parameters in fp32
-    assert base["parts"]["logits"] == 8 * 256 * 49152 * 4 * 4
+    # TRL's fused head: tiles of at most 4096 positions x 32768 vocabulary entries, over every position unless the
+    # data says how many are labelled.
+    assert base["parts"]["logits"] == 8 * 256 * 32768 * 4 * 6
+    answers_only = estimate_peak_memory(recipe_of(training={"batch_size": 8, "precision": "fp32"}), smollm_config,
+                                        "cpu", labelled_tokens=100)
+    assert answers_only["parts"]["logits"] == 100 * 32768 * 4 * 6 and answers_only["labelled_tokens_per_batch"] == 100
+    assert base["total_bytes"] - answers_only["total_bytes"] == (8 * 256 - 100) * 32768 * 4 * 6
+    more_than_fit = estimate_peak_memory(recipe_of(training={"batch_size": 32, "precision": "fp32"}), smollm_config,
+                                         "cpu")
+    assert more_than_fit["parts"]["logits"] == 4096 * 32768 * 4 * 6
     checkpointed = estimate_peak_memory(
         recipe_of(training={"batch_size": 8, "gradient_checkpointing": True, "precision": "fp32"}), smollm_config,
         "cpu")
