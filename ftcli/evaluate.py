@@ -175,26 +175,26 @@ def _measure(loaded, tokenized, prompts, references, settings) -> tuple[dict[str
 
 
 def completion_loss(loaded, features: list[dict], batch_size: int) -> float:
-    """Mean negative log-likelihood per scored token (labels != -100), over all examples: token-weighted."""
+    """Mean negative log-likelihood per scored token (labels != -100), over all examples: token-weighted. Scored as
+    training scores its loss, by TRL's fused LM head over the labelled positions only (ftcli/fused_head.py)."""
     import torch
-    import torch.nn.functional as F
 
     from ftcli.data import IGNORE_INDEX, make_collator
+    from ftcli.fused_head import with_fused_head
 
+    model = with_fused_head(loaded.model)
     collate = make_collator(loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(
         update={"packing": False})}), loaded.tokenizer)
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(features), batch_size):
             batch = collate(features[start:start + batch_size])
-            input_ids = batch["input_ids"].to(loaded.device)
             labels = batch["labels"].to(loaded.device)
-            logits = loaded.model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(loaded.device)).logits
-            logits = logits[:, -input_ids.shape[1]:]  # prompt tuning prepends one position per virtual token
-            targets = labels[:, 1:]
-            total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((targets != IGNORE_INDEX).sum())
+            # Prompt tuning prepends never-labelled virtual tokens: the log-probabilities cover them with zeros.
+            scored = model(input_ids=batch["input_ids"].to(loaded.device), labels=labels,
+                           attention_mask=batch["attention_mask"].to(loaded.device), fused_lm_head=True)
+            total -= float(scored.log_probs.double().sum())
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return total / count if count else math.nan
 
 

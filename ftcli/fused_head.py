@@ -34,3 +34,16 @@ def project_labelled_positions_only() -> bool:
     labelled_positions_only.trl_choice = triton_choice  # type: ignore[attr-defined]
     trl_utils._use_triton = labelled_positions_only
     return True
+
+
+def with_fused_head(model):
+    """`model` (a transformers model or a PeftModel over one) answering `fused_lm_head=True` with per-token
+    log-probabilities of the labels, projected as in training; the plain forward (generation) is unchanged."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    project_labelled_positions_only()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "ftcli_fused_head", False):
+        add_fused_lm_head(base)
+        base.ftcli_fused_head = True
+    return model

@@ -86,3 +86,31 @@ def test_only_labelled_positions_are_projected_with_the_same_loss_and_gradients(
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         assert (grad - every_grads[name]).abs().max() <= 1e-5 * max(every_grads[name].abs().max(), 1e-8), name
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_eval_scoring_through_the_fused_head_matches_full_logits(method, tiny_recipe, tmp_path):
+    """ftcli eval scores with with_fused_head (as training does): the same NLL as cross-entropy over full logits,
+    also where virtual tokens shift the positions (prompt tuning) or live in the cache (prefix tuning)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ftcli.fused_head import with_fused_head
+
+    trainer, batch = _trainer_and_batch(tiny_recipe, tmp_path, method)
+    model = trainer.model.eval()
+    labels = batch["labels"]
+    with torch.inference_mode():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = before[:, -labels.shape[1]:]   # prompt tuning returns a position per virtual token first
+        full = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        scored = with_fused_head(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        labels=labels, fused_lm_head=True)
+        again = with_fused_head(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       labels=labels, fused_lm_head=True)   # installing twice changes nothing
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert float(full) > 0
+    assert -float(scored.log_probs.sum()) == pytest.approx(float(full), rel=1e-5)
+    assert torch.equal(scored.log_probs, again.log_probs)
+    assert torch.equal(plain, before), "the plain forward (generation) is unchanged"
