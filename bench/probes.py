@@ -4,7 +4,7 @@
     python bench/probes.py estimate SPEC_JSON
     python bench/probes.py load RECIPE [--repeats N]
     python bench/probes.py convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
-    python bench/probes.py head RECIPE [--batches N] [--repeats N]
+    python bench/probes.py head RECIPE [--batches N] [--repeats N] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -123,10 +123,11 @@ def convert(recipe_path: str) -> dict:
     return {"first_conversion_s": round(time.perf_counter() - started, 2)}
 
 
-def head(recipe_path: str, batches: int, repeats: int) -> dict:
+def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> dict:
     """Where ftcli's training speed comes from: ftcli's own trainer, forward and backward over the same batches, with
-    TRL's fused LM head projecting only the labelled positions (ftcli/fused_head.py) or every position (TRL's choice
-    without Triton), alternated in this one process so that other processes and memory layout weigh on both alike."""
+    TRL's fused LM head as TRL runs it on the CPU (every position, its tile folding), with labelled positions only,
+    and as ftcli runs it (labelled positions, chunked cross-entropy: ftcli/fused_head.py), alternated in this one
+    process so that other processes and memory layout weigh on every arm alike."""
     import tempfile
     from itertools import islice
 
@@ -140,19 +141,22 @@ def head(recipe_path: str, batches: int, repeats: int) -> dict:
     from ftcli.train import TrainingSession
 
     _quiet()
-    recipe = load_recipe(Path(recipe_path), []).recipe
+    recipe = load_recipe(Path(recipe_path), overrides).recipe
     session = TrainingSession(recipe, RunDir(Path(tempfile.mkdtemp(prefix="bench-head-")), "head"),
                               trust_remote_code=False, console=Console(quiet=True))
     session.prepare()
     trainer = session.make_trainer(RealTokenCount(), [])
-    choices = {"labelled_only": trl_utils._use_triton, "every_position": trl_utils._use_triton.trl_choice}
-    steps = list(islice(trainer.get_train_dataloader(), batches + 1))   # the first warms both arms up
+    labelled_only, ftcli_scorer = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+    every_position, trl_scorer = labelled_only.trl_choice, ftcli_scorer.trl_function
+    arms = {"trl": (every_position, trl_scorer), "labelled_only": (labelled_only, trl_scorer),
+            "ftcli": (labelled_only, ftcli_scorer)}
+    steps = list(islice(trainer.get_train_dataloader(), batches + 1))   # the first warms every arm up
     model = trainer.model.train()
-    seconds: dict[str, list[float]] = {arm: [] for arm in choices}
-    losses: dict[str, list[float]] = {arm: [] for arm in choices}
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    losses: dict[str, list[float]] = {arm: [] for arm in arms}
     for repeat in range(repeats):
-        for arm in (list(choices) if repeat % 2 == 0 else list(choices)[::-1]):
-            trl_utils._use_triton = choices[arm]
+        for arm in (list(arms) if repeat % 2 == 0 else list(arms)[::-1]):
+            trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = arms[arm]
             for index, batch in enumerate(steps):
                 model.zero_grad(set_to_none=True)
                 started = time.perf_counter()
@@ -162,16 +166,20 @@ def head(recipe_path: str, batches: int, repeats: int) -> dict:
                 if index:   # not the warm-up batch
                     seconds[arm].append(time.perf_counter() - started)
                     losses[arm].append(loss.item())
-    trl_utils._use_triton = choices["labelled_only"]
-    per_batch = [every / labelled for every, labelled in zip(seconds["every_position"], seconds["labelled_only"])]
+    trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = arms["ftcli"]
+
+    def over(slow: str, fast: str) -> dict:
+        per_batch = [a / b for a, b in zip(seconds[slow], seconds[fast])]
+        return {"median": round(statistics.median(per_batch), 4),
+                "range": [round(min(per_batch), 4), round(max(per_batch), 4)]}
+
     labels = [batch["labels"][:, 1:] for batch in steps[1:]]
     return {"batches": batches, "repeats": repeats, "precision": session.precision,
             "labelled_share": round(sum(int((l != -100).sum()) for l in labels) / sum(l.numel() for l in labels), 4),
             "step_s_median": {arm: round(statistics.median(v), 4) for arm, v in seconds.items()},
-            "every_over_labelled": round(statistics.median(per_batch), 4),
-            "every_over_labelled_range": [round(min(per_batch), 4), round(max(per_batch), 4)],
-            "largest_loss_difference": max(abs(a - b) for a, b in zip(losses["labelled_only"],
-                                                                      losses["every_position"]))}
+            "trl_over_ftcli": over("trl", "ftcli"), "trl_over_labelled_only": over("trl", "labelled_only"),
+            "largest_loss_difference": max(abs(a - b) for arm in ("labelled_only", "ftcli")
+                                           for a, b in zip(losses[arm], losses["trl"]))}
 
 
 def main() -> None:
@@ -191,6 +199,7 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if args.command == "score":
         result = score(args.recipe, args.adapters, args.overrides, args.max_examples)
@@ -199,7 +208,7 @@ def main() -> None:
     elif args.command == "load":
         result = load(args.recipe, args.repeats)
     elif args.command == "head":
-        result = head(args.recipe, args.batches, args.repeats)
+        result = head(args.recipe, args.batches, args.repeats, args.overrides)
     else:
         result = convert(args.recipe)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -156,24 +156,31 @@ def render_markdown(results: dict) -> str:
         lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute dtype, autocast as resolved)", ""]
         lines += _arms_table(s["qlora"]) + [_ratio_line("ftcli / trl_matched", s.get("qlora_matched_ratios")), ""]
         if s.get("head"):
-            lines += ["### Where ftcli's speed comes from: the LM head over labelled positions only", "",
-                      "TRL's fused LM head projects only the positions that have a label on Triton GPUs and every "
-                      "position elsewhere; ftcli makes it project labelled positions only on the CPU too "
-                      "(ftcli/fused_head.py). bench/probes.py head times ftcli's own trainer (forward and backward, "
-                      "autocast as resolved) over the same batches with either choice, alternated in one process, so "
-                      "this ratio is not the noise of separate runs.", ""]
+            lines += ["### Where ftcli's speed comes from: TRL's fused LM head as ftcli runs it on the CPU", "",
+                      "Without Triton, TRL's fused LM head projects every position and folds each vocabulary tile "
+                      "with a dozen torch passes; ftcli (ftcli/fused_head.py) projects the labelled positions only "
+                      "and scores them with PyTorch's cross-entropy, chunk by chunk. bench/probes.py head times "
+                      "ftcli's own trainer (forward and backward, autocast as resolved) over the same batches with "
+                      "TRL's head (`trl`), with labelled positions only but TRL's folding (`labelled_only`), and as "
+                      "ftcli runs it (`ftcli`), alternated in one process: these ratios are not the noise of "
+                      "separate runs.", ""]
             rows = []
             for method, h in s["head"].items():
                 if "error" in h:
-                    rows.append([method, "failed", "", "", "", ""])
+                    rows.append([method, "failed", "", "", "", "", "", ""])
                     continue
                 step = h.get("step_s_median", {})
-                rows.append([method, _pct(h.get("labelled_share")), _num(step.get("every_position"), 3),
-                             _num(step.get("labelled_only"), 3),
-                             f"{_num(h.get('every_over_labelled'), 3)} ({', '.join(_num(x, 3) for x in h.get('every_over_labelled_range', []))})",
+
+                def ratio_cell(key):
+                    r = h.get(key) or {}
+                    return f"{_num(r.get('median'), 3)} ({', '.join(_num(x, 3) for x in r.get('range', []))})"
+
+                rows.append([method, _pct(h.get("labelled_share")), _num(step.get("trl"), 3),
+                             _num(step.get("labelled_only"), 3), _num(step.get("ftcli"), 3),
+                             ratio_cell("trl_over_labelled_only"), ratio_cell("trl_over_ftcli"),
                              _num(h.get("largest_loss_difference"), 6)])
-            lines += _table(["method", "labelled share of positions", "step s, every position",
-                             "step s, labelled only", "every / labelled (range)", "largest loss difference"], rows)
+            lines += _table(["method", "labelled share of positions", "step s: trl", "labelled_only", "ftcli",
+                             "trl / labelled_only (range)", "trl / ftcli (range)", "largest loss difference"], rows)
     if "packing" in sections:
         s = sections["packing"]
         lines += ["## 3. Packing", "",

@@ -154,7 +154,10 @@ class Bench(Session):
             "ftcli": lambda label: self.ftcli_train(label, "qlora", p.qlora_steps, ["data.eval=null"]),
             "trl_matched": lambda label: self.baseline_train(label, "qlora", p.qlora_steps, trl_defaults=False),
         }, p.repeats)
-        section = {"lora": lora, "qlora": qlora, "head": {method: self._head_probe(method) for method in RECIPES}}
+        head = {method: self._head_probe(method, method) for method in RECIPES}
+        # Long answers (most positions labelled): what the scoring itself costs, beyond skipping the prompt.
+        head["lora, varied data @256"] = self._head_probe("lora-varied", "lora", self.varied_overrides(256))
+        section = {"lora": lora, "qlora": qlora, "head": head}
         for method, arms in (("lora", lora), ("qlora", qlora)):
             ratios = side_ratios(arms["ftcli"], arms["trl_matched"])
             ratios["paired_steps"] = paired_step_ratio(arms["ftcli"]["runs"], arms["trl_matched"]["runs"])
@@ -184,12 +187,14 @@ class Bench(Session):
                       goal(loss_ratio, at_most=1.01))
         self.results["sections"]["training"] = section
 
-    def _head_probe(self, method: str) -> dict:
-        """ftcli's steps with the LM head over labelled positions only against every position, in one process."""
+    def _head_probe(self, label: str, method: str, overrides: list[str] = ()) -> dict:
+        """ftcli's steps with TRL's fused LM head as TRL and as ftcli run it on the CPU, in one process."""
         p = self.plan
-        self.log(f"head: {method}, labelled positions only / every position, alternated in one process")
-        result = self.child(f"head-{method}", [sys.executable, str(BENCH / "probes.py"), "head", str(RECIPES[method]),
-                                               "--batches", str(p.head_batches), "--repeats", str(p.head_repeats)])
+        self.log(f"head: {label}, TRL's LM head / ftcli's, alternated in one process")
+        sets = [arg for override in overrides for arg in ("--set", override)]
+        result = self.child(f"head-{label}", [sys.executable, str(BENCH / "probes.py"), "head", str(RECIPES[method]),
+                                              "--batches", str(p.head_batches), "--repeats", str(p.head_repeats),
+                                              *sets])
         return json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {"error": result.stderr_tail}
 
     def _score_eval_loss(self, arms: dict) -> None:

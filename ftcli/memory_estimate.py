@@ -6,12 +6,15 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
 ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight, gradient, two moments
-# TRL's fused LM head projects the labelled positions (ftcli/fused_head.py) in tiles of at most this many positions
-# by this many vocabulary entries; a tile and the fold's temporaries hold about LOGIT_TILE_COPIES fp32 copies at once
-# (6 of a 32768-wide tile, fitted to the peak RSS measured on the CPU, bench/RESULTS.md).
+# TRL's fused LM head scores the labelled positions only (on GPUs with Triton; ftcli/fused_head.py on the CPU).
+# On GPUs in tiles of at most this many positions by this many vocabulary entries, about LOGIT_TILE_COPIES fp32 copies
+# of a tile alive at once; on the CPU ftcli scores chunks of ftcli.fused_head.CPU_CHUNK_LOGITS logits over the whole
+# vocabulary, about CPU_LOGIT_COPIES fp32 copies alive (projection, log-softmax, statistics, their gradients; fitted to
+# the peak RSS measured on the CPU, bench/RESULTS.md).
 LOGIT_TILE_TOKENS = 4096
 LOGIT_TILE_VOCAB = 32768
 LOGIT_TILE_COPIES = 6
+CPU_LOGIT_COPIES = 5
 FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
 # bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype (MEASURED.md), so autograd keeps
 # less per token than for the same LoRA on fp32 layers: measured 0.80-0.86 of it at lengths 96 to 320.
@@ -135,7 +138,12 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         activations *= CPU_AUTOCAST_ACTIVATION_FACTOR
         autocast_weight_copies = linear * 2
     scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens)
-    logits = min(scored, LOGIT_TILE_TOKENS) * min(d["vocab"], LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
+    if device_kind == "cpu":
+        from ftcli.fused_head import cpu_chunk_positions
+
+        logits = min(scored, cpu_chunk_positions(d["vocab"])) * d["vocab"] * 4 * CPU_LOGIT_COPIES
+    else:
+        logits = min(scored, LOGIT_TILE_TOKENS) * min(d["vocab"], LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
     parts = {
         "weights": int(weights),
         "adapter_and_optimizer": int(optimizer),

@@ -1,12 +1,12 @@
-"""TRL's SFTTrainer with ftcli's changes: length-grouped batches in random order, a real-token count, and an LM head
-that projects only labelled positions on the CPU (ftcli/fused_head.py)."""
+"""TRL's SFTTrainer with ftcli's changes: length-grouped batches in random order, a real-token count, and TRL's fused LM
+head made fast on the CPU (ftcli/fused_head.py)."""
 
 from __future__ import annotations
 
 from trl import SFTTrainer
 
 from ftcli.data_packing import REAL_TOKENS_KEY
-from ftcli.fused_head import project_labelled_positions_only
+from ftcli.fused_head import prepare_fused_head
 from ftcli.length_batches import LengthBatchedSampler
 
 
@@ -24,7 +24,7 @@ class FtcliSFTTrainer(SFTTrainer):
     def __init__(self, *args, real_tokens: RealTokenCount, group_by_length: bool, **kwargs):
         self.real_tokens = real_tokens
         self.group_by_length = group_by_length
-        project_labelled_positions_only()
+        prepare_fused_head()
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):

@@ -99,9 +99,10 @@ def _results(quick: bool) -> dict:
                         "ratio_to_import_torch": {"ftcli --help": 0.1}},
             "training": {"lora": {"ftcli": arm, "trl_matched": arm, "trl_defaults": failed},
                          "qlora": {"ftcli": arm, "trl_matched": arm},
-                         "head": {"lora": {"labelled_share": 0.11, "step_s_median": {"every_position": 2.3,
-                                                                                     "labelled_only": 1.3},
-                                           "every_over_labelled": 1.77, "every_over_labelled_range": [1.7, 1.8],
+                         "head": {"lora": {"labelled_share": 0.11,
+                                           "step_s_median": {"trl": 2.3, "labelled_only": 1.3, "ftcli": 1.0},
+                                           "trl_over_labelled_only": {"median": 1.77, "range": [1.7, 1.8]},
+                                           "trl_over_ftcli": {"median": 2.3, "range": [2.2, 2.4]},
                                            "largest_loss_difference": 0.0},
                                   "qlora": {"error": "Traceback"}}},
             "memory": {"steps": 1, "cases": {"lora@256": {"estimate_bytes": 2**30, "peak_rss_bytes": 2**30,
@@ -117,7 +118,7 @@ def test_report_lists_goals_sections_and_failures():
     assert "| speed ratio | 1.100 | >= 1.00 | yes |" in text
     assert "trl_defaults repeat 1 failed" in text and "ValueError: boom" in text
     assert "| lora@256 | 1,024 | 1,024 | 1.000 |" in text
-    assert "| lora | 11% | 2.300 | 1.300 | 1.770 (1.700, 1.800) | 0.000000 |" in text
+    assert "| lora | 11% | 2.300 | 1.300 | 1.000 | 1.770 (1.700, 1.800) | 2.300 (2.200, 2.400) | 0.000000 |" in text
     assert "| qlora | failed |" in text
     assert "QUICK" not in report.render_markdown(_results(quick=False))
 
@@ -245,7 +246,8 @@ def test_head_probe_times_both_choices_over_the_same_batches(tiny_recipe):
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < figures["labelled_share"] < 0.5    # the tiny chat data is mostly prompt
-    assert set(figures["step_s_median"]) == {"labelled_only", "every_position"}
+    assert set(figures["step_s_median"]) == {"trl", "labelled_only", "ftcli"}
     assert all(seconds > 0 for seconds in figures["step_s_median"].values())
-    assert figures["every_over_labelled"] > 0 and len(figures["every_over_labelled_range"]) == 2
-    assert figures["largest_loss_difference"] < 1e-4   # the same batches, the same loss either way
+    for key in ("trl_over_ftcli", "trl_over_labelled_only"):
+        assert figures[key]["median"] > 0 and len(figures[key]["range"]) == 2
+    assert figures["largest_loss_difference"] < 1e-4   # the same batches, the same loss every way
