@@ -9,12 +9,12 @@ ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight,
 # TRL's fused LM head scores the labelled positions only (on GPUs with Triton; ftcli/fused_head.py on the CPU).
 # On GPUs in tiles of at most this many positions by this many vocabulary entries, about LOGIT_TILE_COPIES fp32 copies
 # of a tile alive at once; on the CPU ftcli scores chunks of ftcli.fused_head.CPU_CHUNK_LOGITS logits over the whole
-# vocabulary, about CPU_LOGIT_COPIES fp32 copies alive (projection, log-softmax, statistics, their gradients; fitted to
-# the peak RSS measured on the CPU, bench/RESULTS.md).
+# vocabulary, whose short-lived copies add about CPU_LOGIT_COPIES fp32 chunks to the process's peak (fitted to the
+# peak RSS measured on the CPU at lengths 128 and 256, bench/RESULTS.md: they overlap the activations' peak in part).
 LOGIT_TILE_TOKENS = 4096
 LOGIT_TILE_VOCAB = 32768
 LOGIT_TILE_COPIES = 6
-CPU_LOGIT_COPIES = 5
+CPU_LOGIT_COPIES = 1.5
 FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
 # bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype (MEASURED.md), so autograd keeps
 # less per token than for the same LoRA on fp32 layers: measured 0.80-0.86 of it at lengths 96 to 320.
@@ -141,7 +141,7 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     if device_kind == "cpu":
         from ftcli.fused_head import cpu_chunk_positions
 
-        logits = min(scored, cpu_chunk_positions(d["vocab"])) * d["vocab"] * 4 * CPU_LOGIT_COPIES
+        logits = int(min(scored, cpu_chunk_positions(d["vocab"])) * d["vocab"] * 4 * CPU_LOGIT_COPIES)
     else:
         logits = min(scored, LOGIT_TILE_TOKENS) * min(d["vocab"], LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
     parts = {
