@@ -203,6 +203,8 @@ def render_markdown(results: dict) -> str:
                   "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/memory_estimate.py). Measured: peak RSS of "
                   f"`ftcli train` ({s.get('steps')} step(s); training.group_by_length=true puts the longest batch "
                   "first, so the first step runs at max_length) on the varied-length data.", ""]
+        if s.get("estimates_recomputed"):
+            lines += [f"**{s['estimates_recomputed']}**", ""]
         rows = []
         for key, case in s["cases"].items():
             parts = case.get("estimate_parts") or {}

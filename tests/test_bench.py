@@ -106,7 +106,8 @@ def _results(quick: bool) -> dict:
                                            "largest_loss_difference": 0.0},
                                   "qlora": {"error": "Traceback"}}},
             "memory": {"steps": 1, "cases": {"lora@256": {"estimate_bytes": 2**30, "peak_rss_bytes": 2**30,
-                                                          "estimate_over_measured": 1.0, "from": "own run"}}},
+                                                          "estimate_over_measured": 1.0, "from": "own run"}},
+                       "estimates_recomputed": "Recomputed for the same peaks."},
         },
     }
 
@@ -120,6 +121,7 @@ def test_report_lists_goals_sections_and_failures():
     assert "| lora@256 | 1,024 | 1,024 | 1.000 |" in text
     assert "| lora | 11% | 2.300 | 1.300 | 1.000 | 1.770 (1.700, 1.800) | 2.300 (2.200, 2.400) | 0.000000 |" in text
     assert "| qlora | failed |" in text
+    assert "**Recomputed for the same peaks.**" in text
     assert "QUICK" not in report.render_markdown(_results(quick=False))
 
 
