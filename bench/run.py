@@ -1,13 +1,14 @@
 """ftcli against the hand-written TRL script, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python bench/run.py            # full: about 33 minutes on 2 quiet CPU cores  (make bench)
+    python bench/run.py            # full: about 35 minutes on 2 quiet CPU cores  (make bench)
     python bench/run.py --quick    # under 5 minutes: fewer steps and repeats, labelled quick  (make bench-quick)
 
 Sections (all by default; --sections picks some):
   startup   `ftcli --help` and `ftcli validate` against `python -c "import torch"` (median of several runs each)
   training  real tokens/s and peak RSS of `ftcli train` against bench/trl_baseline.py on the embedded model:
             LoRA and QLoRA with identical settings; LoRA also against the script with TRL's own defaults, with
-            the final eval loss of every adapter scored alike (bench/probes.py score)
+            the final eval loss of every adapter scored alike (bench/probes.py score); and where the speed comes
+            from: ftcli's steps with TRL's LM head and with ftcli's, in one process (bench/probes.py head)
   packing   data.packing=true against plain padded batches (ftcli's default) on chat data of varied length
   memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
   load      load time of the builtin model after its first conversion (and, full mode, that conversion)
@@ -74,6 +75,7 @@ class Plan:
     timeout_s: int
     head_batches: int = 6               # batches of the LM-head probe (bench/probes.py head)
     head_repeats: int = 3
+    head_cases: tuple[str, ...] = ("lora", "qlora", "lora-varied")   # recipes probed; -varied: the varied data
     score_examples: int | None = None   # eval examples scored per adapter (None: all)
     context_arms: bool = False          # also ftcli grouped by length and packing against grouped batches
     # Extra training seeds for the eval-loss comparison with TRL's defaults: 20 steps end 8% apart from one seed to
@@ -87,7 +89,8 @@ FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_step
             loss_seeds=(43, 44, 45))
 QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=4, qlora_steps=3, packing_steps=3, skip=1,
              memory_steps=1, memory_cases=(("lora", 256), ("lora", 128)), varied_examples=256, load_repeats=3,
-             first_conversion=False, timeout_s=600, head_batches=2, head_repeats=1, score_examples=32)
+             first_conversion=False, timeout_s=600, head_batches=2, head_repeats=1, head_cases=("lora",),
+             score_examples=32)
 
 
 class Bench(Session):
@@ -154,9 +157,12 @@ class Bench(Session):
             "ftcli": lambda label: self.ftcli_train(label, "qlora", p.qlora_steps, ["data.eval=null"]),
             "trl_matched": lambda label: self.baseline_train(label, "qlora", p.qlora_steps, trl_defaults=False),
         }, p.repeats)
-        head = {method: self._head_probe(method, method) for method in RECIPES}
-        # Long answers (most positions labelled): what the scoring itself costs, beyond skipping the prompt.
-        head["lora, varied data @256"] = self._head_probe("lora-varied", "lora", self.varied_overrides(256))
+        head = {}
+        for case in p.head_cases:
+            method, _, varied = case.partition("-")
+            # Long answers (most positions labelled): what the scoring costs, beyond skipping the prompt.
+            head[f"{method}, varied data @256" if varied else method] = self._head_probe(
+                case, method, self.varied_overrides(256) if varied else [])
         section = {"lora": lora, "qlora": qlora, "head": head}
         for method, arms in (("lora", lora), ("qlora", qlora)):
             ratios = side_ratios(arms["ftcli"], arms["trl_matched"])
