@@ -135,6 +135,7 @@ def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> 
     from rich.console import Console
     from trl.trainer import utils as trl_utils
 
+    from ftcli.data_types import IGNORE_INDEX
     from ftcli.recipe_loader import load_recipe
     from ftcli.runs import RunDir
     from ftcli.sft_trainer import RealTokenCount
@@ -175,7 +176,7 @@ def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> 
 
     labels = [batch["labels"][:, 1:] for batch in steps[1:]]
     return {"batches": batches, "repeats": repeats, "precision": session.precision,
-            "labelled_share": round(sum(int((l != -100).sum()) for l in labels) / sum(l.numel() for l in labels), 4),
+            "labelled_share": round(sum(int((l != IGNORE_INDEX).sum()) for l in labels) / sum(l.numel() for l in labels), 4),
             "step_s_median": {arm: round(statistics.median(v), 4) for arm, v in seconds.items()},
             "trl_over_ftcli": over("trl", "ftcli"), "trl_over_labelled_only": over("trl", "labelled_only"),
             "largest_loss_difference": max(abs(a - b) for arm in ("labelled_only", "ftcli")

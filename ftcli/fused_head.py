@@ -68,10 +68,10 @@ def cpu_label_log_probs(hidden, weight, bias, targets, temperature=1.0, softcap=
 
     parts = []
     rows = cpu_chunk_positions(weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, max(hidden.shape[0], 1), rows):   # an empty batch still gives a (zero) graph
         chunk = (hidden[start:start + rows], weight, bias, targets[start:start + rows],
                  temperature, softcap, logit_scale, outputs)
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         parts.append(checkpoint(_score_chunk, *chunk, use_reentrant=False) if needs_grad else _score_chunk(*chunk))
     return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
 

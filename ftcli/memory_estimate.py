@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ftcli.data_types import IGNORE_INDEX
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
@@ -73,9 +75,9 @@ def _available_bytes(device: str) -> int | None:
     return None
 
 
-def labelled_tokens_per_batch(label_rows, batch_size: int, ignore_index: int = -100) -> int:
+def labelled_tokens_per_batch(label_rows, batch_size: int) -> int:
     """The most labelled positions one batch can hold: those of the batch_size rows that have the most."""
-    counts = sorted((sum(1 for label in labels if label != ignore_index) for labels in label_rows), reverse=True)
+    counts = sorted((sum(1 for label in labels if label != IGNORE_INDEX) for labels in label_rows), reverse=True)
     return sum(counts[:batch_size])
 
 
