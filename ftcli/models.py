@@ -104,7 +104,23 @@ def resolve_precision(requested: str, device: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+# FTCLI_CPU_BF16 overrides the detection below: "off" makes `precision: auto` behave as on a CPU without native
+# bf16 (the fp32 path most users' CPUs take; CI runs it on every machine), "on" as on one with it.
+CPU_BF16_ENV = "FTCLI_CPU_BF16"
+CPU_BF16_CHOICES = {"auto": None, "on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
+
+
 def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), unless FTCLI_CPU_BF16 says otherwise."""
+    setting = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
+    if setting not in CPU_BF16_CHOICES:
+        raise UsageError(f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]!r} is not one of auto, on, off",
+                         hint=f"unset {CPU_BF16_ENV} to detect the CPU's bf16 support")
+    forced = CPU_BF16_CHOICES[setting]
+    return detected_cpu_bf16() if forced is None else forced
+
+
+def detected_cpu_bf16() -> bool:
     import torch
 
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
