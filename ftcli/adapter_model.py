@@ -96,6 +96,15 @@ def run_chat_template(run, recipe: Recipe | None = None) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
+def parity_batch(run, recipe: Recipe | None = None) -> dict:
+    """The parity check conversations (ftcli.parity), rendered through the run's template and tokenized."""
+    from ftcli import parity
+
+    recipe = recipe or run.load_recipe()
+    tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
+    return parity.encode(tokenizer, parity.check_texts(run_chat_template(run, recipe), tokenizer))
+
+
 def load_run_model(run, *, merged: bool = False, action: str = "use", quantized: bool = True,
                    dtype: str | None = None, device: str | None = None) -> RunModel:
     """Load a completed run for inference from its run directory alone (recipe.yaml, run.json, adapter/).

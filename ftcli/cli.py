@@ -201,15 +201,17 @@ def eval_(
     json_output: JsonOpt = False,
 ) -> None:
     """Measure a run: loss, perplexity and generation metrics; gate CI with --fail-under."""
-    from ftcli.evaluate import check_gates, parse_gates, render_eval, run_eval
+    from ftcli.evaluate import gate_failure, parse_gates, render_eval, run_eval
     from ftcli.runs import RunDir, runs_root
 
     gates = parse_gates(fail_under)
     run_dir = RunDir.open(runs_root(runs_dir), run)
     result = run_eval(run_dir, data=data, max_samples=max_samples, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, compare_base=compare_base, console=err())
+                      batch_size=batch_size, compare_base=compare_base, gates=gates or None, console=err())
     print_json(result) if json_output else render_eval(result, out())
-    check_gates(result, gates or None, run_dir)
+    failure = gate_failure(result, run_dir)
+    if failure:  # the document just printed carries the gates: report on stderr only, so stdout stays one document
+        raise typer.Exit(report_failure(failure, json_output=False))
 
 
 @app.command()

@@ -38,41 +38,72 @@ def parse_gates(texts: list[str]) -> dict[str, float]:
     return gates
 
 
-def check_gates(result: dict, gates: dict[str, float] | None, run) -> None:
-    """QualityGateError (exit 6) naming each metric below its bar (gates default to recipe eval.fail_under).
+def check_gates(result: dict, gates: dict[str, float] | None, recipe) -> dict | None:
+    """The gates' outcome, for the result document: {"passed", "checks": [{metric, value, bar, direction, passed}],
+    "source"}; None when there are no gates (gates default to the recipe's eval.fail_under).
 
-    "Below" means worse: loss and perplexity fail when ABOVE their bar, every other metric when under it."""
+    direction "min": the value must reach the bar (generation metrics); "max": it must not exceed it (loss,
+    perplexity). UsageError for a gate on a metric this eval did not measure."""
     from ftcli.metrics import passes
 
-    if gates is None:
-        gates = dict(run.load_recipe().eval.fail_under)
+    gates, source = _gates_and_source(gates, recipe)
+    if not gates:
+        return None
     metrics = result.get("metrics", {})
-    failures = []
+    checks = []
     for metric, bar in gates.items():
         value = metrics.get(metric)
         if value is None:
-            raise UsageError(f"quality gate on {metric}, which this eval did not measure",
-                             hint="generation metrics need chat, instruction or prompt_completion data "
-                                  "and eval.generation: true")
-        if not passes(metric, value, bar):
-            relation = "<" if HIGHER_IS_BETTER[metric] else ">"
-            direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
-            failures.append(f"{metric} {value:.4g} {relation} {bar:g} ({direction} is better)")
-    if failures:
-        raise QualityGateError(f"run {run.name!r} failed its quality gates: " + "; ".join(failures),
-                               hint=f"results in {result.get('path', run.eval_dir)}")
+            raise _unmeasured(metric)
+        checks.append({"metric": metric, "value": value, "bar": bar,
+                       "direction": "min" if HIGHER_IS_BETTER[metric] else "max", "passed": passes(metric, value, bar)})
+    return {"passed": all(c["passed"] for c in checks), "checks": checks, "source": source}
+
+
+def gate_failure(result: dict, run) -> QualityGateError | None:
+    """The QualityGateError (exit 6) naming each metric worse than its bar in result["gates"], or None."""
+    failures = []
+    for check in (result.get("gates") or {}).get("checks", []):
+        if not check["passed"]:
+            higher = check["direction"] == "min"
+            failures.append(f"{check['metric']} {check['value']:.4g} {'<' if higher else '>'} {check['bar']:g} "
+                            f"({'higher' if higher else 'lower'} is better)")
+    if not failures:
+        return None
+    return QualityGateError(f"run {run.name!r} failed its quality gates: " + "; ".join(failures),
+                            hint=f"results in {result.get('path', run.eval_dir)}")
+
+
+def _gates_and_source(gates: dict[str, float] | None, recipe) -> tuple[dict[str, float], str]:
+    if gates is None:
+        return dict(recipe.eval.fail_under), "recipe eval.fail_under"
+    return gates, "--fail-under"
+
+
+def _unmeasured(metric: str) -> UsageError:
+    return UsageError(f"quality gate on {metric}, which this eval did not measure",
+                      hint="generation metrics need chat, instruction or prompt_completion data "
+                           "and eval.generation: true")
 
 
 # ---------------------------------------------------------------------------------------------- eval
 
 
 def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_size=None,
-             compare_base=False, console=None) -> dict:
-    """Evaluate the run (base + adapter from the run dir alone); write eval/<timestamp>.json and eval/latest.json."""
+             compare_base=False, gates=None, console=None) -> dict:
+    """Evaluate the run (base + adapter from the run dir alone); write eval/<timestamp>.json and eval/latest.json.
+
+    `gates` ({metric: bar}, None for the recipe's eval.fail_under) are checked into result["gates"]; raising
+    for a failed gate is the caller's (gate_failure), after it has shown the result."""
     from ftcli.adapter_model import load_run_model
+    from ftcli.metrics import GENERATION_METRICS
 
     run.require_adapter("evaluate")
     recipe = run.load_recipe()
+    if not _generates(recipe):  # a gate on a metric that can't be measured fails before any model loads
+        for metric in _gates_and_source(gates, recipe)[0]:
+            if metric in GENERATION_METRICS:
+                raise _unmeasured(metric)
     settings = {
         "max_new_tokens": max_new_tokens or recipe.eval.max_new_tokens,
         "batch_size": batch_size or recipe.eval.batch_size,
@@ -106,6 +137,7 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         "delta": _delta(metrics, base_metrics) if base_metrics else None,
         "samples": _samples(prompts, references, predictions, base_predictions),
     }
+    result["gates"] = check_gates(result, gates, recipe)
     _save(run, result)
     return result
 
@@ -155,11 +187,15 @@ def _generation_pairs(conversations, loaded) -> tuple[list[str], list[str]]:
     """(prompts rendered up to the last assistant turn, reference answers); none for format text."""
     from ftcli.data import split_for_generation
 
-    recipe = loaded.recipe
-    if not recipe.eval.generation or recipe.data.format == "text":
+    if not _generates(loaded.recipe):
         return [], []
     pairs = [split_for_generation(c, loaded.tokenizer, loaded.chat_template) for c in conversations]
     return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def _generates(recipe) -> bool:
+    """Whether eval generates answers, and so measures the generation metrics (format text has no answers)."""
+    return recipe.eval.generation and recipe.data.format != "text"
 
 
 def _measure(loaded, tokenized, prompts, references, settings) -> tuple[dict[str, float], list[str]]:

@@ -43,9 +43,7 @@ def export_run(run, fmt: str, *, quant: str | None = None, out=None, console=Non
         result = EXPORTERS[fmt](run, recipe, target, quant, console)
         result.update(format=fmt, path=str(target), exported_at=now_iso(),
                       seconds=round(time.perf_counter() - started, 2))
-        exports = dict(run.read().get("exports") or {})
-        exports[fmt] = result
-        run.update(exports=exports)
+        run.modify(lambda info: info.update(exports={**(info.get("exports") or {}), fmt: result}))
     _say(console, f"exported {fmt} to {target}")
     return result
 
@@ -130,7 +128,7 @@ def export_ollama(run, recipe, target: Path, quant: str, console) -> dict:
 
 def export_gguf_lora(run, recipe, target: Path, quant: str, console) -> dict:
     """The LoRA adapter as a llama.cpp adapter GGUF, read back and checked against PEFT's own merge."""
-    from ftcli.adapter_model import check_base_fingerprint
+    from ftcli.adapter_model import check_base_fingerprint, parity_batch
     from ftcli.gguf_lora import check_lora_gguf, require_lora_capable, write_lora_gguf
     from ftcli.models import load_model
 
@@ -144,7 +142,7 @@ def export_gguf_lora(run, recipe, target: Path, quant: str, console) -> dict:
         record = write_lora_gguf(run.adapter_dir, base_dir, path, quant=quant, name=run.name)
         base_model = load_model(recipe.model, dtype="float32", trust_remote_code=recipe.model.trust_remote_code)
         record["check"] = check_lora_gguf(path, adapter_dir=run.adapter_dir, base_model=base_model,
-                                          base_dir=base_dir, quant=quant)
+                                          base_dir=base_dir, quant=quant, batch=parity_batch(run, recipe))
         record["base_model"] = base["reference"]
         if recipe.method.kind == "qlora":
             record["note"] = ("trained against the 4-bit base: applied to a full-precision base GGUF it drifts the "

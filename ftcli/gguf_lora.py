@@ -116,11 +116,15 @@ def read_lora_gguf(path: Path) -> tuple[dict, dict]:
     return metadata, arrays
 
 
-def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path, quant: str) -> dict:
-    """Read the file back: metadata, shapes and alpha as written, and base + scale * unpermute(B) @ A equal to
-    PEFT's own merge of the adapter into `base_model` (a float32 model, consumed) for every module."""
+def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path, quant: str, batch: dict) -> dict:
+    """Read the file back and apply it as llama.cpp does (base + alpha/r * unpermute(B) @ A, with the file's own
+    alpha): metadata and shapes as written, each rebuilt weight equal to PEFT's own merge of the adapter into
+    `base_model` (a float32 model, consumed), and the rebuilt model's next-token distributions on `batch` (the check
+    conversations) within parity.BOUNDS["gguf_lora_QUANT"] of base + adapter."""
     import numpy as np
+    import torch
 
+    from ftcli import parity
     from ftcli.gguf_writer import llama_shape, rows_permutation, unpermute_rows
     from ftcli.merge import with_adapter
 
@@ -131,12 +135,15 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
     for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", "llama")):
         if metadata.get(key) != want:
             problems.append(f"{key} is {metadata.get(key)!r}, not {want!r}")
-    if not math.isclose(float(metadata.get("adapter.lora.alpha", float("nan"))), alpha, rel_tol=1e-6):
-        problems.append(f"adapter.lora.alpha is {metadata.get('adapter.lora.alpha')}, not {alpha}")
+    written_alpha = float(metadata.get("adapter.lora.alpha", float("nan")))
+    if not math.isclose(written_alpha, alpha, rel_tol=1e-6):
+        problems.append(f"adapter.lora.alpha is {written_alpha}, not {alpha} (the scale PEFT trained with)")
 
     modules = dict(base_model.named_modules())
     base_weights = {pair.hf_module: modules[pair.hf_module].weight.detach().clone().numpy() for pair in pairs}
-    merged = with_adapter(base_model, adapter_dir).merge_and_unload()
+    adapted = with_adapter(base_model, adapter_dir)
+    expected_logits = parity.logits(adapted, batch)
+    merged = adapted.merge_and_unload()
     merged_modules = dict(merged.named_modules())
     worst = 0.0
     for pair in pairs:
@@ -148,18 +155,26 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
         heads = rows_permutation(pair.gguf_name, shape)
         if heads is not None:
             b = unpermute_rows(b, heads)
-        rebuilt = base_weights[pair.hf_module] + (alpha / a.shape[0]) * (b @ a)
-        expected = merged_modules[pair.hf_module].weight.detach().numpy()
+        rebuilt = base_weights[pair.hf_module] + (written_alpha / a.shape[0]) * (b @ a)
+        weight = merged_modules[pair.hf_module].weight
+        expected = weight.detach().numpy()
         delta = np.abs(expected - base_weights[pair.hf_module]).max()
         worst = max(worst, float(np.abs(rebuilt - expected).max() / max(delta, 1e-12)))
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy(rebuilt))   # the model as llama.cpp will compute it
     if worst > MAX_RELATIVE_ERROR[quant]:
         problems.append(f"base + A/B differs from PEFT's merge by {worst:.3g} of the largest change "
                         f"(allowed {MAX_RELATIVE_ERROR[quant]:g} at {quant})")
+    bounds = parity.BOUNDS[f"gguf_lora_{quant}"]
+    check = parity.compare(expected_logits, parity.logits(merged, batch), batch["attention_mask"], bounds)
+    problems += [f"with the file applied to the base: {failure}" for failure in check.failures(bounds)]
+    del merged, adapted
     if problems:
         raise QualityGateError("the LoRA GGUF does not reproduce the adapter: " + "; ".join(problems)
-                               + "; nothing was left in place", hint="this is a bug worth reporting")
-    del merged
-    return {"modules": len(pairs), "alpha": alpha, "max_relative_error": round(worst, 8)}
+                               + f" ({check.describe()}); nothing was left in place",
+                               hint="this is a bug worth reporting")
+    return {"modules": len(pairs), "alpha": alpha, "max_relative_error": float(f"{worst:.6g}"),
+            "parity": check.as_dict(), "bounds": bounds.describe()}
 
 
 def require_lora_capable(kind: str, run_name: str = "RUN") -> None:

@@ -18,7 +18,7 @@ LOGIT_TILE_VOCAB = 32768
 LOGIT_TILE_COPIES = 6
 CPU_LOGIT_COPIES = 1.5
 FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
-# bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype (MEASURED.md), so autograd keeps
+# bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype, so autograd keeps
 # less per token than for the same LoRA on fp32 layers: measured 0.80-0.86 of it at lengths 96 to 320.
 QUANTIZED_CPU_ACTIVATION_FACTOR = 0.82
 # bf16 autocast of fp32 weights on the CPU: matmul outputs are kept in bf16, norms, residuals and softmax inputs in

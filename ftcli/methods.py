@@ -110,8 +110,7 @@ def lora_config(method):
 
 
 def prefix_config(method, *, hidden_size: int):
-    """Prefix tuning. Its random initial prefix wrecks the model's output at step 0 (loss ~8.8 on SmolLM2, see
-    MEASURED.md) and it learns only at high learning rates (~1e-2); that is the method, not a bug."""
+    """Prefix tuning. Its random initial prefix wrecks the model's output at step 0 (loss ~8.8 on SmolLM2) and it learns only at high learning rates (~1e-2); that is the method, not a bug."""
     from peft import PrefixTuningConfig
 
     return PrefixTuningConfig(

@@ -89,7 +89,7 @@ def resolve_dtype(requested: str, device: str) -> str:
 
 def resolve_compute_dtype(requested: str, device: str) -> str:
     """bitsandbytes compute dtype: auto is bf16 on GPUs that support it, else fp32 (on the CPU bitsandbytes
-    computes in bf16 internally whatever is asked, see MEASURED.md)."""
+    computes in bf16 internally whatever is asked)."""
     return ("bfloat16" if _cuda_bf16(device) else "float32") if requested == "auto" else requested
 
 
@@ -118,6 +118,11 @@ def cpu_has_native_bf16() -> bool:
                          hint=f"unset {CPU_BF16_ENV} to detect the CPU's bf16 support")
     forced = CPU_BF16_CHOICES[setting]
     return detected_cpu_bf16() if forced is None else forced
+
+
+def cpu_bf16_facts() -> dict:
+    """For run.json: what the CPU offers and what FTCLI_CPU_BF16 made of it."""
+    return {"detected": detected_cpu_bf16(), "override": os.environ.get(CPU_BF16_ENV), "used": cpu_has_native_bf16()}
 
 
 def detected_cpu_bf16() -> bool:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ftcli.atomic import STAGING_PREFIX, atomic_write_json, atomic_write_text
 from ftcli.errors import NotAvailableError, RunStateError, UsageError
@@ -27,8 +27,10 @@ RUN_JSON_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 LOCK_FILE = ".lock"
+RUN_JSON_LOCK_FILE = ".run.json.lock"  # serialises run.json updates; not LOCK_FILE, which a command holds throughout
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+REJECTED_CHECKPOINTS_DIR = "rejected"  # checkpoints/rejected/: checkpoints --resume could not use, kept, never deleted
 EVAL_DIR = "eval"
 EVAL_LATEST_FILE = "latest.json"      # eval/latest.json: the newest eval result (eval/<stamp>.json are all)
 MERGED_DIR = "merged"
@@ -116,6 +118,7 @@ class RunDir:
     merged_dir = property(lambda self: self.path / MERGED_DIR)
     chat_template_path = property(lambda self: self.adapter_dir / CHAT_TEMPLATE_FILE)
     lock_path = property(lambda self: self.path / LOCK_FILE)
+    run_json_lock_path = property(lambda self: self.path / RUN_JSON_LOCK_FILE)
 
     def eval_result_path(self, stamp: str) -> Path:
         return self.eval_dir / f"{stamp}.json"
@@ -169,7 +172,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for child in self.path.iterdir():
-                if child.name != LOCK_FILE:
+                if child.name not in (LOCK_FILE, RUN_JSON_LOCK_FILE):  # others may hold or wait on them
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         atomic_write_text(self.recipe_path, recipe_yaml)
         info = {
@@ -182,7 +185,8 @@ class RunDir:
             "versions": package_versions(),
         }
         info.update(extra or {})
-        atomic_write_json(self.run_json_path, info)
+        with self._run_json_lock():
+            atomic_write_json(self.run_json_path, info)
 
     def read(self) -> dict[str, Any]:
         try:
@@ -192,12 +196,33 @@ class RunDir:
         except json.JSONDecodeError as exc:
             raise RunStateError(f"{self.run_json_path} is corrupt: {exc}") from None
 
-    def update(self, **fields: Any) -> dict[str, Any]:
-        info = self.read()
-        info.update(fields)
-        info["updated_at"] = now_iso()
-        atomic_write_json(self.run_json_path, info)
+    @contextlib.contextmanager
+    def _run_json_lock(self) -> Iterator[None]:
+        """Serialise run.json writers across processes (eval beside export, say). Blocking but brief: held for one
+        read and one write. A file of its own: flock on a second open of LOCK_FILE would block against the run
+        lock this very process may hold."""
+        try:
+            handle = open(self.run_json_lock_path, "a")
+        except FileNotFoundError:  # no run folder
+            raise RunStateError(f"run {self.name!r} has no {RUN_JSON_FILE}") from None
+        with handle:  # closing releases the lock, as does the kernel on kill -9
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def modify(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Apply `change` (it edits the dict in place) to run.json's current content, all under the run.json lock,
+        and return the new content. Use it for any change computed from what run.json holds: a read() then an
+        update() outside it loses what another process wrote in between."""
+        with self._run_json_lock():
+            info = self.read()
+            change(info)
+            info["updated_at"] = now_iso()
+            atomic_write_json(self.run_json_path, info)
         return info
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Set top-level fields of run.json, keeping everything else it holds at the time of writing."""
+        return self.modify(lambda info: info.update(fields))
 
     def set_status(self, status: str, **fields: Any) -> dict[str, Any]:
         if status not in STATUSES:
@@ -288,8 +313,8 @@ class RunDir:
 
 def _is_layout_name(name: str) -> bool:
     """True for the names ftcli itself writes in a run folder (a run left half-initialised holds only these)."""
-    layout = {RECIPE_FILE, RUN_JSON_FILE, METRICS_FILE, LOSS_PLOT_FILE, LOCK_FILE, ADAPTER_DIR, CHECKPOINTS_DIR,
-              EVAL_DIR, MERGED_DIR, EXPORT_DIR}
+    layout = {RECIPE_FILE, RUN_JSON_FILE, METRICS_FILE, LOSS_PLOT_FILE, LOCK_FILE, RUN_JSON_LOCK_FILE, ADAPTER_DIR,
+              CHECKPOINTS_DIR, EVAL_DIR, MERGED_DIR, EXPORT_DIR}
     return name in layout or name.startswith(STAGING_PREFIX)
 
 

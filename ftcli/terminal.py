@@ -20,26 +20,29 @@ def print_json(document: object) -> None:
 
 def report_failure(exc: BaseException, *, json_output: bool) -> int:
     """Print why a command failed and return its documented exit code: an FtcliError's own code with its one
-    paragraph (and, under --json, an error document on stdout), 130 for an interrupt, 4 for a full disk; anything
-    else is a bug in ftcli (exit 1, with the traceback)."""
+    paragraph, 130 for an interrupt, 4 for a full disk; anything else is a bug in ftcli (exit 1, with the
+    traceback). Under --json an error document goes to stdout too, whatever the failure: scripts read one."""
     from ftcli.errors import FtcliError, Interrupted, NotAvailableError
 
+    hint = None
     if isinstance(exc, FtcliError):
         say(f"error: {exc}", stderr=True)
-        if json_output:  # scripts reading --json get a document on failure too
-            print_json({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code,
-                        "kind": type(exc).__name__})
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
+        code, message, hint, kind = exc.exit_code, exc.message, exc.hint, type(exc).__name__
+    elif isinstance(exc, KeyboardInterrupt):
         say("interrupted", stderr=True)
-        return Interrupted.exit_code
-    from ftcli.atomic import is_disk_full
+        code, message, kind = Interrupted.exit_code, "interrupted", Interrupted.__name__
+    else:
+        from ftcli.atomic import is_disk_full
 
-    if is_disk_full(exc):
-        say(f"error: no space left on device: {exc}", stderr=True)
-        return NotAvailableError.exit_code
-    import traceback
+        if is_disk_full(exc):
+            message, code, kind = f"no space left on device: {exc}", NotAvailableError.exit_code, "DiskFullError"
+            say(f"error: {message}", stderr=True)
+        else:
+            import traceback
 
-    traceback.print_exception(exc)
-    say("error: unexpected failure (a bug in ftcli); the traceback is above", stderr=True)
-    return 1
+            traceback.print_exception(exc)
+            message, code, kind = f"unexpected failure (a bug in ftcli): {exc!r}", 1, type(exc).__name__
+            say("error: unexpected failure (a bug in ftcli); the traceback is above", stderr=True)
+    if json_output:
+        print_json({"error": message, "hint": hint, "exit_code": code, "kind": kind})
+    return code

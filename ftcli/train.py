@@ -23,7 +23,7 @@ def _recipe_yaml(recipe: Recipe) -> str:
 
 
 def _speed_up_allocator() -> None:
-    """glibc's default malloc thresholds cost ~600k page faults per step on CPU (MEASURED.md): raise them."""
+    """glibc's default malloc thresholds cost ~600k page faults per step on the CPU: raise them."""
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -160,7 +160,7 @@ class TrainingSession:
             data_seed=t.seed,
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
-            gradient_checkpointing=self.gradient_checkpointing,
+            activation_checkpointing=self.gradient_checkpointing,   # transformers 5 name (the old one goes in v6)
             use_cpu=self.device == "cpu",
             logging_steps=t.logging_steps,
             save_strategy="steps",
@@ -231,16 +231,21 @@ class TrainingSession:
         resume_from = None
         if resume:
             scan = checkpoints.scan_checkpoints(run.checkpoints_dir)
-            for path, why in scan.skipped:
-                self._log(f"warning: skipping checkpoint {path.name}: {why}")
-                if self.is_main_process:
-                    shutil.rmtree(path, ignore_errors=True)
+            for path, why in scan.skipped if self.is_main_process else []:
+                # Out of the way (Trainer would save into that name again), never deleted: a judgement can be wrong.
+                moved_to = checkpoints.set_aside(path)
+                renamed = f" as {moved_to.name}" if moved_to.name != path.name else ""
+                self._log(f"warning: skipping checkpoint {path.name}: set aside {path.name} in "
+                          f"{moved_to.parent.relative_to(run.path)}/{renamed}: {why}")
+                record = {"checkpoint": path.name, "reason": why, "moved_to": str(moved_to.relative_to(run.path)),
+                          "at": now_iso()}
+                run.modify(lambda info: info.setdefault("rejected_checkpoints", []).append(record))
             resume_from = scan.newest_complete
             self._log(f"resuming from {resume_from.name}" if resume_from else "no complete checkpoint: starting over")
 
         def stop_now(signal_name: str) -> None:
             if self.is_main_process:
-                checkpoints.remove_unfinished(run.path, run.checkpoints_dir)
+                checkpoints.set_aside_unfinished(run.path, run.checkpoints_dir)
             self._mark_quietly("interrupted", error=f"{signal_name} twice: stopped at once; resume continues from "
                                                     "the last complete checkpoint")
 
@@ -294,6 +299,7 @@ class TrainingSession:
             self._log(f"warning: could not record status {status} in run.json: {exc}")
 
     def _run_facts(self, world_size: int) -> dict[str, Any]:
+        from ftcli import models
         from ftcli.distributed import resolve_strategy
 
         t = self.recipe.training
@@ -308,6 +314,7 @@ class TrainingSession:
             # What the automatic settings resolved to on this device, so two runs of one recipe can be compared.
             "precision": self.precision,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "cpu_bf16": models.cpu_bf16_facts() if self.device == "cpu" else None,
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": report.fingerprints, "train": _report_dict(report),

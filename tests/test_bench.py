@@ -37,6 +37,10 @@ def test_steady_throughput_too_few_steps():
     records = _steps([0.0, 5.0, 7.0, 9.0], [256, 512, 768, 1024])
     assert measure.steady_throughput(records[:3], skip=2) is None   # one step after the warm-up is not a rate
     assert measure.steady_throughput([], skip=1) is None
+    # ... unless asked for: an arm capped by a time budget has long steps; still never the warm-up step itself
+    one = measure.steady_throughput(records[:3], skip=2, min_steps=1)
+    assert one["tokens_per_s"] == pytest.approx(256 / 2.0) and (one["first_step"], one["last_step"]) == (3, 3)
+    assert measure.steady_throughput(records[:2], skip=2, min_steps=1) is None
 
 
 def test_ratio_median_goal():
@@ -129,6 +133,123 @@ def _results(quick: bool) -> dict:
     }
 
 
+def _with_precision(results: dict, *, detected, forced=None, ftcli="bf16", defaults_steps=(4, 4)) -> dict:
+    """_results with what a run records about precision: the CPU facts and each LoRA arm's own settings."""
+    effective = {None: detected, "off": False, "on": True}[forced]
+    results["cpu_bf16"] = {"detected": detected, "FTCLI_CPU_BF16": forced, "forced": forced, "effective": effective,
+                           "auto_precision": "bf16" if effective else "fp32"}
+    lora = results["sections"]["training"]["lora"]
+    lora["ftcli"] = {**lora["ftcli"], "precision": ftcli, "gradient_checkpointing": False}
+    lora["trl_matched"] = {**lora["trl_matched"], "precision": ftcli, "gradient_checkpointing": False,
+                           "optim": "adamw_torch"}
+    ran, planned = defaults_steps
+    lora["trl_defaults"] = {**lora["trl_defaults"], "precision": "bf16", "gradient_checkpointing": True,
+                            "optim": "adamw_torch_fused", "steps_run": [ran], "steps_planned": planned,
+                            "capped": ran < planned}
+    results["plan"]["defaults_budget_s"] = 30.0
+    return results
+
+
+def _line(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_report_words_precision_from_what_the_run_recorded():
+    # A CPU without native bf16: ftcli trained in fp32; nothing may claim AVX512-BF16 or bf16 for ftcli
+    fp32 = report.render_markdown(_with_precision(_results(quick=True), detected=False, ftcli="fp32"))
+    assert "has AVX512-BF16" not in fp32 and "as it has" not in fp32
+    assert "this CPU has no native bf16" in fp32 and "computes bf16 natively" not in fp32
+    ftcli_line = _line(fp32, "- `ftcli`:")
+    assert "fp32" in ftcli_line and "bf16" not in ftcli_line and "no gradient checkpointing" in ftcli_line
+    assert "fp32" in _line(fp32, "- `trl_matched`:")
+    defaults_line = _line(fp32, "- `trl_defaults`:")
+    assert "bf16 autocast, emulated as this CPU has no native bf16" in defaults_line
+    assert "; gradient checkpointing;" in defaults_line and "adamw_torch_fused" in defaults_line
+    assert "was capped" not in fp32 and "not capped" in fp32
+    # A CPU with it: ftcli's bf16 is native, and said so
+    bf16 = report.render_markdown(_with_precision(_results(quick=False), detected=True, ftcli="bf16"))
+    assert "this CPU computes bf16 natively" in bf16 and "FTCLI_CPU_BF16 not set" in bf16
+    assert "bf16 autocast, native on this CPU" in _line(bf16, "- `ftcli`:")
+    assert "emulated" not in bf16
+    # FTCLI_CPU_BF16=off on a CPU with native bf16: ftcli in fp32, TRL's default bf16 still native
+    forced = report.render_markdown(_with_precision(_results(quick=True), detected=True, forced="off", ftcli="fp32"))
+    assert "FTCLI_CPU_BF16=off made ftcli resolve as on a CPU without native bf16" in forced
+    assert "resolved to fp32" in forced and "bf16" not in _line(forced, "- `ftcli`:")
+    assert "bf16 autocast, native on this CPU" in _line(forced, "- `trl_defaults`:")
+    # A matched arm that did not match is flagged
+    mismatched = _with_precision(_results(quick=True), detected=True, ftcli="bf16")
+    mismatched["sections"]["training"]["lora"]["trl_matched"]["precision"] = "fp32"
+    assert "trl_matched did not train with ftcli's precision" in report.render_markdown(mismatched)
+    # Older results without these records: no claim either way
+    old = report.render_markdown(_results(quick=False))
+    assert "precision not recorded" in _line(old, "- `ftcli`:") and "bf16 on this CPU: not recorded" in old
+
+
+def test_report_says_what_was_capped():
+    capped = _with_precision(_results(quick=True), detected=False, ftcli="fp32", defaults_steps=(2, 4))
+    capped["sections"]["training"]["eval_loss_not_compared"] = "trl_defaults ran 2 of 4 steps (time budget)"
+    text = report.render_markdown(capped)
+    assert "**`trl_defaults` was capped: it ran 2 of 4 steps**" in text
+    assert "after 30 s of training" in text and "eval loss is not compared" in text
+
+
+def test_quick_plan_caps_the_trl_defaults_arm_only(tmp_path, monkeypatch):
+    from bench import run as bench_run
+    from bench.sides import arm_summary
+
+    assert bench_run.QUICK.defaults_budget_s is not None and bench_run.QUICK.defaults_budget_s <= 60
+    assert bench_run.FULL.defaults_budget_s is None   # the full run trains every arm its steps
+    bench = bench_run.Bench(bench_run.QUICK, tmp_path)
+    monkeypatch.setattr(bench, "local_dir", lambda: tmp_path / "model")
+    monkeypatch.setattr(bench, "cpu_bf16", lambda: {"detected": False, "auto_precision": "fp32"})
+    commands = {}
+
+    def fake_child(label, command, *, env=None, timed=True):
+        """The script as a slow CPU runs it: stopped by its budget after 2 of 4 steps; one settings line first."""
+        commands[label] = command
+        log = Path(command[command.index("--log") + 1])
+        capped = "--max-seconds" in command
+        settings = {"precision": "bf16" if "--trl-defaults" in command else command[command.index("--precision") + 1],
+                    "gradient_checkpointing": "--trl-defaults" in command, "optim": "adamw_torch_fused"}
+        lines = [{"event": "train_begin", "time": 1000.0, "settings": settings}]
+        lines += [{"step": i, "time": 1000.0 + 100 * i, "loss": 1.0, "num_tokens": 400.0 * i}
+                  for i in range(1, (2 if capped else 4) + 1)]
+        log.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        return measure.ChildResult(command=command, returncode=0, wall_s=250.0, peak_rss_bytes=2**30)
+
+    monkeypatch.setattr(bench, "child", fake_child)
+    arms = bench.lora_arms()
+    assert set(arms) == {"ftcli", "trl_matched", "trl_defaults"}
+    defaults = arms["trl_defaults"]("lora-trl_defaults-1")
+    matched = arms["trl_matched"]("lora-trl_matched-1")
+    command = commands["lora-trl_defaults-1"]
+    budget = command[command.index("--max-seconds") + 1]
+    assert float(budget) == bench_run.QUICK.defaults_budget_s
+    assert command[command.index("--min-steps") + 1] == str(bench_run.QUICK.skip + 1)   # a step after the warm-up
+    assert "--max-seconds" not in commands["lora-trl_matched-1"]
+    assert commands["lora-trl_matched-1"][commands["lora-trl_matched-1"].index("--precision") + 1] == "fp32"
+    # tokens/s over the one step after the warm-up that the capped arm ran; the settings from its own log
+    assert defaults["tokens_per_s"] == pytest.approx(4.0) and defaults["steps_run"] == 2
+    assert (defaults["precision"], defaults["gradient_checkpointing"]) == ("bf16", True)
+    summary = arm_summary([defaults])
+    assert summary["capped"] and summary["steps_run"] == [2] and summary["steps_planned"] == 4
+    assert summary["precision"] == "bf16" and summary["optim"] == "adamw_torch_fused"
+    assert not arm_summary([matched])["capped"] and arm_summary([matched])["precision"] == "fp32"
+
+
+def test_baseline_script_stops_at_its_time_budget(tmp_path, tiny_model_dir, chat_data):
+    log = tmp_path / "steps.jsonl"
+    result = _run(["bench/trl_baseline.py", str(tiny_model_dir), str(chat_data), "--out", str(tmp_path / "out"),
+                   "--log", str(log), "--steps", "5", "--batch", "2", "--max-length", "64", "--trl-defaults",
+                   "--max-seconds", "0", "--min-steps", "2"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = measure.read_jsonl(log)
+    assert records[0]["event"] == "train_begin"
+    assert records[0]["settings"]["precision"] == "bf16" and records[0]["settings"]["gradient_checkpointing"] is True
+    assert [r["step"] for r in measure.train_records(records)] == [1, 2]   # stopped after --min-steps, not 5
+    assert (tmp_path / "out" / "adapter_config.json").is_file()            # and saved as usual
+
+
 def test_report_lists_goals_sections_and_failures():
     text = report.render_markdown(_results(quick=True))
     assert text.startswith("# ftcli benchmark results (QUICK")
@@ -142,9 +263,9 @@ def test_report_lists_goals_sections_and_failures():
     assert "QUICK" not in report.render_markdown(_results(quick=False))
 
 
-def _run(args, **kwargs):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
-                          **kwargs)
+def _run(args, timeout=60, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          check=False, **kwargs)
 
 
 def test_run_help_is_fast_and_imports_nothing_heavy():

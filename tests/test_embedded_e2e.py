@@ -1,34 +1,59 @@
-"""The shipped quickstart recipe on the real embedded model, end to end through the CLI (shortened)."""
+"""The shipped quickstart recipe on the real embedded model, end to end through the CLI (shortened), on both CPU
+precision paths: what `precision: auto` picks here, and the fp32 path of a CPU without native bf16."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow
 
-def test_quickstart_recipe_trains_evaluates_merges_and_exports(runs_dir):
-    short = ["--set", "training.max_steps=3", "--set", "training.batch_size=4", "--set", "training.save_steps=3",
-             "--set", "data.max_length=96"]
-    trained = run_cli("train", REPO / "recipes" / "quickstart.yaml", *short, "--json")
-    assert trained.exit_code == 0, trained
+SHORT = ["--set", "training.max_steps=3", "--set", "training.batch_size=4", "--set", "training.save_steps=3",
+         "--set", "data.max_length=96"]
+
+
+@pytest.mark.parametrize("cpu_bf16", ["auto", "off"])
+def test_quickstart_chain(cpu_bf16, runs_dir):
+    """train, eval, merge, export gguf (f16) and ollama (its GGUF at q8_0), as `make quickstart` does."""
+    from ftcli.models import detected_cpu_bf16
+    from ftcli.parity import BOUNDS
+
+    native = detected_cpu_bf16()
+    if cpu_bf16 == "off" and not native:
+        pytest.skip("this CPU has no native bf16: the auto arm already runs the fp32 path")
+    env = {"FTCLI_CPU_BF16": cpu_bf16}
+
+    def ftcli(*args):
+        result = run_cli(*args, "--json", env=env)
+        assert result.exit_code == 0, result
+        return result.json()
+
+    ftcli("train", REPO / "recipes" / "quickstart.yaml", *SHORT)
     info = json.loads((runs_dir / "quickstart" / "run.json").read_text())
-    assert info["status"] == "completed"
-    assert info["base_model"]["kind"] == "builtin"
+    assert info["status"] == "completed" and info["base_model"]["kind"] == "builtin"
+    assert info["precision"] == ("bf16" if native and cpu_bf16 == "auto" else "fp32")
+    assert info["cpu_bf16"] == {"detected": native, "override": cpu_bf16, "used": info["precision"] == "bf16"}
     assert 100_000_000 < info["parameters"]["total"] < 200_000_000  # SmolLM2-135M
     assert info["metrics"]["eval_loss"] is not None
 
-    evaluated = run_cli("eval", "quickstart", "--max-samples", "4", "--max-new-tokens", "8", "--json")
-    assert evaluated.exit_code == 0, evaluated
-    metrics = evaluated.json()["metrics"]
+    metrics = ftcli("eval", "quickstart", "--max-samples", "4", "--max-new-tokens", "8")["metrics"]
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1
 
-    merged = run_cli("merge", "quickstart", "--json")
-    assert merged.exit_code == 0, merged
-    parity = json.loads((runs_dir / "quickstart" / "run.json").read_text())["merge"]
-    assert parity["next_token_agreement"] == 1.0
+    ftcli("merge", "quickstart")
+    merge = json.loads((runs_dir / "quickstart" / "run.json").read_text())["merge"]
+    assert merge["agreement"] == 1.0 and merge["kl_max"] < 1e-4 and merge["positions"] > 300
 
-    exported = run_cli("export", "quickstart", "--format", "gguf", "--quant", "f16", "--json")
-    assert exported.exit_code == 0, exported
-    gguf_files = list((runs_dir / "quickstart" / "export" / "gguf").glob("*.gguf"))
-    assert len(gguf_files) == 1 and gguf_files[0].stat().st_size > 100 * 2**20
+    for fmt, quant in (("gguf", "f16"), ("ollama", "q8_0")):
+        document = ftcli("export", "quickstart", "--format", fmt, "--quant", quant)
+        check = document["check"]
+        assert check["tokenizer_identical"] and check["chat_template_identical"], document
+        bounds = BOUNDS[f"gguf_{quant}"]
+        assert check["parity"]["agreement"] >= bounds.min_agreement, document
+        assert check["parity"]["kl_mean"] <= bounds.max_kl_mean and check["bounds"] == bounds.describe(), document
+        assert document["bytes"] > 100 * 2**20
+    exports = json.loads((runs_dir / "quickstart" / "run.json").read_text())["exports"]
+    assert exports["gguf"]["quant"] == "f16" and exports["ollama"]["quant"] == "q8_0"
+    assert (runs_dir / "quickstart" / "export" / "ollama" / "Modelfile").is_file()

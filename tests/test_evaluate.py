@@ -102,6 +102,30 @@ def test_fail_under_exits_6_below_the_bar_and_0_above(cli_inproc, memorised):
     assert json.loads(passing.stdout)["metrics"]["f1"] == f1
 
 
+def test_eval_json_is_exactly_one_document_whether_gates_pass_or_fail(cli, memorised):
+    """Through the real program, as CI runs it: stdout parses whole as one JSON document in every outcome."""
+    runs, name = memorised
+    command = ("eval", name, "--runs-dir", runs, "--max-samples", "2", "--json")
+    passing = cli(*command, "--fail-under", "loss=100")
+    assert passing.exit_code == 0, passing
+    document = json.loads(passing.stdout)  # raises unless stdout is exactly one document
+    assert document["gates"] == {"passed": True, "source": "--fail-under", "checks": [
+        {"metric": "loss", "value": document["metrics"]["loss"], "bar": 100.0, "direction": "max", "passed": True}]}
+    failing = cli(*command, "--fail-under", "loss=0.0001", "--fail-under", "f1=0")
+    assert failing.exit_code == 6, failing
+    document = json.loads(failing.stdout)
+    gates = document["gates"]
+    assert gates["passed"] is False and gates["source"] == "--fail-under" and "error" not in document
+    assert [(c["metric"], c["direction"], c["passed"]) for c in gates["checks"]] == [("loss", "max", False),
+                                                                                      ("f1", "min", True)]
+    error = [line for line in failing.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "failed its quality gates: loss" in error[0] and "f1" not in error[0]
+    assert json.loads(Path(document["path"]).read_text())["gates"] == gates   # the saved result keeps them
+    missing = cli("eval", "nope", "--runs-dir", runs, "--json")
+    assert missing.exit_code == 5, missing
+    assert json.loads(missing.stdout)["kind"] == "RunStateError"
+
+
 def test_unknown_gate_metric_exits_2_before_loading_anything(cli_inproc, memorised):
     runs, name = memorised
     result = evaluate(cli_inproc, runs, name, "--fail-under", "bleu=0.5")
@@ -117,6 +141,9 @@ def test_recipe_fail_under_applies_unless_overridden(cli_inproc, memorised, tmp_
     recipe_path.write_text(yaml.safe_dump(recipe))
     gated = evaluate(cli_inproc, runs, "gated", "--max-samples", "2")
     assert gated.exit_code == 6 and "loss" in gated.stderr
+    gated_json = evaluate(cli_inproc, runs, "gated", "--max-samples", "2", "--json")
+    assert gated_json.exit_code == 6
+    assert json.loads(gated_json.stdout)["gates"]["source"] == "recipe eval.fail_under"
     overridden = evaluate(cli_inproc, runs, "gated", "--max-samples", "2", "--fail-under", "loss=100")
     assert overridden.exit_code == 0, overridden.output
 

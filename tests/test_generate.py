@@ -79,7 +79,7 @@ def test_plain_output_when_not_a_terminal(cli_inproc, memorised):
 
 @pytest.mark.parametrize("kind", ["prefix", "prompt"])
 def test_virtual_token_runs_generate_with_their_adapter(kind, cli_inproc, tmp_path_factory, lively):
-    # transformers' generate() silently drops a prefix-tuning adapter (MEASURED.md); ftcli must not.
+    # transformers' generate() silently drops a prefix-tuning adapter; ftcli must not.
     runs, name = virtual_token_run(tmp_path_factory, lively, kind)
     (out,) = generate_json(cli_inproc, runs, name, "--prompt", ASK, "--max-new-tokens", "6")
     assert out["output"] != base_greedy(lively, out["rendered"], 6)

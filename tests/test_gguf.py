@@ -39,7 +39,8 @@ def test_f32_round_trip_is_bit_exact_and_metadata_is_right(merged_run, tmp_path)
     assert info["tensor_types"] == {"F32": 20}
     check = check_model_gguf(path, merged_run.merged_dir, quant="f32", chat_template=template)
     assert check["bit_exact"] is True
-    assert check["parity"]["next_token_agreement"] == 1.0 and check["tokenizer_identical"]
+    assert check["parity"]["agreement"] == 1.0 and check["parity"]["kl_max"] < 1e-9
+    assert check["tokenizer_identical"] and check["chat_template_identical"]
 
     metadata, names = read_metadata(path)
     assert metadata["general.architecture"] == "llama" and metadata["general.type"] == "model"
@@ -139,6 +140,7 @@ def test_models_it_cannot_write_correctly_are_refused(change, reason, tiny_model
 def test_lora_gguf_round_trip(merged_run, tiny_model_dir, tmp_path):
     import gguf
 
+    from ftcli.adapter_model import parity_batch
     from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
     from ftcli.models import load_model
 
@@ -155,13 +157,15 @@ def test_lora_gguf_round_trip(merged_run, tiny_model_dir, tmp_path):
     assert shapes["blk.1.attn_k.weight.lora_b"] == (32, 8)      # 2 KV heads x 16
     base = load_model(merged_run.load_recipe().model, dtype="float32")
     check = check_lora_gguf(path, adapter_dir=merged_run.adapter_dir, base_model=base, base_dir=tiny_model_dir,
-                            quant="f32")
+                            quant="f32", batch=parity_batch(merged_run))
     assert check["max_relative_error"] < 1e-5
+    assert check["parity"]["agreement"] == 1.0 and check["parity"]["kl_mean"] < 1e-6
 
 
 def test_lora_gguf_check_catches_a_missing_permutation(merged_run, tiny_model_dir, tmp_path, monkeypatch):
     import ftcli.gguf_writer
     from ftcli.errors import QualityGateError
+    from ftcli.adapter_model import parity_batch
     from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
     from ftcli.models import load_model
 
@@ -170,15 +174,17 @@ def test_lora_gguf_check_catches_a_missing_permutation(merged_run, tiny_model_di
         patch.setattr(ftcli.gguf_writer, "permute_rows", lambda weights, heads: weights)
         write_lora_gguf(merged_run.adapter_dir, tiny_model_dir, path, quant="f32", name="tied")
     base = load_model(merged_run.load_recipe().model, dtype="float32")
-    with pytest.raises(QualityGateError, match="differs from PEFT's merge"):
+    with pytest.raises(QualityGateError, match="differs from PEFT's merge") as failed:
         check_lora_gguf(path, adapter_dir=merged_run.adapter_dir, base_model=base, base_dir=tiny_model_dir,
-                        quant="f32")
+                        quant="f32", batch=parity_batch(merged_run))
+    assert "with the file applied to the base" in str(failed.value)   # the logits tell too
 
 
 def test_bfloat16_rslora_adapter(merged_run, tiny_model_dir, tmp_path):
     """QLoRA trainings save bfloat16 adapters; rank-stabilised scaling needs alpha * sqrt(r) for llama.cpp."""
     from safetensors.torch import load_file, save_file
 
+    from ftcli.adapter_model import parity_batch
     from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
     from ftcli.models import load_model
 
@@ -192,7 +198,8 @@ def test_bfloat16_rslora_adapter(merged_run, tiny_model_dir, tmp_path):
     info = write_lora_gguf(adapter, tiny_model_dir, tmp_path / "rs.gguf", quant="f16", name="rs")
     assert info["alpha"] == pytest.approx(16.0 * 8 ** 0.5)
     base = load_model(merged_run.load_recipe().model, dtype="float32")
-    check_lora_gguf(tmp_path / "rs.gguf", adapter_dir=adapter, base_model=base, base_dir=tiny_model_dir, quant="f16")
+    check_lora_gguf(tmp_path / "rs.gguf", adapter_dir=adapter, base_model=base, base_dir=tiny_model_dir, quant="f16",
+                    batch=parity_batch(merged_run))
 
 
 def test_adapters_llama_cpp_cannot_apply_are_refused(merged_run, tiny_model_dir, tmp_path):

@@ -133,5 +133,5 @@ def test_memory_estimate_moves_the_right_way(smollm_config):
     doubled = estimate_peak_memory(recipe_of(training={"batch_size": 16, "precision": "fp32"}), smollm_config, "cpu")
     assert doubled["parts"]["activations"] == 2 * base["parts"]["activations"]
     # bench/RESULTS.md: LoRA r16 on q/k/v/o, batch 8, every row 256 tokens long peaked at 7,235 MiB (7.6e9 B) RSS on
-    # the CPU; all-linear keeps a little more. (MEASURED.md's 3.3-4.0 GB were batches padded to ~100 tokens only.)
+    # the CPU; all-linear keeps a little more.
     assert 6.4e9 < base["total_bytes"] < 9.5e9
