@@ -173,13 +173,14 @@ def train_records(records: list[dict]) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def steady_throughput(records: list[dict], *, skip: int) -> dict | None:
+def steady_throughput(records: list[dict], *, skip: int, min_steps: int = 2) -> dict | None:
     """Real tokens per second over the steps after the first `skip` (warm-up) ones.
 
     The window runs from the log of step `skip` to the log of the last step, so it covers whole steps only. Tokens are
-    the difference of the cumulative num_tokens. None when fewer than two steps remain after the warm-up."""
+    the difference of the cumulative num_tokens. None when fewer than `min_steps` steps remain after the warm-up (two
+    by default; one for an arm capped by a time budget, whose single steps are long)."""
     steps = train_records(records)
-    if skip < 1 or len(steps) < skip + 2:
+    if skip < 1 or len(steps) < skip + max(1, min_steps):
         return None
     first, last = steps[skip - 1], steps[-1]
     seconds = float(last["time"]) - float(first["time"])

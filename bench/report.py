@@ -45,6 +45,82 @@ def _ratio_line(what: str, ratios: dict | None) -> str:
     return text
 
 
+def describe_settings(arm: dict | None, native_bf16: bool | None) -> str:
+    """What an arm trained with, from its runs' own records (ftcli's run.json, the script's trainer settings), in
+    words; bf16 says whether this CPU computes it natively (`native_bf16`: as detected, not as FTCLI_CPU_BF16 says:
+    the variable changes ftcli's choice, not the hardware)."""
+    arm = arm or {}
+    precision = arm.get("precision")
+    if precision is None:
+        parts = ["precision not recorded"]
+    elif precision == "bf16":
+        parts = ["bf16 autocast" + {True: ", native on this CPU", False: ", emulated as this CPU has no native bf16",
+                                    None: ""}[native_bf16]]
+    else:
+        parts = [str(precision)]
+    checkpointing = arm.get("gradient_checkpointing")
+    parts.append({True: "gradient checkpointing", False: "no gradient checkpointing",
+                  None: "gradient checkpointing not recorded"}.get(checkpointing, f"gradient checkpointing {checkpointing}"))
+    if arm.get("optim"):
+        parts.append(str(arm["optim"]))
+    return "; ".join(parts)
+
+
+def cpu_bf16_line(results: dict) -> str:
+    """Whether this CPU has native bf16 (as detected), whether FTCLI_CPU_BF16 overrode that for ftcli, and what ftcli's
+    `precision: auto` resolved to here."""
+    cpu = results.get("cpu_bf16") or {}
+    detected = cpu.get("detected")
+    if detected is None:
+        return "bf16 on this CPU: not recorded"
+    text = ("this CPU computes bf16 natively (AVX512-BF16 or AMX, as torch detects them)" if detected else
+            "this CPU has no native bf16 (neither AVX512-BF16 nor AMX, as torch detects them): bf16 autocast runs "
+            "emulated here")
+    forced = cpu.get("forced")
+    if forced:
+        takes = "with" if cpu.get("effective") else "without"
+        text += (f"; FTCLI_CPU_BF16={cpu.get('FTCLI_CPU_BF16')} made ftcli resolve as on a CPU {takes} native bf16"
+                 + (" (as detected anyway)" if cpu.get("effective") == detected else " (not what this CPU has)")
+                 + "; the variable changes what ftcli (and the script matched to it) chooses, not the hardware any bf16 "
+                 "runs on")
+    else:
+        text += "; FTCLI_CPU_BF16 not set: ftcli followed the detection"
+    if cpu.get("auto_precision"):
+        text += f"; ftcli's `training.precision: auto` resolved to {cpu['auto_precision']} on the CPU"
+    return "bf16: " + text
+
+
+def _training_sides(results: dict, section: dict) -> list[str]:
+    """What each side of the LoRA comparison ran, from the runs' own records."""
+    native = (results.get("cpu_bf16") or {}).get("detected")
+    lora = section.get("lora", {})
+    ftcli, matched, defaults = lora.get("ftcli", {}), lora.get("trl_matched", {}), lora.get("trl_defaults", {})
+    lines = [f"- {cpu_bf16_line(results)}.",
+             f"- `ftcli`: `ftcli train` with its automatic defaults, as its run.json says they resolved on this "
+             f"machine: {describe_settings(ftcli, native)}; random order; glibc malloc thresholds raised.",
+             f"- `trl_matched`: bench/trl_baseline.py with ftcli's settings, as its trainer reported them: "
+             f"{describe_settings(matched, native)}; random order; the same malloc thresholds as environment "
+             "variables.",
+             f"- `trl_defaults`: the same script with SFTConfig's defaults, as its trainer reported them: "
+             f"{describe_settings(defaults, native)}; random order."]
+    differ = [key for key in ("precision", "gradient_checkpointing")
+              if ftcli.get(key) is not None and matched.get(key) is not None and ftcli[key] != matched[key]]
+    if differ:
+        lines.append(f"- **trl_matched did not train with ftcli's {' and '.join(differ)}: the matched comparison is "
+                     "not like for like.**")
+    budget = (results.get("plan") or {}).get("defaults_budget_s")
+    if defaults.get("capped"):
+        lines.append(f"- **`trl_defaults` was capped: it ran {', '.join(map(str, defaults.get('steps_run', [])))} of "
+                     f"{defaults.get('steps_planned')} steps** (this run stops it at the end of the first step after "
+                     f"{_num(budget, 0)} s of training). Its tokens/s comes from the steps after the warm-up that it "
+                     "ran (a rate needs no equal step counts); its eval loss is not compared with ftcli's: "
+                     f"{section.get('eval_loss_not_compared') or 'fewer steps'}.")
+    elif budget is not None:
+        lines.append(f"- `trl_defaults` had a time budget of {_num(budget, 0)} s of training in this run; it ran all "
+                     "its steps within it (not capped).")
+    return lines + [""]
+
+
 def _runs_cell(runs: list[dict], key: str, fmt) -> str:
     return ", ".join(fmt(r.get(key)) for r in runs) or "n/a"
 
@@ -105,6 +181,7 @@ def render_markdown(results: dict) -> str:
               f"{[round(x, 2) for x in machine.get('load_average_end', [])]} (above ~0.5 another process shared "
               "the CPU)",
               "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+              f"- {cpu_bf16_line(results)}",
               f"- environment: {results.get('environment')}",
               f"- plan: {plan}", ""]
     if "startup" in sections:
@@ -124,16 +201,13 @@ def render_markdown(results: dict) -> str:
         lines += ["## 2. Training speed and memory on the embedded model (SmolLM2-135M, quickstart data)", "",
                   f"Real (non-padding) tokens/s over the steps after the first {plan.get('skip')} (cumulative "
                   "`num_tokens` and the time of each step's log line, the same for both sides); peak RSS of the "
-                  "whole process (wait4). `ftcli` runs `ftcli train` with its automatic defaults (on this CPU: "
-                  "bf16 autocast, as it has AVX512-BF16; no gradient checkpointing; random order; glibc malloc "
-                  "thresholds raised). `trl_matched` is bench/trl_baseline.py with the same settings (the precision "
-                  "ftcli resolved, no checkpointing, random order, adamw_torch, the same malloc thresholds as "
-                  "environment variables); `trl_defaults` is the same script with SFTConfig's defaults (bf16, "
-                  "gradient checkpointing, fused AdamW, random order). `ftcli_grouped` (full run only) is ftcli with "
+                  "whole process (wait4). `ftcli_grouped` (full run only) is ftcli with "
                   "training.group_by_length=true: the speed and the eval loss of grouping by length. "
                   "Same model folder, data, max_length, batch, lr schedule, LoRA settings, completion-only loss. "
                   "Tokens per CPU-s: the same tokens over the CPU time the process spent in those steps (sampled "
-                  "from /proc): a cross-check that other processes disturb less; the goals use tokens/s.", ""]
+                  "from /proc): a cross-check that other processes disturb less; the goals use tokens/s. "
+                  "What each side trained with, as measured on this machine:", ""]
+        lines += _training_sides(results, s)
         lines += [f"### LoRA ({plan.get('lora_steps')} steps)", ""] + _arms_table(s["lora"], with_eval=True)
         lines += [_ratio_line("ftcli / trl_matched", s.get("lora_matched_ratios")),
                   _ratio_line("ftcli / trl_defaults", s.get("lora_defaults_ratios"))]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -26,6 +27,14 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml"}
 NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed steps would time the disk
+# What the CPU computes in bf16 natively and what FTCLI_CPU_BF16 makes of it, asked of ftcli in a child process (so
+# this one stays small: a child's peak RSS counts the parent's memory at exec time).
+CPU_FACTS = (
+    "import json, os\n"
+    "from ftcli.models import CPU_BF16_ENV, cpu_has_native_bf16, detected_cpu_bf16, resolve_precision\n"
+    "print(json.dumps({'detected': detected_cpu_bf16(), 'FTCLI_CPU_BF16': os.environ.get(CPU_BF16_ENV),\n"
+    "                  'effective': cpu_has_native_bf16(), 'auto_precision': resolve_precision('auto', 'cpu')}))\n"
+)
 # Other processes took more than this share of the CPU during a run: its speed is set aside. Small, because the two
 # OpenMP threads of a training wait for each other, so a core busy elsewhere now and then costs more than its share.
 NOISE_LIMIT = 0.03
@@ -48,6 +57,7 @@ class Session:
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         self._children = 0
         self._recipes: dict = {}
+        self._cpu_bf16: dict | None = None
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -77,6 +87,18 @@ class Session:
             self._recipes[method] = load_recipe(RECIPES[method], []).recipe
         return self._recipes[method]
 
+    def cpu_bf16(self) -> dict:
+        """Whether this CPU has native bf16 as torch detects it (`detected`), FTCLI_CPU_BF16 as set, what ftcli takes
+        as true (`effective`, the detection unless FTCLI_CPU_BF16 forces it) and what `precision: auto` resolves to on
+        the CPU (`auto_precision`). The children get the same environment, so ftcli resolves alike there."""
+        if self._cpu_bf16 is None:
+            result = self.child("cpu-bf16", [sys.executable, "-c", CPU_FACTS], timed=False)
+            facts = json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {"error": result.stderr_tail}
+            setting = (os.environ.get("FTCLI_CPU_BF16") or "auto").strip().lower()
+            facts["forced"] = None if setting == "auto" else setting   # None: the detection decides
+            self._cpu_bf16 = facts
+        return self._cpu_bf16
+
     def local_dir(self) -> Path:
         """The converted folder of the recipes' builtin model: the baseline loads the very same weights."""
         from ftcli.models import resolve_model
@@ -100,13 +122,20 @@ class Session:
         summary = run_summary(result, records, self.plan.skip)
         run_json = run.read() if run.run_json_path.is_file() else {}
         summary["timings"] = run_json.get("timings")
+        # What ftcli resolved on this machine, as its run record says (not what the bench expects it to resolve)
+        summary["precision"] = run_json.get("precision")
+        summary["gradient_checkpointing"] = run_json.get("gradient_checkpointing")
+        summary["cpu_bf16"] = run_json.get("cpu_bf16")   # detected / FTCLI_CPU_BF16 / used, as ftcli saw them
+        summary["steps_planned"] = steps
         summary["adapter"] = str(run.adapter_dir)
         train_report = (run_json.get("data") or {}).get("train") or {}
         summary["packing_efficiency"] = train_report.get("packing_efficiency")
         return summary
 
     def baseline_train(self, label: str, method: str, steps: int, *, trl_defaults: bool,
-                       seed: int | None = None) -> dict:
+                       seed: int | None = None, max_seconds: float | None = None) -> dict:
+        """The hand-written script; `max_seconds` stops it at the end of the first step past that many seconds of
+        training once skip + 1 steps ran (its tokens/s then comes from the steps after the warm-up it ran)."""
         recipe = self.recipe(method)
         t, m = recipe.training, recipe.method
         if (t.grad_accum, t.weight_decay, t.max_grad_norm) != (1, 0.0, 1.0):
@@ -126,13 +155,33 @@ class Session:
         if trl_defaults:
             command.append("--trl-defaults")
         else:
+            command += ["--precision", self.matched_precision(t.precision)]   # what ftcli chooses on this CPU
+            env = {**self.env, **MATCHED_MALLOC_ENV}
+        if max_seconds is not None:
+            command += ["--max-seconds", str(max_seconds), "--min-steps", str(self.plan.skip + 1)]
+        result = self.child(label, command, env=env)
+        records = read_jsonl(log)
+        summary = run_summary(result, records, self.plan.skip, min_steps=1 if max_seconds is not None else 2)
+        summary["adapter"] = str(out)
+        # What the script used, from its own trainer settings (the first line of its log)
+        settings = next((r["settings"] for r in records if r.get("event") == "train_begin"), {})
+        summary["precision"] = settings.get("precision")
+        summary["gradient_checkpointing"] = settings.get("gradient_checkpointing")
+        summary["optim"] = settings.get("optim")
+        summary["steps_planned"] = steps
+        summary["max_seconds"] = max_seconds
+        return summary
+
+    def matched_precision(self, requested: str) -> str:
+        """The precision ftcli resolves `requested` to on the CPU, in this environment (FTCLI_CPU_BF16 included)."""
+        if requested != "auto":
+            return requested
+        resolved = self.cpu_bf16().get("auto_precision")
+        if resolved is None:   # the probe failed: resolve here
             from ftcli.models import resolve_precision
 
-            command += ["--precision", resolve_precision(t.precision, "cpu")]   # what ftcli chose on this CPU
-            env = {**self.env, **MATCHED_MALLOC_ENV}
-        summary = run_summary(self.child(label, command, env=env), read_jsonl(log), self.plan.skip)
-        summary["adapter"] = str(out)
-        return summary
+            resolved = resolve_precision(requested, "cpu")
+        return resolved
 
     def compare(self, key: str, arms: dict, repeats: int) -> dict:
         """Run every arm `repeats` times, interleaved; arms maps a name to a function(label) -> run summary."""
@@ -149,9 +198,10 @@ class Session:
         return {name: arm_summary(items) for name, items in runs.items()}
 
 
-def run_summary(result, records: list[dict], skip: int) -> dict:
-    """A training child's figures: steady real tokens/s, peak RSS, wall time, last train loss (or its error)."""
-    steady = steady_throughput(records, skip=skip) if result.ok else None
+def run_summary(result, records: list[dict], skip: int, *, min_steps: int = 2) -> dict:
+    """A training child's figures: steady real tokens/s, peak RSS, wall time, last train loss (or its error), the
+    steps it ran."""
+    steady = steady_throughput(records, skip=skip, min_steps=min_steps) if result.ok else None
     if steady:
         # Tokens per CPU-second of the process over the same steps: less hurt by other processes than wall time
         cpu = cpu_seconds_between(result.cpu_samples, *steady["window"])
@@ -164,6 +214,7 @@ def run_summary(result, records: list[dict], skip: int) -> dict:
             "first_step_s": first_step_s,   # process start to the end of step 1: imports, data, model, one step
             "others_cpu_share": result.others_cpu_share,
             "train_loss_last": steps[-1]["loss"] if steps else None,
+            "steps_run": int(steps[-1]["step"]) if steps else 0,
             "step_times": step_times(records, skip=skip) if result.ok and skip >= 1 else [],
             "error": None if result.ok else result.stderr_tail[-1500:]}
 
@@ -185,7 +236,29 @@ def arm_summary(runs: list[dict]) -> dict:
             "tokens_per_s": median([r["tokens_per_s"] for r in timed]),
             "tokens_per_cpu_s": median([r.get("tokens_per_cpu_s") for r in timed]),
             "peak_rss_bytes": median([r["peak_rss_bytes"] if r["ok"] else None for r in runs]),
-            "wall_s": median([r["wall_s"] for r in runs]), "first_step_s": median([r.get("first_step_s") for r in runs])}
+            "wall_s": median([r["wall_s"] for r in runs]), "first_step_s": median([r.get("first_step_s") for r in runs]),
+            **run_settings(runs)}
+
+
+SETTINGS = ("precision", "gradient_checkpointing", "optim")
+
+
+def run_settings(runs: list[dict]) -> dict:
+    """What an arm's runs trained with (each run's own record; "mixed" when they differ, None when none says) and
+    the steps they ran: `capped` when a run stopped before the steps planned (a time budget)."""
+    settings = {}
+    for key in SETTINGS:
+        values = {r.get(key) for r in runs if r.get(key) is not None}
+        if values:
+            settings[key] = values.pop() if len(values) == 1 else "mixed: " + ", ".join(sorted(map(str, values)))
+    ran = [r["steps_run"] for r in runs if r.get("ok") and r.get("steps_run") is not None]
+    planned = {r["steps_planned"] for r in runs if r.get("steps_planned") is not None}
+    if ran:
+        settings["steps_run"] = sorted(set(ran))
+    if planned:
+        settings["steps_planned"] = max(planned)
+        settings["capped"] = any(n < max(planned) for n in ran)
+    return settings
 
 
 def gib(value) -> str:

@@ -6,9 +6,12 @@
 Chat data ({"messages": [...]}) becomes prompt-completion pairs, so TRL computes the loss on the completions only.
 --trl-defaults keeps SFTConfig's own precision, checkpointing and optimizer defaults (bf16, gradient checkpointing,
 fused AdamW); without it they match what ftcli resolved (--precision, no checkpointing, adamw_torch). Both sample in
-random order, as ftcli's default does. The only addition
-to the user's script is the timing log (--log: one JSON line per step with time and num_tokens, as ftcli's
-metrics.jsonl), which bench/run.py reads.
+random order, as ftcli's default does. The only additions
+to the user's script are the timing log (--log: one JSON line per step with time and num_tokens, as ftcli's
+metrics.jsonl, after a first line with the settings the trainer resolved: precision, gradient checkpointing,
+optimizer), which bench/run.py reads, and --max-seconds: stop at the end of the first step after that many seconds
+of training, once --min-steps steps ran (bench/run.py --quick caps the TRL-defaults arm with it, which on a CPU
+without native bf16 runs bf16 emulated, ~100 s a step).
 """
 
 import argparse
@@ -25,6 +28,8 @@ p.add_argument("--r", type=int, default=16), p.add_argument("--alpha", type=floa
 p.add_argument("--dropout", type=float, default=0.05), p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
 p.add_argument("--seed", type=int, default=42), p.add_argument("--log", default="steps.jsonl")
 p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+p.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds of training")
+p.add_argument("--min-steps", type=int, default=2, help="steps run before --max-seconds can stop")
 args = p.parse_args()
 
 # The libraries after argparse, so --help is instant.
@@ -63,9 +68,25 @@ lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, ta
 
 
 class StepLog(TrainerCallback):  # the benchmark's timing log, the counterpart of ftcli's metrics.jsonl
+    def on_train_begin(self, train_args, state, control, **kwargs):
+        self.began = time.time()
+        precision = "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32"
+        settings = {"precision": precision, "gradient_checkpointing": bool(train_args.gradient_checkpointing),
+                    "optim": str(getattr(train_args.optim, "value", train_args.optim)),
+                    "max_steps": train_args.max_steps, "max_seconds": args.max_seconds}
+        self._write({"event": "train_begin", "time": self.began, "settings": settings})
+
+    def on_step_end(self, _args, state, control, **kwargs):
+        if (args.max_seconds is not None and state.global_step >= args.min_steps
+                and time.time() - self.began >= args.max_seconds):
+            control.should_training_stop = True   # this step is still logged; then the trainer stops and saves
+
     def on_log(self, _args, state, control, logs=None, **kwargs):
+        self._write({"step": state.global_step, "time": time.time(), **(logs or {})})
+
+    def _write(self, record):
         with open(args.log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": state.global_step, "time": time.time(), **(logs or {})}) + "\n")
+            handle.write(json.dumps(record) + "\n")
 
 
 trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data.get("eval"),

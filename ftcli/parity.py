@@ -58,7 +58,7 @@ class Bounds:
         return ", ".join(parts)
 
 
-# Every gate's bounds, in one place (README, "Parity gates", lists them; bench/RESULTS.md has the figures measured on
+# Every gate's bounds, in one place (README, "Parity gates", lists them; bench/PARITY.md has the figures measured on
 # SmolLM2-135M). Each sits an order of magnitude or more above what the rounding costs and as far below a defect:
 # a GGUF without llama.cpp's q/k row order has mean KL ~1.4 and ~50% agreement.
 EXACT = Bounds("float32", min_agreement=1.0, max_kl_mean=1e-6, max_kl_max=1e-4, max_abs_logit_diff=1e-3)

@@ -421,3 +421,26 @@ def test_model_with_custom_code_is_refused_without_running_it(tiny_model_dir, tm
         models.load_model(ModelConfig(path=str(folder)))
     assert info.value.exit_code == 2 and "--trust-remote-code" in str(info.value)
     assert not marker.exists()
+
+
+def test_cpu_bf16_override(monkeypatch):
+    from ftcli.errors import UsageError
+    from ftcli.models import cpu_has_native_bf16, detected_cpu_bf16, resolve_precision
+
+    monkeypatch.delenv("FTCLI_CPU_BF16", raising=False)
+    assert cpu_has_native_bf16() == detected_cpu_bf16()
+    for value, native in (("off", False), ("0", False), ("on", True), ("TRUE", True), ("auto", detected_cpu_bf16())):
+        monkeypatch.setenv("FTCLI_CPU_BF16", value)
+        assert cpu_has_native_bf16() is native
+        assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        assert resolve_precision("fp32", "cpu") == "fp32"    # an explicit precision is never overridden
+    monkeypatch.setenv("FTCLI_CPU_BF16", "maybe")
+    with pytest.raises(UsageError, match="FTCLI_CPU_BF16='maybe' is not one of auto, on, off"):
+        cpu_has_native_bf16()
+
+
+def test_a_bad_cpu_bf16_override_stops_training_before_a_run_exists(cli_inproc, tiny_recipe, runs_dir, monkeypatch):
+    monkeypatch.setenv("FTCLI_CPU_BF16", "maybe")
+    result = cli_inproc("train", tiny_recipe)
+    assert result.exit_code == 2, result.output
+    assert "FTCLI_CPU_BF16" in result.output and not (runs_dir / "tiny").exists()
