@@ -1,5 +1,6 @@
 # ftcli: everything from a fresh machine. `make quickstart` trains, evaluates, merges and exports the quickstart
-# recipe on the embedded model; `make test` runs the test suite. Both set up the environment first.
+# recipe on the embedded model; `make test` runs the whole test suite (what CI runs); `make test-fast` the tests not
+# marked slow (unit and in-process ones, no embedded-model or multi-process runs). All set up the environment first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,6 +30,9 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/run.py

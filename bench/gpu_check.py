@@ -131,7 +131,7 @@ class GpuMemoryPoller:
 
 def child_main(recipe: str, runs_dir: str, stats_path: str) -> None:
     """Run `ftcli train` in this process, then record the CUDA caching allocator's peaks."""
-    from ftcli.cli import app
+    from ftcli.cli.app import app
 
     code = 0
     try:   # without standalone mode a handled error comes back as its exit code
@@ -166,7 +166,7 @@ def estimates(work: Path, size: str, recipes: dict[str, Path]) -> dict[str, dict
 
 def measure(name: str, recipe: Path, memory: dict, work: Path, args) -> dict:
     """One `ftcli train` in a child process, its GPU memory polled; tokens/s from its metrics.jsonl."""
-    from ftcli.runs import RunDir
+    from ftcli.runs.rundir import RunDir
 
     stats_path = work / f"{name}-stats.json"
     command = [sys.executable, str(Path(__file__)), "--child", str(recipe), str(work / "runs"), str(stats_path)]
@@ -241,8 +241,8 @@ def main() -> int:
         print("gpu_check: no CUDA GPU visible to torch; nothing measured")
         return 0
     sizes = ["tiny"] if args.cpu_smoke else args.sizes
-    from ftcli.models import resolve_model
-    from ftcli.recipe import ModelConfig
+    from ftcli.models.load import resolve_model
+    from ftcli.recipe.schema import ModelConfig
 
     tokenizer_dir = resolve_model(ModelConfig(path="builtin:smollm2-135m-instruct")).local_dir
     work = Path(tempfile.mkdtemp(prefix="ftcli-gpu-check-"))

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The glibc malloc settings ftcli applies in-process (ftcli/train.py _speed_up_allocator), as environment variables:
+# The glibc malloc settings ftcli applies in-process (ftcli/training/session.py _speed_up_allocator), as environment variables:
 # given to the hand-written script when its settings are to match ftcli's.
 MATCHED_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),

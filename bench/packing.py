@@ -34,7 +34,7 @@ def make_examples(count: int, max_length: int, seed: int = 0) -> list[list[int]]
 
 
 def batches(mode: str, examples: list[list[int]], batch: int, max_length: int):
-    from ftcli.data_packing import PackedCollator, PaddingCollator, pack_examples
+    from ftcli.data.packing import PackedCollator, PaddingCollator, pack_examples
 
     if mode == "padded":
         collate = PaddingCollator(pad_token_id=2)

@@ -1,5 +1,5 @@
 """How far each GGUF quant of the embedded model sits from it under ftcli's parity measure, and how far a real
-defect sits: the figures the bounds in ftcli/parity.py are set against. Writes bench/PARITY.md and
+defect sits: the figures the bounds in ftcli/models/parity.py are set against. Writes bench/PARITY.md and
 bench/parity-result.json.
 
     python bench/parity.py          # about 8 minutes on 2 CPU cores
@@ -32,11 +32,11 @@ def measure(work: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftcli import parity
-    from ftcli.gguf_check import _dense_weights
-    from ftcli.gguf_convert import ensure_converted
-    from ftcli.gguf_writer import write_model_gguf
-    from ftcli.model_sources import builtin_gguf_path
+    from ftcli.models import parity
+    from ftcli.export.gguf.check import _dense_weights
+    from ftcli.models.gguf_import import ensure_converted
+    from ftcli.export.gguf.writer import write_model_gguf
+    from ftcli.models.sources import builtin_gguf_path
 
     source = ensure_converted(builtin_gguf_path("smollm2-135m-instruct"), work / "cache")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -68,7 +68,7 @@ def render(rows: list[dict], stamp: str) -> str:
         "",
         f"`python bench/parity.py`, {stamp}, {cpu_name()}. SmolLM2-135M-Instruct "
         f"against each GGUF of it read back by transformers, on the {rows[0]['positions']} positions of ftcli's check "
-        "conversations (ftcli/parity.py; README, \"Parity gates\").",
+        "conversations (ftcli/models/parity.py; README, \"Parity gates\").",
         "",
         "| case | tie-aware agreement | argmax agreement | mean KL | p99 KL | max KL | max abs logit diff | gate |",
         "|---|---|---|---|---|---|---|---|",

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _quiet() -> None:
     """Library chatter off stderr (it would bury a real error in the child's log)."""
-    from ftcli.quiet import quiet_libraries
+    from ftcli.models.quiet import quiet_libraries
 
     quiet_libraries()
 
@@ -33,10 +33,12 @@ def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examp
     import torch
     from peft import PeftModel
 
-    from ftcli import data, models
-    from ftcli.data_packing import PaddingCollator
-    from ftcli.data_types import IGNORE_INDEX
-    from ftcli.recipe_loader import load_recipe
+    from ftcli.data import pipeline as data
+
+    from ftcli.models import load as models
+    from ftcli.data.packing import PaddingCollator
+    from ftcli.data.types import IGNORE_INDEX
+    from ftcli.recipe.loader import load_recipe
 
     _quiet()
     recipe = load_recipe(Path(recipe_path), overrides).recipe
@@ -69,8 +71,8 @@ def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examp
 def estimate(spec_path: str) -> dict:
     """ftcli's memory estimate (the same report as `ftcli train RECIPE --dry-run --json`) of each recipe in the spec:
     a JSON list of {"key": ..., "recipe": path, "overrides": [...]}."""
-    from ftcli.preflight import run_preflight
-    from ftcli.recipe_loader import load_recipe
+    from ftcli.training.preflight import run_preflight
+    from ftcli.recipe.loader import load_recipe
 
     _quiet()
     estimates = {}
@@ -87,8 +89,8 @@ def load(recipe_path: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcli import models
-    from ftcli.recipe_loader import load_recipe
+    from ftcli.models import load as models
+    from ftcli.recipe.loader import load_recipe
 
     _quiet()
     recipe = load_recipe(Path(recipe_path), []).recipe
@@ -113,8 +115,8 @@ def load(recipe_path: str, repeats: int) -> dict:
 
 def convert(recipe_path: str) -> dict:
     """Seconds for the first use of the recipe's builtin model (GGUF -> safetensors folder) in this cache."""
-    from ftcli import models
-    from ftcli.recipe_loader import load_recipe
+    from ftcli.models import load as models
+    from ftcli.recipe.loader import load_recipe
 
     _quiet()
     recipe = load_recipe(Path(recipe_path), []).recipe
@@ -126,7 +128,7 @@ def convert(recipe_path: str) -> dict:
 def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> dict:
     """Where ftcli's training speed comes from: ftcli's own trainer, forward and backward over the same batches, with
     TRL's fused LM head as TRL runs it on the CPU (every position, its tile folding), with labelled positions only,
-    and as ftcli runs it (labelled positions, chunked cross-entropy: ftcli/fused_head.py), alternated in this one
+    and as ftcli runs it (labelled positions, chunked cross-entropy: ftcli/models/fused_head.py), alternated in this one
     process so that other processes and memory layout weigh on every arm alike."""
     import tempfile
     from itertools import islice
@@ -135,11 +137,11 @@ def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> 
     from rich.console import Console
     from trl.trainer import utils as trl_utils
 
-    from ftcli.data_types import IGNORE_INDEX
-    from ftcli.recipe_loader import load_recipe
-    from ftcli.runs import RunDir
-    from ftcli.sft_trainer import RealTokenCount
-    from ftcli.train import TrainingSession
+    from ftcli.data.types import IGNORE_INDEX
+    from ftcli.recipe.loader import load_recipe
+    from ftcli.runs.rundir import RunDir
+    from ftcli.training.trainer import RealTokenCount
+    from ftcli.training.session import TrainingSession
 
     _quiet()
     recipe = load_recipe(Path(recipe_path), overrides).recipe

@@ -232,7 +232,7 @@ def render_markdown(results: dict) -> str:
         if s.get("head"):
             lines += ["### Where ftcli's speed comes from: TRL's fused LM head as ftcli runs it on the CPU", "",
                       "Without Triton, TRL's fused LM head projects every position and folds each vocabulary tile "
-                      "with a dozen torch passes; ftcli (ftcli/fused_head.py) projects the labelled positions only "
+                      "with a dozen torch passes; ftcli (ftcli/models/fused_head.py) projects the labelled positions only "
                       "and scores them with PyTorch's cross-entropy, chunk by chunk. bench/probes.py head times "
                       "ftcli's own trainer (forward and backward, autocast as resolved) over the same batches with "
                       "TRL's head (`trl`), with labelled positions only but TRL's folding (`labelled_only`), and as "
@@ -263,7 +263,7 @@ def render_markdown(results: dict) -> str:
                   f"{plan.get('packing_steps')} steps. `unpacked` pads plain batches in random order (the goal's "
                   "baseline, as TRL's packing was measured in the issue); `packed` sets data.packing=true; "
                   "`unpacked_grouped` (full run only) sets training.group_by_length=true, batches grouped by length "
-                  "(ftcli/length_batches.py), the other way to remove padding. Tokens are real (non-padding) tokens "
+                  "(ftcli/training/samplers.py), the other way to remove padding. Tokens are real (non-padding) tokens "
                   "as ftcli counts them for packed rows too.", ""]
         lines += _arms_table(s["arms"])
         efficiency = [r.get("packing_efficiency") for r in s["arms"].get("packed", {}).get("runs", [])]
@@ -274,7 +274,7 @@ def render_markdown(results: dict) -> str:
     if "memory" in sections:
         s = sections["memory"]
         lines += ["## 4. Memory estimate against measured peak RSS", "",
-                  "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/memory_estimate.py). Measured: peak RSS of "
+                  "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/training/memory_estimate.py). Measured: peak RSS of "
                   f"`ftcli train` ({s.get('steps')} step(s); training.group_by_length=true puts the longest batch "
                   "first, so the first step runs at max_length) on the varied-length data.", ""]
         if s.get("estimates_recomputed"):

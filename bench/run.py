@@ -373,7 +373,7 @@ def per_token_fit(cases: dict[str, dict], batch: int) -> dict[str, dict]:
 
 
 def versions() -> dict:
-    from ftcli.runs import git_commit, package_versions
+    from ftcli.runs.rundir import git_commit, package_versions
 
     return {**package_versions(), "git_commit": git_commit(REPO)}
 

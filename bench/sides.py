@@ -31,7 +31,7 @@ NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed 
 # this one stays small: a child's peak RSS counts the parent's memory at exec time).
 CPU_FACTS = (
     "import json, os\n"
-    "from ftcli.models import CPU_BF16_ENV, cpu_has_native_bf16, detected_cpu_bf16, resolve_precision\n"
+    "from ftcli.models.load import CPU_BF16_ENV, cpu_has_native_bf16, detected_cpu_bf16, resolve_precision\n"
     "print(json.dumps({'detected': detected_cpu_bf16(), 'FTCLI_CPU_BF16': os.environ.get(CPU_BF16_ENV),\n"
     "                  'effective': cpu_has_native_bf16(), 'auto_precision': resolve_precision('auto', 'cpu')}))\n"
 )
@@ -82,7 +82,7 @@ class Session:
 
     def recipe(self, method: str):
         if method not in self._recipes:
-            from ftcli.recipe_loader import load_recipe
+            from ftcli.recipe.loader import load_recipe
 
             self._recipes[method] = load_recipe(RECIPES[method], []).recipe
         return self._recipes[method]
@@ -101,14 +101,14 @@ class Session:
 
     def local_dir(self) -> Path:
         """The converted folder of the recipes' builtin model: the baseline loads the very same weights."""
-        from ftcli.models import resolve_model
+        from ftcli.models.load import resolve_model
 
         return resolve_model(self.recipe("lora").model).local_dir
 
     # ------------------------------------------------------------------------------------------ training runs
 
     def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str]) -> dict:
-        from ftcli.runs import RunDir
+        from ftcli.runs.rundir import RunDir
 
         name = label.replace("@", "-")
         command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
@@ -178,7 +178,7 @@ class Session:
             return requested
         resolved = self.cpu_bf16().get("auto_precision")
         if resolved is None:   # the probe failed: resolve here
-            from ftcli.models import resolve_precision
+            from ftcli.models.load import resolve_precision
 
             resolved = resolve_precision(requested, "cpu")
         return resolved

@@ -1,5 +1,5 @@
 """Entry point for `python -m ftcli`."""
 
-from ftcli.entry import main
+from ftcli.cli.entry import main
 
 main()

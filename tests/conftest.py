@@ -179,7 +179,7 @@ def cli_inproc():
     """Run the CLI in this process (fast: heavy imports are paid once per test session)."""
     from typer.testing import CliRunner
 
-    from ftcli.cli import app
+    from ftcli.cli.app import app
 
     runner = CliRunner()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ftcli.checkpoints import checkpoint_problem, mark_complete, scan_checkpoints, set_aside
+from ftcli.runs.checkpoints import checkpoint_problem, mark_complete, scan_checkpoints, set_aside
 
 
 def _write(path: Path, data: bytes = b"state") -> None:

@@ -31,7 +31,7 @@ training:
 # Runs the ftcli program in-process, then reports which heavy modules that pulled in.
 IMPORT_PROBE = """
 import json, sys
-from ftcli.entry import main
+from ftcli.cli.entry import main
 report_path = sys.argv[1]
 sys.argv = ["ftcli", *sys.argv[2:]]
 try:
@@ -93,15 +93,15 @@ def test_plain_text_commands_do_not_import_rich(args, tmp_path, recipe, bad_reci
 
 def test_the_probe_can_see_a_heavy_import(tmp_path):
     # Guards the test above: the probe must notice a heavy module when one is imported.
-    code = IMPORT_PROBE.format(heavy=HEAVY).replace("from ftcli.entry import main", "import yaml as torch; "
-                                                    "sys.modules['torch'] = torch\nfrom ftcli.entry import main")
+    code = IMPORT_PROBE.format(heavy=HEAVY).replace("from ftcli.cli.entry import main", "import yaml as torch; "
+                                                    "sys.modules['torch'] = torch\nfrom ftcli.cli.entry import main")
     report = tmp_path / "probe.json"
     subprocess.run([sys.executable, "-c", code, str(report), "--help"], capture_output=True, timeout=60)
     assert json.loads(report.read_text())["heavy"] == ["torch"]
 
 
 def test_plain_validate_never_imports_typer(tmp_path, recipe, bad_recipe):
-    # The plain form is parsed by ftcli.validate_command (Typer is about a fifth of validate's start-up) ...
+    # The plain form is parsed by ftcli.cli.validate (Typer is about a fifth of validate's start-up) ...
     for args in (["validate", recipe], ["validate", recipe, bad_recipe, "--json", "--set", "training.seed=3"]):
         assert probe(tmp_path, *args, modules=("typer",))["heavy"] == [], args
     # ... and every other form still goes through Typer (the probe does see it).
@@ -109,8 +109,8 @@ def test_plain_validate_never_imports_typer(tmp_path, recipe, bad_recipe):
 
 
 # The installed `ftcli` program, and the same arguments through the Typer command alone (no plain-validate path).
-THROUGH_ENTRY = "import sys; sys.argv[0] = 'ftcli'; from ftcli.entry import main; main()"
-THROUGH_TYPER = "import sys; sys.argv[0] = 'ftcli'; from ftcli.cli import main; main()"
+THROUGH_ENTRY = "import sys; sys.argv[0] = 'ftcli'; from ftcli.cli.entry import main; main()"
+THROUGH_TYPER = "import sys; sys.argv[0] = 'ftcli'; from ftcli.cli.app import main; main()"
 
 
 @pytest.mark.parametrize("args", [
@@ -152,7 +152,7 @@ def test_plain_validate_answers_exactly_as_the_typer_command(args, tmp_path, rec
     (["a.yaml", "--runs-dir", "x"], None),
 ])
 def test_plain_validate_parsing(args, expected):
-    from ftcli.validate_command import parse_plain_validate
+    from ftcli.cli.validate import parse_plain_validate
 
     parsed = parse_plain_validate(args)
     if expected is None:

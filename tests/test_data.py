@@ -8,10 +8,10 @@ import json
 import pytest
 
 from conftest import memorisable_chat, write_jsonl
-from ftcli import data
-from ftcli.data import IGNORE_INDEX, Conversation
+from ftcli.data import pipeline as data
+from ftcli.data.pipeline import IGNORE_INDEX, Conversation
 from ftcli.errors import DataError, NotAvailableError, UsageError
-from ftcli.recipe import DataConfig, Recipe
+from ftcli.recipe.schema import DataConfig, Recipe
 
 HI_HELLO = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
@@ -326,7 +326,7 @@ def test_padding_collator_keeps_eos_label_although_pad_is_eos(tmp_path, tokenize
 
 
 def test_cache_hit_and_one_byte_change_retokenizes(tmp_path, tokenizer, monkeypatch):
-    from ftcli import data_tokenize
+    from ftcli.data import tokenize as data_tokenize
 
     path = write_jsonl(tmp_path / "d.jsonl", [HI_HELLO])
     recipe = make_recipe(path)
@@ -350,8 +350,8 @@ def test_num_proc_tokenizes_in_processes_with_the_same_result(tmp_path, tokenize
     """Three chunks in two processes: the same rows in the same order, counts summed, and an error still named."""
     import os
 
-    from ftcli import data_tokenize
-    from ftcli.data_tokenize import TOKENIZE_CHUNK
+    from ftcli.data import tokenize as data_tokenize
+    from ftcli.data.tokenize import TOKENIZE_CHUNK
 
     pid_log = tmp_path / "pids"
     tokenize_chunk = data_tokenize._tokenize_chunk

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import memorisable_chat, write_jsonl
-from ftcli import data
-from ftcli.data import IGNORE_INDEX
-from ftcli.data_packing import pack_examples, packed_position_ids
-from ftcli.recipe import Recipe
+from ftcli.data import pipeline as data
+from ftcli.data.pipeline import IGNORE_INDEX
+from ftcli.data.packing import pack_examples, packed_position_ids
+from ftcli.recipe.schema import Recipe
 
 
 def test_best_fit_decreasing_fills_rows_and_masks_boundaries():
@@ -42,7 +42,7 @@ def test_prepare_data_packs_and_reports_efficiency(tmp_path, tokenizer_dir):
     assert all(sum(lengths) == len(ids) for lengths, ids in zip(prepared.train["seq_lengths"],
                                                                 prepared.train["input_ids"]))
     batch = data.make_collator(recipe, tokenizer)([prepared.train[i] for i in range(2)])
-    from ftcli.data_packing import REAL_TOKENS_KEY
+    from ftcli.data.packing import REAL_TOKENS_KEY
 
     assert set(batch) == {"input_ids", "labels", "position_ids", REAL_TOKENS_KEY}
     assert int(batch[REAL_TOKENS_KEY]) == sum(len(prepared.train[i]["input_ids"]) for i in range(2))
@@ -52,7 +52,7 @@ def test_prepare_data_packs_and_reports_efficiency(tmp_path, tokenizer_dir):
 
 
 def test_flash_attention_gets_one_flattened_row():
-    from ftcli.data_packing import PackedCollator
+    from ftcli.data.packing import PackedCollator
 
     rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, -100, 8], "seq_lengths": [2, 2]},
             {"input_ids": [9, 10, 11], "labels": [-100, 10, 11], "seq_lengths": [3]}]
@@ -83,7 +83,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcli.data_packing import PackedCollator
+    from ftcli.data.packing import PackedCollator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     first, second = list(range(100, 113)), list(range(500, 509))
@@ -108,8 +108,8 @@ def test_packed_batch_trains_through_sft_trainer(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
-    from ftcli.data_packing import REAL_TOKENS_KEY
-    from ftcli.sft_trainer import FtcliSFTTrainer, RealTokenCount
+    from ftcli.data.packing import REAL_TOKENS_KEY
+    from ftcli.training.trainer import FtcliSFTTrainer, RealTokenCount
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     path = write_jsonl(tmp_path / "d.jsonl", memorisable_chat(8))

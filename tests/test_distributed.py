@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from ftcli.launch import launch_command, worker_arguments
+from ftcli.training.launch import launch_command, worker_arguments
 
 
 def losses(run_path: Path) -> dict[int, float]:

@@ -21,8 +21,8 @@ def test_quickstart_chain(path, runs_dir):
     `precision: auto` picks on this CPU, and on the fp32 path of a CPU without native bf16."""
     import os
 
-    from ftcli.models import CPU_BF16_ENV, cpu_has_native_bf16
-    from ftcli.parity import BOUNDS
+    from ftcli.models.load import CPU_BF16_ENV, cpu_has_native_bf16
+    from ftcli.models.parity import BOUNDS
 
     native = cpu_has_native_bf16()   # as this session presents the CPU: FTCLI_CPU_BF16=off makes it one without
     if path == "fp32" and not native:

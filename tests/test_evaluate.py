@@ -218,7 +218,7 @@ def test_an_adapter_is_refused_on_a_different_base(cli_inproc, memorised, tmp_pa
 def test_render_eval_without_base(memorised):
     from rich.console import Console
 
-    from ftcli.evaluate import render_eval
+    from ftcli.inference.evaluate import render_eval
 
     runs, name = memorised
     result = json.loads((runs / name / "eval" / "latest.json").read_text())

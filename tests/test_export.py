@@ -15,7 +15,7 @@ from test_merge import leftovers, make_run
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir):
     """A LoRA run on the tied, grouped-query tiny Llama, merged once for the module."""
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path_factory.mktemp("export") / "runs", "tied", tiny_model_dir)
     merge_run(run)
@@ -54,7 +54,7 @@ def test_adapter_export_loads_in_peft_from_its_own_config(lora_run, tiny_model_d
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ftcli.export import export_run
+    from ftcli.export.exporters import export_run
 
     stale = lora_run.export_dir("adapter").with_name(".tmp-adapter.killed-earlier")
     stale.mkdir(parents=True)
@@ -75,7 +75,7 @@ def test_merged_export_loads_in_transformers(lora_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcli.export import export_run
+    from ftcli.export.exporters import export_run
 
     out = tmp_path / "somewhere" / "merged-copy"
     result = export_run(lora_run, "merged", out=out)
@@ -88,7 +88,7 @@ def test_merged_export_loads_in_transformers(lora_run, tmp_path):
 
 
 def test_gguf_lora_export_is_checked_and_recorded(lora_run):
-    from ftcli.export import export_run
+    from ftcli.export.exporters import export_run
 
     result = export_run(lora_run, "gguf-lora", quant="f32")
     assert result["file"] == "tied-lora-f32.gguf" and result["check"]["max_relative_error"] < 1e-5
@@ -98,7 +98,7 @@ def test_gguf_lora_export_is_checked_and_recorded(lora_run):
 
 def test_exports_that_would_destroy_something_are_refused(lora_run, tmp_path, tiny_model_dir):
     from ftcli.errors import UsageError
-    from ftcli.export import export_run
+    from ftcli.export.exporters import export_run
 
     foreign = tmp_path / "my-notes"
     foreign.mkdir()
@@ -119,9 +119,9 @@ def test_exports_that_would_destroy_something_are_refused(lora_run, tmp_path, ti
 
 
 def test_interrupted_export_leaves_previous_output_and_no_temporary_files(lora_run, monkeypatch):
-    import ftcli.export
-    from ftcli.export import export_run
-    from ftcli.runs import EXPORT_RECORD_FILE
+    import ftcli.export.exporters
+    from ftcli.export.exporters import export_run
+    from ftcli.runs.rundir import EXPORT_RECORD_FILE
 
     target = lora_run.export_dir("gguf")
     target.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def test_interrupted_export_leaves_previous_output_and_no_temporary_files(lora_r
         Path(path).write_bytes(b"GGUF half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ftcli.export, "write_gguf", killed_midway)
+    monkeypatch.setattr(ftcli.export.exporters, "write_gguf", killed_midway)
     with pytest.raises(KeyboardInterrupt):
         export_run(lora_run, "gguf")
     assert (target / "tied-f16.gguf").read_bytes() == b"previous export"
@@ -144,16 +144,16 @@ def test_interrupted_export_leaves_previous_output_and_no_temporary_files(lora_r
 
 def test_gguf_without_qk_permutation_fails_the_check(sharp_model_dir, tmp_path, monkeypatch):
     """Prove the round-trip check can fail: llama.cpp's q/k row order left out scrambles attention."""
-    import ftcli.export
+    import ftcli.export.exporters
     from ftcli.errors import QualityGateError
-    from ftcli.export import export_run
-    from ftcli.gguf_writer import write_model_gguf
+    from ftcli.export.exporters import export_run
+    from ftcli.export.gguf.writer import write_model_gguf
 
     run = make_run(tmp_path / "runs", "sharp", sharp_model_dir)
     def without_permutation(model_dir, path, **kwargs):
         return write_model_gguf(model_dir, path, _permute_qk=False, **kwargs)
 
-    monkeypatch.setattr(ftcli.export, "write_gguf", without_permutation)
+    monkeypatch.setattr(ftcli.export.exporters, "write_gguf", without_permutation)
     with pytest.raises(QualityGateError, match="top-token agreement") as caught:
         export_run(run, "gguf", quant="f32")
     agreement = float(str(caught.value).split("top-token agreement ")[-1].split("%")[0])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write_jsonl
-from ftcli.checkpoints import scan_checkpoints
+from ftcli.runs.checkpoints import scan_checkpoints
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(tiny_recipe, tmp_pa
 def test_injected_write_failure_names_the_path_and_exits_4(tiny_recipe, runs_dir, monkeypatch, cli_inproc):
     import errno
 
-    from ftcli import runs as runs_module
+    from ftcli.runs import rundir as runs_module
 
     calls = {"n": 0}
     original = runs_module.RunDir.append_metrics

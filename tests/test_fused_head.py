@@ -1,4 +1,4 @@
-"""TRL's fused LM head as ftcli runs it on the CPU (ftcli/fused_head.py): only labelled positions projected and scored
+"""TRL's fused LM head as ftcli runs it on the CPU (ftcli/models/fused_head.py): only labelled positions projected and scored
 by ftcli's chunked cross-entropy, with the loss, gradients and metrics of TRL's own head over every position."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def _settings(method: str) -> list[str]:
 def _trainer_and_batch(tiny_recipe, tmp_path, method: str):
     from rich.console import Console
 
-    from ftcli.recipe_loader import load_recipe
-    from ftcli.runs import RunDir
-    from ftcli.sft_trainer import RealTokenCount
-    from ftcli.train import TrainingSession
+    from ftcli.recipe.loader import load_recipe
+    from ftcli.runs.rundir import RunDir
+    from ftcli.training.trainer import RealTokenCount
+    from ftcli.training.session import TrainingSession
 
     recipe = load_recipe(tiny_recipe, [*_settings(method), "training.precision=fp32"]).recipe
     session = TrainingSession(recipe, RunDir(tmp_path / "runs", "head"), trust_remote_code=False,
@@ -100,7 +100,7 @@ def test_eval_scoring_through_the_fused_head_matches_full_logits(method, tiny_re
     import torch
     import torch.nn.functional as F
 
-    from ftcli.fused_head import with_fused_head
+    from ftcli.models.fused_head import with_fused_head
 
     trainer, batch = _trainer_and_batch(tiny_recipe, tmp_path, method)
     model = trainer.model.eval()
@@ -127,7 +127,7 @@ def test_cpu_scoring_matches_trls_kernel_with_every_option(monkeypatch):
     import torch
     from trl.trainer import utils as trl_utils
 
-    from ftcli import fused_head
+    from ftcli.models import fused_head
 
     fused_head.prepare_fused_head()
     trl_function = trl_utils._ChunkedLogProbFunction.trl_function

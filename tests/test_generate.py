@@ -140,7 +140,7 @@ def test_missing_and_unfinished_runs_exit_5(cli_inproc, memorised, tmp_path):
 
 
 def _loaded(model, tokenizer):
-    from ftcli.adapter_model import RunModel
+    from ftcli.models.run_model import RunModel
 
     return RunModel(model=model, tokenizer=tokenizer, recipe=None, chat_template=tokenizer.chat_template,
                     merged=False, base_model={})
@@ -153,7 +153,7 @@ def test_uncached_loop_is_exact_greedy_decoding_and_batch_invariant(lively):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftcli.decoding import (DecodingSettings, _generate_cached, _generate_uncached, render_user_prompt,
+    from ftcli.inference.decoding import (DecodingSettings, _generate_cached, _generate_uncached, render_user_prompt,
                                 stop_token_ids)
 
     tokenizer = AutoTokenizer.from_pretrained(lively)
@@ -177,7 +177,7 @@ def test_uncached_loop_is_exact_greedy_decoding_and_batch_invariant(lively):
 def test_decoding_stops_at_a_stop_token_and_drops_it(lively):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftcli.decoding import DecodingSettings, _generate_uncached, stop_token_ids
+    from ftcli.inference.decoding import DecodingSettings, _generate_uncached, stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(lively)
     model = AutoModelForCausalLM.from_pretrained(lively).eval()

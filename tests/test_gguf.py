@@ -22,7 +22,7 @@ def read_metadata(path: Path, *arrays: str) -> tuple[dict, tuple]:
 @pytest.fixture(scope="module")
 def merged_run(tmp_path_factory, tiny_model_dir):
     """A LoRA run on the tied, grouped-query tiny Llama, merged once for the whole module."""
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path_factory.mktemp("gguf") / "runs", "tied", tiny_model_dir)
     merge_run(run)
@@ -30,8 +30,8 @@ def merged_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_f32_round_trip_is_bit_exact_and_metadata_is_right(merged_run, tmp_path):
-    from ftcli.gguf_check import check_model_gguf
-    from ftcli.gguf_writer import write_model_gguf
+    from ftcli.export.gguf.check import check_model_gguf
+    from ftcli.export.gguf.writer import write_model_gguf
 
     template = merged_run.chat_template_path.read_text()
     path = tmp_path / "tied-f32.gguf"
@@ -57,7 +57,7 @@ def test_qk_permutation_is_what_llama_cpp_and_transformers_expect():
     """Rows of a rotary head [x0..x7 | y0..y7] become pairs (x0 y0 x1 y1 ...), which transformers undoes on load."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from ftcli.gguf_writer import permute_rows, unpermute_rows
+    from ftcli.export.gguf.writer import permute_rows, unpermute_rows
 
     heads, head_dim, width = 3, 8, 5
     weights = np.arange(heads * head_dim * width, dtype=np.float32).reshape(heads * head_dim, width)
@@ -72,7 +72,7 @@ def test_tokenizer_metadata_equals_llama_cpps_own_smollm2_conversion(tiny_model_
     """Every tokenizer key the embedded llama.cpp-made SmolLM2 GGUF has, we write identically."""
     import gguf
 
-    from ftcli.gguf_vocab import add_tokenizer
+    from ftcli.export.gguf.vocab import add_tokenizer
 
     path = tmp_path / "vocab.gguf"
     writer = gguf.GGUFWriter(path=None, arch="llama")
@@ -95,7 +95,7 @@ def test_unknown_pre_tokenizer_and_other_tokenizers_are_refused(tiny_model_dir, 
     from transformers import AutoTokenizer
 
     from ftcli.errors import NotAvailableError
-    from ftcli.gguf_vocab import pre_tokenizer_name, require_byte_level_bpe
+    from ftcli.export.gguf.vocab import pre_tokenizer_name, require_byte_level_bpe
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert pre_tokenizer_name(tokenizer) == "smollm"
@@ -122,7 +122,7 @@ def test_unknown_pre_tokenizer_and_other_tokenizers_are_refused(tiny_model_dir, 
 ])
 def test_models_it_cannot_write_correctly_are_refused(change, reason, tiny_model_dir, tmp_path):
     from ftcli.errors import NotAvailableError
-    from ftcli.gguf_writer import write_model_gguf
+    from ftcli.export.gguf.writer import write_model_gguf
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -140,9 +140,9 @@ def test_models_it_cannot_write_correctly_are_refused(change, reason, tiny_model
 def test_lora_gguf_round_trip(merged_run, tiny_model_dir, tmp_path):
     import gguf
 
-    from ftcli.adapter_model import parity_batch
-    from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
-    from ftcli.models import load_model
+    from ftcli.models.run_model import parity_batch
+    from ftcli.export.gguf.lora import check_lora_gguf, write_lora_gguf
+    from ftcli.models.load import load_model
 
     path = tmp_path / "lora.gguf"
     info = write_lora_gguf(merged_run.adapter_dir, tiny_model_dir, path, quant="f32", name="tied")
@@ -163,15 +163,15 @@ def test_lora_gguf_round_trip(merged_run, tiny_model_dir, tmp_path):
 
 
 def test_lora_gguf_check_catches_a_missing_permutation(merged_run, tiny_model_dir, tmp_path, monkeypatch):
-    import ftcli.gguf_writer
+    import ftcli.export.gguf.writer
     from ftcli.errors import QualityGateError
-    from ftcli.adapter_model import parity_batch
-    from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
-    from ftcli.models import load_model
+    from ftcli.models.run_model import parity_batch
+    from ftcli.export.gguf.lora import check_lora_gguf, write_lora_gguf
+    from ftcli.models.load import load_model
 
     path = tmp_path / "lora.gguf"
     with monkeypatch.context() as patch:
-        patch.setattr(ftcli.gguf_writer, "permute_rows", lambda weights, heads: weights)
+        patch.setattr(ftcli.export.gguf.writer, "permute_rows", lambda weights, heads: weights)
         write_lora_gguf(merged_run.adapter_dir, tiny_model_dir, path, quant="f32", name="tied")
     base = load_model(merged_run.load_recipe().model, dtype="float32")
     with pytest.raises(QualityGateError, match="differs from PEFT's merge") as failed:
@@ -184,9 +184,9 @@ def test_bfloat16_rslora_adapter(merged_run, tiny_model_dir, tmp_path):
     """QLoRA trainings save bfloat16 adapters; rank-stabilised scaling needs alpha * sqrt(r) for llama.cpp."""
     from safetensors.torch import load_file, save_file
 
-    from ftcli.adapter_model import parity_batch
-    from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
-    from ftcli.models import load_model
+    from ftcli.models.run_model import parity_batch
+    from ftcli.export.gguf.lora import check_lora_gguf, write_lora_gguf
+    from ftcli.models.load import load_model
 
     adapter = tmp_path / "adapter"
     shutil.copytree(merged_run.adapter_dir, adapter)
@@ -204,7 +204,7 @@ def test_bfloat16_rslora_adapter(merged_run, tiny_model_dir, tmp_path):
 
 def test_adapters_llama_cpp_cannot_apply_are_refused(merged_run, tiny_model_dir, tmp_path):
     from ftcli.errors import UsageError
-    from ftcli.gguf_lora import require_lora_capable, write_lora_gguf
+    from ftcli.export.gguf.lora import require_lora_capable, write_lora_gguf
 
     for kind in ("dora", "ia3", "prefix", "prompt"):
         with pytest.raises(UsageError):
@@ -240,7 +240,7 @@ def render_go_template(template: str, messages: list[dict]) -> str:
 def test_modelfile_reproduces_the_chat_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from ftcli.modelfile import go_template, modelfile, turn_format
+    from ftcli.export.modelfile import go_template, modelfile, turn_format
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     template = tokenizer.chat_template
@@ -267,7 +267,7 @@ def test_templates_it_cannot_translate_are_refused(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from ftcli.errors import UsageError
-    from ftcli.modelfile import turn_format
+    from ftcli.export.modelfile import turn_format
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     llama2 = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"

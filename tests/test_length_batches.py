@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ftcli.length_batches import LengthBatchedSampler, length_batched_order
+from ftcli.training.samplers import LengthBatchedSampler, length_batched_order
 
 
 def padding(lengths, order, batch_size):

@@ -27,9 +27,9 @@ def make_run(runs_root: Path, name: str, model_dir: Path, kind: str = "lora", *,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftcli.methods import peft_config_for
-    from ftcli.models import fingerprint
-    from ftcli.runs import CHAT_TEMPLATE_FILE, RunDir
+    from ftcli.models.methods import peft_config_for
+    from ftcli.models.load import fingerprint
+    from ftcli.runs.rundir import CHAT_TEMPLATE_FILE, RunDir
 
     data = write_jsonl(runs_root.parent / f"data-{name}" / "train.jsonl", memorisable_chat(8))
     recipe_text = (f"name: {name}\nmodel:\n  path: {model_dir}\nmethod:\n  {METHOD_SECTIONS[kind]}\n"
@@ -85,7 +85,7 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
 def test_merge_parity(kind, tmp_path, tiny_model_dir):
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", f"m-{kind}", tiny_model_dir, kind)
     result = merge_run(run)
@@ -120,7 +120,7 @@ def test_merge_parity(kind, tmp_path, tiny_model_dir):
 
 
 def test_merge_reuses_up_to_date_output_and_force_merges_again(tmp_path, tiny_model_dir):
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", "reuse", tiny_model_dir)
     merge_run(run)
@@ -137,7 +137,7 @@ def test_merge_reuses_up_to_date_output_and_force_merges_again(tmp_path, tiny_mo
 
 
 def test_half_precision_merge(tmp_path, tiny_model_dir):
-    from ftcli.merge import ensure_merged, merge_run
+    from ftcli.export.merge import ensure_merged, merge_run
 
     run = make_run(tmp_path / "runs", "half", tiny_model_dir)
     result = merge_run(run, dtype="bfloat16")
@@ -156,7 +156,7 @@ def test_free_space_is_checked_before_any_work(tmp_path, tiny_model_dir, monkeyp
     import shutil as shutil_module
 
     from ftcli.atomic import DiskFullError
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", "tight", tiny_model_dir)
     usage = shutil_module.disk_usage(tmp_path)
@@ -167,7 +167,7 @@ def test_free_space_is_checked_before_any_work(tmp_path, tiny_model_dir, monkeyp
 
 
 def test_qlora_merge_parity_for_both_bases(tmp_path, tiny_model_dir):
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", "qlora", tiny_model_dir, "qlora")
     dequantized = merge_run(run)
@@ -189,9 +189,9 @@ def test_dequantize_like_training_reproduces_the_4bit_weights(tiny_model_dir):
     import bitsandbytes.functional as bnbf
     import torch
 
-    from ftcli.qlora_base import dequantize_like_training
-    from ftcli.models import load_model
-    from ftcli.recipe import ModelConfig, QuantizationConfig
+    from ftcli.export.qlora_merge import dequantize_like_training
+    from ftcli.models.load import load_model
+    from ftcli.recipe.schema import ModelConfig, QuantizationConfig
 
     config, quantization = ModelConfig(path=str(tiny_model_dir)), QuantizationConfig(double_quant=True)
     four_bit = load_model(config, quantization=quantization)
@@ -210,7 +210,7 @@ def test_failed_parity_leaves_previous_merge_intact(tmp_path, tiny_model_dir, mo
     from peft.tuners.lora import LoraModel
 
     from ftcli.errors import QualityGateError
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", "gate", tiny_model_dir)
     merge_run(run)
@@ -234,7 +234,7 @@ def test_disk_full_during_merge_keeps_previous_output(tmp_path, tiny_model_dir, 
     import transformers
 
     from ftcli.atomic import DiskFullError
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", "enospc", tiny_model_dir)
     merge_run(run)

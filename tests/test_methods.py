@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ftcli import methods, models
+from ftcli.models import methods
+
+from ftcli.models import load as models
 from ftcli.errors import UsageError
-from ftcli.recipe import METHOD_KINDS, ModelConfig, Recipe
+from ftcli.recipe.schema import METHOD_KINDS, ModelConfig, Recipe
 
 LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

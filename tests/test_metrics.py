@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from ftcli import metrics
+from ftcli.inference import metrics
 from ftcli.errors import UsageError
-from ftcli.evaluate import parse_gates
+from ftcli.inference.evaluate import parse_gates
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import GGUF_NAME, build_tiny_llama, smollm_gguf_path
-from ftcli import gguf_convert, models
+from ftcli.models import gguf_import as gguf_convert
+from ftcli import paths
+from ftcli.models import load as models
 from ftcli.errors import NotAvailableError, UsageError
-from ftcli.recipe import ModelConfig, QuantizationConfig
+from ftcli.recipe.schema import ModelConfig, QuantizationConfig
 
 BUILTIN = "builtin:smollm2-135m-instruct"
 
@@ -34,7 +36,7 @@ def test_builtin_conversion_reproduces_gguf_logits(builtin_resolved):
     from transformers import AutoModelForCausalLM
 
     assert builtin_resolved.kind == "builtin"
-    assert builtin_resolved.local_dir.is_relative_to(models.cache_dir())
+    assert builtin_resolved.local_dir.is_relative_to(paths.cache_dir())
     record = gguf_convert.read_conversion_record(builtin_resolved.local_dir)
     assert record["probe_max_abs_logit_diff"] <= gguf_convert.MAX_PROBE_DIFF
 
@@ -289,11 +291,11 @@ def test_tokenizer_pads_right_and_gets_a_pad_token_when_missing(tiny_model_dir, 
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_DIR_ENV, str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
-    monkeypatch.delenv(models.CACHE_DIR_ENV)
+    monkeypatch.setenv(paths.CACHE_DIR_ENV, str(tmp_path / "c"))
+    assert paths.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(paths.CACHE_DIR_ENV)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert models.cache_dir() == tmp_path / ".cache" / "ftcli"
+    assert paths.cache_dir() == tmp_path / ".cache" / "ftcli"
 
 
 def test_gguf_name_constant_matches_the_builtin_table():
@@ -311,7 +313,7 @@ class HidePackage:
         return None
 sys.meta_path.insert(0, HidePackage())
 sys.argv[0] = "ftcli"
-from ftcli.cli import main
+from ftcli.cli.app import main
 main()
 """
 
@@ -372,7 +374,7 @@ def fake_gguf(tmp_path, monkeypatch, tiny_model_dir):
         return AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
     monkeypatch.setattr(gguf_convert, "_load_gguf", load)
-    monkeypatch.setenv(models.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(paths.CACHE_DIR_ENV, str(tmp_path / "cache"))
     return gguf, loads
 
 
@@ -425,7 +427,7 @@ def test_model_with_custom_code_is_refused_without_running_it(tiny_model_dir, tm
 
 def test_cpu_bf16_override(monkeypatch):
     from ftcli.errors import UsageError
-    from ftcli.models import cpu_has_native_bf16, detected_cpu_bf16, resolve_precision
+    from ftcli.models.load import cpu_has_native_bf16, detected_cpu_bf16, resolve_precision
 
     monkeypatch.delenv("FTCLI_CPU_BF16", raising=False)
     assert cpu_has_native_bf16() == detected_cpu_bf16()

@@ -21,7 +21,7 @@ def synthetic_logits(positions: int = 64, vocabulary: int = 500, seed: int = 0):
 def test_a_near_tie_within_f16_rounding_passes_where_plain_argmax_disagrees():
     import torch
 
-    from ftcli import parity
+    from ftcli.models import parity
 
     reference, mask = synthetic_logits()
     # Position 5: the two best tokens 0.005 apart in the reference, as in a real f16 export of SmolLM2.
@@ -39,7 +39,7 @@ def test_a_near_tie_within_f16_rounding_passes_where_plain_argmax_disagrees():
 
 
 def test_a_clear_disagreement_is_not_a_tie():
-    from ftcli import parity
+    from ftcli.models import parity
 
     reference, mask = synthetic_logits()
     candidate = reference.clone()
@@ -53,7 +53,7 @@ def test_a_clear_disagreement_is_not_a_tie():
 def test_shuffled_logits_fail_every_gate(bounds):
     import torch
 
-    from ftcli import parity
+    from ftcli.models import parity
 
     reference, mask = synthetic_logits()
     candidate = reference[:, torch.randperm(64, generator=torch.Generator().manual_seed(2))]
@@ -63,7 +63,7 @@ def test_shuffled_logits_fail_every_gate(bounds):
 
 
 def test_identical_logits_are_exact_and_padding_is_ignored():
-    from ftcli import parity
+    from ftcli.models import parity
 
     reference, mask = synthetic_logits()
     candidate = reference.clone()
@@ -79,7 +79,7 @@ def test_identical_logits_are_exact_and_padding_is_ignored():
 
 @pytest.fixture(scope="module")
 def merged_lora(tmp_path_factory, tiny_model_dir):
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path_factory.mktemp("planted") / "runs", "planted", tiny_model_dir)
     merge_run(run)
@@ -88,7 +88,7 @@ def merged_lora(tmp_path_factory, tiny_model_dir):
 
 def _export_refused(run, fmt: str = "gguf", quant: str = "f16") -> str:
     from ftcli.errors import QualityGateError
-    from ftcli.export import export_run
+    from ftcli.export.exporters import export_run
 
     exports_before = run.read().get("exports")
     with pytest.raises(QualityGateError) as refused:
@@ -100,9 +100,9 @@ def _export_refused(run, fmt: str = "gguf", quant: str = "f16") -> str:
 
 
 def test_gguf_with_a_wrong_vocabulary_is_refused(merged_lora, monkeypatch):
-    import ftcli.gguf_vocab
+    import ftcli.export.gguf.vocab
 
-    original = ftcli.gguf_vocab.vocabulary
+    original = ftcli.export.gguf.vocab.vocabulary
 
     def swapped(tokenizer, vocab_size):
         tokens, types = original(tokenizer, vocab_size)
@@ -110,7 +110,7 @@ def test_gguf_with_a_wrong_vocabulary_is_refused(merged_lora, monkeypatch):
         tokens[the], tokens[sun] = tokens[sun], tokens[the]   # two words of the check texts trade ids
         return tokens, types
 
-    monkeypatch.setattr(ftcli.gguf_vocab, "vocabulary", swapped)
+    monkeypatch.setattr(ftcli.export.gguf.vocab, "vocabulary", swapped)
     message = _export_refused(merged_lora)
     assert "tokenizer splits the check texts differently" in message
 
@@ -119,15 +119,15 @@ def test_gguf_with_a_wrong_vocabulary_is_refused(merged_lora, monkeypatch):
 def test_gguf_with_a_wrong_or_missing_chat_template_is_refused(merged_lora, monkeypatch, defect):
     import gguf
 
-    import ftcli.export
-    from ftcli.gguf_writer import write_model_gguf
+    import ftcli.export.exporters
+    from ftcli.export.gguf.writer import write_model_gguf
 
     if defect == "missing":
         monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda self, template: None)
     else:   # ChatML without the newline after each turn's end
         wrong = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-        monkeypatch.setattr(ftcli.export, "write_gguf", lambda model_dir, path, **kwargs: write_model_gguf(
+        monkeypatch.setattr(ftcli.export.exporters, "write_gguf", lambda model_dir, path, **kwargs: write_model_gguf(
             model_dir, path, **{**kwargs, "chat_template": wrong}))
     message = _export_refused(merged_lora)
     assert "chat template it carries renders conversations differently" in message
@@ -138,7 +138,7 @@ def test_merge_with_a_lora_scale_off_by_a_factor_is_refused(tmp_path, tiny_model
     from peft.tuners.lora import LoraLayer, LoraModel
 
     from ftcli.errors import QualityGateError
-    from ftcli.merge import merge_run
+    from ftcli.export.merge import merge_run
 
     run = make_run(tmp_path / "runs", "scale", tiny_model_dir)
     original = LoraModel.merge_and_unload
@@ -157,10 +157,10 @@ def test_merge_with_a_lora_scale_off_by_a_factor_is_refused(tmp_path, tiny_model
 
 
 def test_gguf_lora_written_without_the_rslora_scale_is_refused(merged_lora, tiny_model_dir, tmp_path):
-    from ftcli.adapter_model import parity_batch
+    from ftcli.models.run_model import parity_batch
     from ftcli.errors import QualityGateError
-    from ftcli.gguf_lora import check_lora_gguf, write_lora_gguf
-    from ftcli.models import load_model
+    from ftcli.export.gguf.lora import check_lora_gguf, write_lora_gguf
+    from ftcli.models.load import load_model
 
     trained = tmp_path / "rslora-adapter"
     shutil.copytree(merged_lora.adapter_dir, trained)
@@ -179,20 +179,20 @@ def test_gguf_lora_written_without_the_rslora_scale_is_refused(merged_lora, tiny
 def test_qlora_adapter_merged_into_the_wrong_base_is_refused(tmp_path, tiny_model_dir, tokenizer_dir, monkeypatch):
     """The fp32 base loaded for the merge is not the model the adapter was trained on (a resolution bug): the
     merged model no longer reproduces the trained 4-bit model."""
-    import ftcli.models
+    import ftcli.models.load
     from conftest import build_tiny_llama
     from ftcli.errors import QualityGateError
-    from ftcli.merge import merge_run
-    from ftcli.recipe import ModelConfig
+    from ftcli.export.merge import merge_run
+    from ftcli.recipe.schema import ModelConfig
 
     run = make_run(tmp_path / "runs", "qlora-wrong-base", tiny_model_dir, "qlora")
     other = build_tiny_llama(tmp_path / "other-llama", tokenizer_dir, seed=5)
-    load_model = ftcli.models.load_model
+    load_model = ftcli.models.load.load_model
 
     def wrong_base(config, **kwargs):
         return load_model(ModelConfig(path=str(other)) if kwargs.get("dtype") == "float32" else config, **kwargs)
 
-    monkeypatch.setattr(ftcli.models, "load_model", wrong_base)
+    monkeypatch.setattr(ftcli.models.load, "load_model", wrong_base)
     with pytest.raises(QualityGateError, match="dequantized 4-bit base does not reproduce") as refused:
         merge_run(run)
     assert refused.value.exit_code == 6 and not run.merged_dir.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftcli.recipe import Recipe
+from ftcli.recipe.schema import Recipe
 
 
 def _numel(shape) -> int:
@@ -58,9 +58,9 @@ def test_dry_run_json_reports_the_numbers_and_creates_no_run(cli, tiny_recipe, r
 
 def _trained_token_rows(recipe_path) -> list[list[int]]:
     """The trained tokens of every training example, tokenized as ftcli trains them."""
-    from ftcli.data import prepare_data
-    from ftcli.models import load_tokenizer
-    from ftcli.recipe_loader import load_recipe
+    from ftcli.data.pipeline import prepare_data
+    from ftcli.models.load import load_tokenizer
+    from ftcli.recipe.loader import load_recipe
 
     recipe = load_recipe(recipe_path, ["data.val_split=0.25"]).recipe
     prepared = prepare_data(recipe, load_tokenizer(recipe.model))
@@ -68,7 +68,7 @@ def _trained_token_rows(recipe_path) -> list[list[int]]:
 
 
 def test_labelled_tokens_per_batch_takes_the_rows_with_the_most():
-    from ftcli.memory_estimate import labelled_tokens_per_batch
+    from ftcli.training.memory_estimate import labelled_tokens_per_batch
 
     rows = [[-100, 5, 6], [-100, -100, -100, 7], [1, 2, 3, 4], [-100, 9]]
     assert labelled_tokens_per_batch(rows, 2) == 4 + 2
@@ -99,12 +99,12 @@ def recipe_of(**sections) -> Recipe:
 
 
 def test_memory_estimate_moves_the_right_way(smollm_config):
-    from ftcli.preflight import estimate_peak_memory
+    from ftcli.training.preflight import estimate_peak_memory
 
     base = estimate_peak_memory(recipe_of(training={"batch_size": 8, "precision": "fp32"}), smollm_config, "cpu")
     assert base["precision"] == "fp32"
     assert base["parts"]["weights"] == pytest.approx(134.5e6 * 4, rel=0.01)   # 134.5 M parameters in fp32
-    # The LM head on the CPU (ftcli/fused_head.py): chunks of 1024 positions x the 49152-word vocabulary, 1.5 fp32
+    # The LM head on the CPU (ftcli/models/fused_head.py): chunks of 1024 positions x the 49152-word vocabulary, 1.5 fp32
     # copies at the peak, over every position unless the data says how many are labelled.
     assert base["parts"]["logits"] == 1024 * 49152 * 4 * 3 // 2
     answers_only = estimate_peak_memory(recipe_of(training={"batch_size": 8, "precision": "fp32"}), smollm_config,

@@ -11,7 +11,7 @@ import typing
 import pytest
 from pydantic import ValidationError
 
-from ftcli.recipe import (
+from ftcli.recipe.schema import (
     METHOD_KINDS,
     DataConfig,
     LoraMethod,
@@ -21,7 +21,7 @@ from ftcli.recipe import (
     check_run_name,
     recipe_json_schema,
 )
-from ftcli.yamlsource import YamlProblem, dump_yaml, parse_yaml
+from ftcli.recipe.yamlsource import YamlProblem, dump_yaml, parse_yaml
 
 BASE = {"model": {"path": "org/model"}, "data": {"train": "train.jsonl"}}
 
@@ -234,7 +234,7 @@ def test_dump_yaml_round_trips_tricky_strings():
 
 def test_recipe_modules_import_nothing_heavy():
     code = (
-        "import sys, ftcli.recipe, ftcli.recipe_loader, ftcli.runs, ftcli.atomic, ftcli.yamlsource\n"
+        "import sys, ftcli.recipe.schema, ftcli.recipe.loader, ftcli.runs.rundir, ftcli.atomic, ftcli.recipe.yamlsource\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'gguf', 'numpy')"
         " if m in sys.modules]\nprint(heavy)\n"
     )

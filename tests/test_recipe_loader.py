@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ftcli.errors import RecipeError
-from ftcli.recipe import METHOD_KINDS
-from ftcli.recipe_loader import load_recipe, recipe_to_yaml
+from ftcli.recipe.schema import METHOD_KINDS
+from ftcli.recipe.loader import load_recipe, recipe_to_yaml
 
 MARK = "# <-"  # marks the line an error must point at
 

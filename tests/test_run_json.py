@@ -14,7 +14,7 @@ import pytest
 
 from ftcli.atomic import atomic_write_json
 from ftcli.errors import RunStateError
-from ftcli.runs import LOCK_FILE, RUN_JSON_LOCK_FILE, RunDir, list_runs
+from ftcli.runs.rundir import LOCK_FILE, RUN_JSON_LOCK_FILE, RunDir, list_runs
 from trained_runs import memorised_run
 
 WRITERS, UPDATES = 4, 25

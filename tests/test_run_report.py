@@ -21,7 +21,7 @@ def two_runs(tmp_path_factory, tiny_model_dir) -> Path:
         shutil.copytree(runs / name, root / name)
     from typer.testing import CliRunner
 
-    from ftcli.cli import app
+    from ftcli.cli.app import app
 
     evaluated = CliRunner().invoke(app, ["eval", "quick-a", "--runs-dir", str(root), "--max-samples", "2"])
     assert evaluated.exit_code == 0, evaluated.output
@@ -48,7 +48,7 @@ def test_runs_list(cli_inproc, two_runs, tiny_model_dir):
 
 
 def test_runs_list_shows_failed_and_unreadable_runs(cli_inproc, two_runs, tmp_path):
-    from ftcli.runs import RunDir
+    from ftcli.runs.rundir import RunDir
 
     root = tmp_path / "runs"
     shutil.copytree(two_runs / "quick-a", root / "quick-a")
@@ -122,7 +122,7 @@ def test_runs_compare_refusals(cli_inproc, two_runs):
 
 
 def test_flatten_and_method_specific_keys():
-    from ftcli.recipe import flatten_keys as flatten
+    from ftcli.recipe.schema import flatten_keys as flatten
 
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}}) == {"a.b": 1, "a.c.d": [1, 2],
                                                                               "e": None, "f": {}}

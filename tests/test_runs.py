@@ -16,15 +16,15 @@ import pytest
 
 from ftcli.atomic import STAGING_PREFIX
 from ftcli.errors import NotAvailableError, RunStateError, UsageError
-from ftcli.recipe import SCHEMA_VERSION
-from ftcli.runs import (
+from ftcli.recipe.schema import SCHEMA_VERSION
+from ftcli.runs.rundir import (
     LOCK_FILE,
     STATUSES,
     RunDir,
     list_runs,
-    runs_root,
     validate_run_name,
 )
+from ftcli.paths import runs_root
 
 RECIPE = """\
 name: named-run
@@ -194,7 +194,7 @@ def test_lock_excludes_a_second_holder_in_the_same_process(tmp_path):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from ftcli.runs import RunDir
+from ftcli.runs.rundir import RunDir
 with RunDir(Path(sys.argv[1]), sys.argv[2]).lock():
     print("locked", flush=True)
     time.sleep(120)

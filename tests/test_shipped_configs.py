@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ftcli.recipe_loader import PATH_KEYS, load_recipe, looks_local
-from ftcli.yamlsource import read_yaml_file
+from ftcli.recipe.loader import PATH_KEYS, load_recipe, looks_local
+from ftcli.recipe.yamlsource import read_yaml_file
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -151,7 +151,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, runs_dir, tiny_mod
     assert "--resume" in stderr
     info = json.loads((runs_dir / "tiny" / "run.json").read_text())
     assert info["status"] == "interrupted"
-    from ftcli.checkpoints import scan_checkpoints
+    from ftcli.runs.checkpoints import scan_checkpoints
 
     scan = scan_checkpoints(runs_dir / "tiny" / "checkpoints")
     assert scan.newest_complete is not None and scan.skipped == []
@@ -209,7 +209,7 @@ def test_second_sigint_exits_at_once_leaving_nothing_half_written(tiny_recipe, r
     assert proc.returncode == 130, stderr
     info = json.loads((runs_dir / "tiny" / "run.json").read_text())
     assert info["status"] == "interrupted" and "twice" in info["error"]
-    from ftcli.checkpoints import scan_checkpoints
+    from ftcli.runs.checkpoints import scan_checkpoints
 
     scan = scan_checkpoints(runs_dir / "tiny" / "checkpoints")
     assert scan.newest_complete is not None and scan.skipped == []

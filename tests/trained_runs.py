@@ -22,7 +22,7 @@ def train_once(tmp_path_factory, name: str, recipe_template: str, **fields: str)
     the runs root that holds it. The template's {name} {data} and `fields` placeholders are filled in."""
     from typer.testing import CliRunner
 
-    from ftcli.cli import app
+    from ftcli.cli.app import app
 
     root = session_root(tmp_path_factory)
     runs = root / "runs"

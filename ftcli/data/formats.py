@@ -1,0 +1,156 @@
+"""Turn raw records of each record format (text, instruction, chat, prompt_completion) into validated Conversations."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from ftcli.data.sources import MAX_LISTED_PROBLEMS, RawRecord, raise_problems
+from ftcli.data.types import Conversation
+from ftcli.recipe.schema import DEFAULT_COLUMNS, DataConfig
+
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+OPTIONAL_COLUMNS = {"input"}
+
+
+class RecordProblem(ValueError):
+    """A record that cannot be used; the message says why (the caller adds where)."""
+
+
+def column_names(data: DataConfig) -> dict[str, str]:
+    """This format's column names mapped to the names in the data (data.columns, ShareGPT's `conversations`)."""
+    names = {name: name for name in DEFAULT_COLUMNS[data.format]}
+    if data.sharegpt:
+        names["messages"] = "conversations"
+    names.update(data.columns)
+    return names
+
+
+def to_conversations(records: list[RawRecord], data: DataConfig) -> list[Conversation]:
+    """Validate every record; DataError listing the first problems, each with its file and line."""
+    converter = _CONVERTERS[data.format]
+    columns = column_names(data)
+    conversations, problems = [], []
+    for record in records:
+        try:
+            fields = _pick_columns(record.fields, columns)
+            conversations.append(converter(fields, data, record.origin))
+        except RecordProblem as exc:
+            problems.append(f"{record.origin}: {exc}")
+            if len(problems) >= MAX_LISTED_PROBLEMS:
+                break
+    raise_problems(problems, hint=_hint(data))
+    return conversations
+
+
+def _hint(data: DataConfig) -> str:
+    names = ", ".join(DEFAULT_COLUMNS[data.format])
+    return (f"data.format is {data.format} (columns {names}); map other column names with data.columns, "
+            f"e.g. columns: {{{DEFAULT_COLUMNS[data.format][0]}: your_column}}")
+
+
+def _pick_columns(fields: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    picked = {}
+    for name, source in columns.items():
+        if source not in fields:
+            if name in OPTIONAL_COLUMNS:
+                continue
+            present = ", ".join(sorted(map(str, fields))) or "none"
+            mapped = f" (data.columns maps {name} to {source})" if source != name else ""
+            raise RecordProblem(f"missing column {source!r}{mapped}; columns present: {present}")
+        picked[name] = fields[source]
+    return picked
+
+
+def _text(value: Any, name: str, *, optional: bool = False) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if optional:
+            return ""
+        raise RecordProblem(f"{name} is {'null' if value is None else 'empty'}")
+    if not isinstance(value, str):
+        raise RecordProblem(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _with_system(messages: list[dict[str, str]], data: DataConfig) -> list[dict[str, str]]:
+    if data.system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": data.system_prompt}, *messages]
+    return messages
+
+
+def _text_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    return Conversation(text=_text(fields["text"], "text"), origin=origin)
+
+
+def _instruction_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    instruction = _text(fields["instruction"], "instruction")
+    extra = _text(fields.get("input"), "input", optional=True)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(fields["output"], "output")}]
+    return Conversation(messages=_with_system(messages, data), origin=origin)
+
+
+def _prompt_completion_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    prompt, completion = fields["prompt"], fields["completion"]
+    if isinstance(prompt, list) or isinstance(completion, list):
+        # TRL's conversational prompt-completion: two lists of messages.
+        messages = _messages(_as_list(prompt, "prompt"), sharegpt=False, name="prompt") + _messages(
+            _as_list(completion, "completion"), sharegpt=False, name="completion")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordProblem("completion has no assistant message (nothing to train on)")
+        return Conversation(messages=_with_system(messages, data), origin=origin)
+    messages = [{"role": "user", "content": _text(prompt, "prompt")},
+                {"role": "assistant", "content": _text(completion, "completion")}]
+    return Conversation(messages=_with_system(messages, data), origin=origin)
+
+
+def _chat_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    name = column_names(data)["messages"]
+    messages = _messages(_as_list(fields["messages"], name), sharegpt=data.sharegpt, name=name)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordProblem(f"{name} has no assistant turn (nothing to train on)")
+    return Conversation(messages=messages, origin=origin)
+
+
+def _as_list(value: Any, name: str) -> list:
+    if isinstance(value, str):  # CSV cells and some exports hold the list as a JSON string
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RecordProblem(f"{name} must be a list of messages, got a string that is not JSON") from None
+    if value is None:
+        raise RecordProblem(f"{name} is null")
+    if not isinstance(value, list):
+        raise RecordProblem(f"{name} must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RecordProblem(f"{name} is empty")
+    return value
+
+
+def _messages(turns: list, *, sharegpt: bool, name: str) -> list[dict[str, str]]:
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    allowed = tuple(SHAREGPT_ROLES) if sharegpt else CHAT_ROLES
+    messages = []
+    for index, turn in enumerate(turns):
+        where = f"{name}[{index}]"
+        if not isinstance(turn, dict):
+            raise RecordProblem(f"{where} must be an object with {role_key!r} and {content_key!r}")
+        if role_key not in turn:
+            keys = ", ".join(sorted(map(str, turn))) or "none"
+            style = "ShareGPT turns use from/value" if sharegpt else "set data.sharegpt: true for from/value turns"
+            raise RecordProblem(f"{where} has no {role_key!r} (keys: {keys}); {style}")
+        role = turn[role_key]
+        if role not in allowed:
+            raise RecordProblem(f"{where} has role {role!r}; allowed: {', '.join(allowed)}")
+        content = _text(turn.get(content_key), f"{where}.{content_key}")
+        messages.append({"role": SHAREGPT_ROLES[role] if sharegpt else role, "content": content})
+    return messages
+
+
+_CONVERTERS: dict[str, Callable[[dict[str, Any], DataConfig, str], Conversation]] = {
+    "text": _text_record,
+    "instruction": _instruction_record,
+    "chat": _chat_record,
+    "prompt_completion": _prompt_completion_record,
+}

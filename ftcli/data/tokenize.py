@@ -1,0 +1,175 @@
+"""Tokenize conversations with loss masks: assistant spans found by rendering the conversation turn by turn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftcli.data.templates import render
+from ftcli.data.types import IGNORE_INDEX, Conversation, DataReport
+from ftcli.errors import DataError
+from ftcli.recipe.schema import DataConfig
+
+TOKENIZE_CHUNK = 512
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    full_length: int                 # before truncation
+
+
+def tokenize_examples(conversations: list[Conversation], data: DataConfig, tokenizer,
+                      chat_template: str | None, report: DataReport) -> list[TokenizedExample]:
+    """Every conversation tokenized, masked and truncated to data.max_length (report counts prefix mismatches).
+
+    With data.num_proc > 1 the chunks are tokenized in that many forked processes (the order is kept)."""
+    if data.format != "text" and chat_template is None:
+        raise DataError(f"format {data.format} needs a chat template", hint="see data.chat_template")
+    chunks = [conversations[start:start + TOKENIZE_CHUNK] for start in range(0, len(conversations), TOKENIZE_CHUNK)]
+    workers = min(data.num_proc or 1, len(chunks))
+    if workers > 1:
+        results = _tokenize_in_processes(chunks, data, tokenizer, chat_template, workers)
+    else:
+        results = [_tokenize_chunk(chunk, data, tokenizer, chat_template) for chunk in chunks]
+    examples: list[TokenizedExample] = []
+    for chunk_examples, mismatches in results:
+        examples.extend(chunk_examples)
+        report.prefix_mismatches += mismatches
+    return examples
+
+
+def _tokenize_chunk(chunk: list[Conversation], data: DataConfig, tokenizer,
+                    chat_template: str | None) -> tuple[list[TokenizedExample], int]:
+    """(the chunk's examples truncated to data.max_length, the prefix mismatches met)."""
+    counts = DataReport()
+    if data.format == "text":
+        examples = _tokenize_texts(chunk, tokenizer)
+    else:
+        examples = _tokenize_chats(chunk, data, tokenizer, chat_template, counts)
+    for example in examples:
+        example.input_ids = example.input_ids[: data.max_length]
+        example.labels = example.labels[: data.max_length]
+    return examples, counts.prefix_mismatches
+
+
+# What forked tokenizing processes inherit instead of receiving it with every chunk (the tokenizer is large).
+_FORKED_STATE: dict = {}
+
+
+def _tokenize_forked(chunk: list[Conversation]) -> tuple[list[TokenizedExample], int]:
+    return _tokenize_chunk(chunk, **_FORKED_STATE)   # a DataError reaches the parent through pool.map
+
+
+def _tokenize_in_processes(chunks, data: DataConfig, tokenizer, chat_template, workers: int):
+    import multiprocessing
+    import os
+
+    # The parent's tokenizer may already have used its own threads; in forked children that can deadlock, and the
+    # processes are the parallelism now.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _FORKED_STATE.update(data=data, tokenizer=tokenizer, chat_template=chat_template)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_tokenize_forked, chunks, chunksize=1)
+    finally:
+        _FORKED_STATE.clear()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _tokenize_texts(chunk: list[Conversation], tokenizer) -> list[TokenizedExample]:
+    encoded = tokenizer([c.text for c in chunk], add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    examples = []
+    for ids in encoded:
+        ids = list(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)   # so the model learns where a document ends
+        examples.append(TokenizedExample(ids, list(ids), len(ids)))
+    return examples
+
+
+def _turn_boundaries(conversation: Conversation, tokenizer, template: str) -> tuple[str, list[tuple[str, str]]]:
+    """The full rendering and, per assistant turn, the rendering up to where its answer starts and ends."""
+    messages = conversation.messages or []
+    try:
+        full = render(messages, tokenizer, template)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = render(messages[:index], tokenizer, template, add_generation_prompt=True)
+            # The answer ends with its end-of-turn token (trained); whitespace the template adds after it is not.
+            through = render(messages[: index + 1], tokenizer, template).rstrip()
+            spans.append((before, through))
+    except Exception as exc:  # the template's own raise_exception (e.g. "roles must alternate") or a Jinja error
+        raise DataError(f"{conversation.origin}: the chat template cannot render this example: {exc}",
+                        hint="fix the example or choose another template (data.chat_template)") from None
+    for before, through in spans:
+        if not (full.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{conversation.origin}: the chat template renders a conversation's beginning differently from the "
+                "whole conversation, so the answer tokens cannot be located",
+                hint="use a template that renders earlier turns the same way (data.chat_template), "
+                     "or set data.train_on: all",
+            )
+    return full, spans
+
+
+def _tokenize_chats(chunk: list[Conversation], data: DataConfig, tokenizer, template: str,
+                    report: DataReport) -> list[TokenizedExample]:
+    rendered = [_turn_boundaries(c, tokenizer, template) for c in chunk]
+    texts = [full for full, _ in rendered]
+    if data.train_on == "completion":
+        texts += [text for _, spans in rendered for span in spans for text in span]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    fulls, boundary_ids = encoded[: len(chunk)], iter(encoded[len(chunk):])
+    examples = []
+    for conversation, (full_text, spans), ids in zip(chunk, rendered, fulls):
+        ids = list(ids)
+        if data.train_on == "all":
+            examples.append(TokenizedExample(ids, list(ids), len(ids)))
+            continue
+        labels = [IGNORE_INDEX] * len(ids)
+        offsets = None
+        for before_text, through_text in spans:
+            bounds = []
+            for text in (before_text, through_text):
+                prefix = next(boundary_ids)
+                if list(ids[: len(prefix)]) == list(prefix):
+                    bounds.append(len(prefix))
+                    continue
+                # Tokens merged across the boundary: locate it by character offset in the full tokenization.
+                report.prefix_mismatches += 1
+                offsets = offsets or _offsets(full_text, tokenizer, conversation)
+                bounds.append(sum(1 for start, _ in offsets if start < len(text)))
+            start, end = bounds
+            labels[start:end] = ids[start:end]
+        examples.append(TokenizedExample(ids, labels, len(ids)))
+    return examples
+
+
+def _offsets(text: str, tokenizer, conversation: Conversation) -> list[tuple[int, int]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"{conversation.origin}: the tokenization of a turn boundary differs from the whole conversation's "
+            "and this (slow) tokenizer gives no character offsets to locate it",
+            hint="use the model's fast tokenizer (tokenizer.json), or set data.train_on: all",
+        )
+    return list(tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+
+    def quantile(q: float) -> float:
+        return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+    return {"min": float(ordered[0]), "p50": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99),
+            "max": float(ordered[-1]), "mean": round(sum(ordered) / len(ordered), 2)}

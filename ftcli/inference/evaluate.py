@@ -1,0 +1,308 @@
+"""`ftcli eval`: loss, perplexity and generation metrics of a run, optionally against its base model."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any
+
+from ftcli.errors import NotAvailableError, QualityGateError, UsageError
+from ftcli.inference.metrics import HIGHER_IS_BETTER
+
+SAMPLES_KEPT = 20          # predictions stored next to their references in the result file
+SAMPLES_SHOWN = 5          # of which the terminal table shows this many
+
+
+# ---------------------------------------------------------------------------------------------- gates
+
+
+def parse_gates(texts: list[str]) -> dict[str, float]:
+    """METRIC=VALUE strings -> {metric: bar}; UsageError for unknown metrics or bad numbers."""
+    gates: dict[str, float] = {}
+    known = ", ".join(HIGHER_IS_BETTER)
+    for text in texts:
+        metric, sep, raw = text.partition("=")
+        metric = metric.strip()
+        if not sep:
+            raise UsageError(f"--fail-under {text!r} is not METRIC=VALUE", hint=f"e.g. --fail-under f1=0.5 ({known})")
+        if metric not in HIGHER_IS_BETTER:
+            raise UsageError(f"--fail-under: unknown metric {metric!r}", hint=f"known metrics: {known}")
+        try:
+            bar = float(raw)
+        except ValueError:
+            bar = math.nan
+        if not math.isfinite(bar):
+            raise UsageError(f"--fail-under {text!r}: {raw!r} is not a finite number", hint="e.g. f1=0.5, loss=2.0")
+        gates[metric] = bar
+    return gates
+
+
+def check_gates(result: dict, gates: dict[str, float] | None, recipe) -> dict | None:
+    """The gates' outcome, for the result document: {"passed", "checks": [{metric, value, bar, direction, passed}],
+    "source"}; None when there are no gates (gates default to the recipe's eval.fail_under).
+
+    direction "min": the value must reach the bar (generation metrics); "max": it must not exceed it (loss,
+    perplexity). UsageError for a gate on a metric this eval did not measure."""
+    from ftcli.inference.metrics import passes
+
+    gates, source = _gates_and_source(gates, recipe)
+    if not gates:
+        return None
+    metrics = result.get("metrics", {})
+    checks = []
+    for metric, bar in gates.items():
+        value = metrics.get(metric)
+        if value is None:
+            raise _unmeasured(metric)
+        checks.append({"metric": metric, "value": value, "bar": bar,
+                       "direction": "min" if HIGHER_IS_BETTER[metric] else "max", "passed": passes(metric, value, bar)})
+    return {"passed": all(c["passed"] for c in checks), "checks": checks, "source": source}
+
+
+def gate_failure(result: dict, run) -> QualityGateError | None:
+    """The QualityGateError (exit 6) naming each metric worse than its bar in result["gates"], or None."""
+    failures = []
+    for check in (result.get("gates") or {}).get("checks", []):
+        if not check["passed"]:
+            higher = check["direction"] == "min"
+            failures.append(f"{check['metric']} {check['value']:.4g} {'<' if higher else '>'} {check['bar']:g} "
+                            f"({'higher' if higher else 'lower'} is better)")
+    if not failures:
+        return None
+    return QualityGateError(f"run {run.name!r} failed its quality gates: " + "; ".join(failures),
+                            hint=f"results in {result.get('path', run.eval_dir)}")
+
+
+def _gates_and_source(gates: dict[str, float] | None, recipe) -> tuple[dict[str, float], str]:
+    if gates is None:
+        return dict(recipe.eval.fail_under), "recipe eval.fail_under"
+    return gates, "--fail-under"
+
+
+def _unmeasured(metric: str) -> UsageError:
+    return UsageError(f"quality gate on {metric}, which this eval did not measure",
+                      hint="generation metrics need chat, instruction or prompt_completion data "
+                           "and eval.generation: true")
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_size=None,
+             compare_base=False, gates=None, console=None) -> dict:
+    """Evaluate the run (base + adapter from the run dir alone); write eval/<timestamp>.json and eval/latest.json.
+
+    `gates` ({metric: bar}, None for the recipe's eval.fail_under) are checked into result["gates"]; raising
+    for a failed gate is the caller's (gate_failure), after it has shown the result."""
+    from ftcli.models.run_model import load_run_model
+    from ftcli.inference.metrics import GENERATION_METRICS
+
+    run.require_adapter("evaluate")
+    recipe = run.load_recipe()
+    if not _generates(recipe):  # a gate on a metric that can't be measured fails before any model loads
+        for metric in _gates_and_source(gates, recipe)[0]:
+            if metric in GENERATION_METRICS:
+                raise _unmeasured(metric)
+    settings = {
+        "max_new_tokens": max_new_tokens or recipe.eval.max_new_tokens,
+        "batch_size": batch_size or recipe.eval.batch_size,
+        "max_samples": max_samples or recipe.eval.max_samples,
+        "decoding": "greedy",
+    }
+    conversations, source = _eval_conversations(run, recipe, data, settings["max_samples"])
+    _log(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
+    loaded = load_run_model(run, action="evaluate")
+    tokenized = _tokenize(conversations, loaded)
+    prompts, references = _generation_pairs(conversations, loaded)
+
+    _log(console, "measuring the run (base + adapter)")
+    metrics, predictions = _measure(loaded, tokenized, prompts, references, settings)
+    base_metrics = base_predictions = None
+    if compare_base:
+        _log(console, "measuring the base model (adapter disabled)")
+        with loaded.base_only():
+            base_metrics, base_predictions = _measure(loaded, tokenized, prompts, references, settings)
+
+    result = {
+        "run": run.name,
+        "evaluated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": recipe.method.kind,
+        "base_model": {k: loaded.base_model.get(k) for k in ("reference", "fingerprint")},
+        "data": {"source": source, "examples": len(conversations), "scored_tokens": tokenized["tokens"],
+                 "generation_examples": len(prompts)},
+        "settings": settings,
+        "metrics": metrics,
+        "base_metrics": base_metrics,
+        "delta": _delta(metrics, base_metrics) if base_metrics else None,
+        "samples": _samples(prompts, references, predictions, base_predictions),
+    }
+    result["gates"] = check_gates(result, gates, recipe)
+    _save(run, result)
+    return result
+
+
+def _log(console, text: str) -> None:
+    if console is not None:
+        console.print(text, markup=False, highlight=False)
+
+
+def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
+    """The conversations to score and a description of where they came from (fails before any model loads)."""
+    from ftcli.data.pipeline import load_conversations, with_eval_source
+    from ftcli.data.sources import is_local_reference
+
+    data_config = recipe.data
+    if data is not None:
+        source = str(data)
+        if is_local_reference(source):   # else a hub dataset id, read as the data module reads data.eval
+            path = Path(data).expanduser().resolve()
+            if not path.exists():
+                raise NotAvailableError(f"--data {data}: no such file or folder")
+            source = str(path)
+        data_config = with_eval_source(recipe.data, source)
+    elif recipe.data.eval is not None:
+        source = f"data.eval ({recipe.data.eval})"
+    elif recipe.data.val_split is not None:
+        source = f"data.val_split {recipe.data.val_split} of data.train (seed {recipe.training.seed})"
+    else:
+        raise UsageError(f"run {run.name!r} has no eval data: its recipe has neither data.eval nor data.val_split",
+                         hint=f"pass the data to evaluate on: ftcli eval {run.name} --data FILE "
+                              f"(format {recipe.data.format}, as in training)")
+    conversations = load_conversations(data_config, "eval", seed=recipe.training.seed)
+    return conversations[:max_samples] if max_samples else conversations, source
+
+
+def _tokenize(conversations, loaded) -> dict[str, Any]:
+    """Eval examples with the training masks (labels -100 outside the completions), unpacked."""
+    from ftcli.data.pipeline import tokenize_conversations
+
+    dataset, report = tokenize_conversations(conversations, loaded.recipe, loaded.tokenizer, loaded.chat_template,
+                                             packing=False, split="eval")
+    return {"features": [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset],
+            "tokens": report.trained_tokens}
+
+
+def _generation_pairs(conversations, loaded) -> tuple[list[str], list[str]]:
+    """(prompts rendered up to the last assistant turn, reference answers); none for format text."""
+    from ftcli.data.pipeline import split_for_generation
+
+    if not _generates(loaded.recipe):
+        return [], []
+    pairs = [split_for_generation(c, loaded.tokenizer, loaded.chat_template) for c in conversations]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def _generates(recipe) -> bool:
+    """Whether eval generates answers, and so measures the generation metrics (format text has no answers)."""
+    return recipe.eval.generation and recipe.data.format != "text"
+
+
+def _measure(loaded, tokenized, prompts, references, settings) -> tuple[dict[str, float], list[str]]:
+    from ftcli.inference.decoding import DecodingSettings, generate_texts
+    from ftcli.inference.metrics import generation_scores, perplexity
+
+    loss = completion_loss(loaded, tokenized["features"], settings["batch_size"])
+    metrics = {"loss": loss, "perplexity": perplexity(loss)}
+    predictions = generate_texts(loaded, prompts, DecodingSettings(max_new_tokens=settings["max_new_tokens"]),
+                                 batch_size=settings["batch_size"]) if prompts else []
+    metrics.update(generation_scores(predictions, references))
+    return metrics, predictions
+
+
+def completion_loss(loaded, features: list[dict], batch_size: int) -> float:
+    """Mean negative log-likelihood per scored token (labels != -100), over all examples: token-weighted. Scored as
+    training scores its loss, by TRL's fused LM head over the labelled positions only (ftcli/models/fused_head.py)."""
+    import torch
+
+    from ftcli.data.pipeline import IGNORE_INDEX, make_collator
+    from ftcli.models.fused_head import with_fused_head
+
+    model = with_fused_head(loaded.model)
+    collate = make_collator(loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(
+        update={"packing": False})}), loaded.tokenizer)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start:start + batch_size])
+            labels = batch["labels"].to(loaded.device)
+            # Prompt tuning prepends never-labelled virtual tokens: the log-probabilities cover them with zeros.
+            scored = model(input_ids=batch["input_ids"].to(loaded.device), labels=labels,
+                           attention_mask=batch["attention_mask"].to(loaded.device), fused_lm_head=True)
+            total -= float(scored.log_probs.double().sum())
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return total / count if count else math.nan
+
+
+def _delta(metrics: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    return {name: metrics[name] - base[name] for name in metrics if name in base}
+
+
+def _samples(prompts, references, predictions, base_predictions) -> list[dict[str, str]]:
+    samples = []
+    for i, (prompt, reference, prediction) in enumerate(zip(prompts, references, predictions)):
+        if i >= SAMPLES_KEPT:
+            break
+        sample = {"prompt": prompt, "reference": reference, "prediction": prediction}
+        if base_predictions is not None:
+            sample["base_prediction"] = base_predictions[i]
+        samples.append(sample)
+    return samples
+
+
+def _save(run, result: dict) -> None:
+    """eval/<timestamp>.json and eval/latest.json (both atomic), and the metrics in run.json."""
+    from ftcli.atomic import atomic_write_json
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = run.eval_result_path(stamp)
+    result["path"] = str(path)
+    atomic_write_json(path, result)
+    atomic_write_json(run.eval_latest_path, result)
+    run.update(eval={"evaluated_at": result["evaluated_at"], "path": str(path), "data": result["data"]["source"],
+                     "metrics": result["metrics"], "base_metrics": result["base_metrics"]})
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def render_eval(result: dict, console) -> None:
+    from rich.table import Table
+
+    base = result.get("base_metrics")
+    table = Table(title=f"eval of run {result['run']} on {result['data']['examples']} examples "
+                        f"({result['data']['source']})")
+    table.add_column("metric")
+    table.add_column("run", justify="right")
+    if base:
+        table.add_column("base", justify="right")
+        table.add_column("Δ (run - base)", justify="right")
+    for name, value in result["metrics"].items():
+        arrow = "↑" if HIGHER_IS_BETTER.get(name, True) else "↓"
+        row = [f"{name} {arrow}", _fmt(value)]
+        if base:
+            row += [_fmt(base.get(name)), _fmt(result["delta"].get(name), signed=True)]
+        table.add_row(*row)
+    console.print(table)
+    samples = result.get("samples") or []
+    if samples:
+        shown = Table(title=f"first {min(len(samples), SAMPLES_SHOWN)} predictions", show_lines=True)
+        for column in ("reference", "prediction", *(("base",) if base else ())):
+            shown.add_column(column, overflow="fold")
+        for sample in samples[:SAMPLES_SHOWN]:
+            shown.add_row(*[_clip(sample.get(key, "")) for key in
+                            ("reference", "prediction", *(("base_prediction",) if base else ()))])
+        console.print(shown)
+    console.print(f"saved: {result.get('path')}", markup=False, highlight=False)
+
+
+def _fmt(value: float | None, *, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    from rich.markup import escape
+
+    return escape(text if len(text) <= limit else text[:limit] + "…")

@@ -1,0 +1,200 @@
+"""Estimate the peak memory of a training recipe from the model config alone (no weights loaded)."""
+
+from __future__ import annotations
+
+from ftcli.data.types import IGNORE_INDEX
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
+INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
+ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight, gradient, two moments
+# TRL's fused LM head scores the labelled positions only (on GPUs with Triton; ftcli/models/fused_head.py on the CPU).
+# On GPUs in tiles of at most this many positions by this many vocabulary entries, about LOGIT_TILE_COPIES fp32 copies
+# of a tile alive at once; on the CPU ftcli scores chunks of ftcli.models.fused_head.CPU_CHUNK_LOGITS logits over the whole
+# vocabulary, whose short-lived copies add about CPU_LOGIT_COPIES fp32 chunks to the process's peak (fitted to the
+# peak RSS measured on the CPU at lengths 128 and 256, bench/RESULTS.md: they overlap the activations' peak in part).
+LOGIT_TILE_TOKENS = 4096
+LOGIT_TILE_VOCAB = 32768
+LOGIT_TILE_COPIES = 6
+CPU_LOGIT_COPIES = 1.5
+FRAMEWORK_OVERHEAD = {"cpu": 700 * 2**20, "cuda": 1000 * 2**20}   # torch + libraries (RSS) / CUDA context
+# bitsandbytes' 4/8-bit layers on the CPU compute in bf16 whatever the compute dtype, so autograd keeps
+# less per token than for the same LoRA on fp32 layers: measured 0.80-0.86 of it at lengths 96 to 320.
+QUANTIZED_CPU_ACTIVATION_FACTOR = 0.82
+# bf16 autocast of fp32 weights on the CPU: matmul outputs are kept in bf16, norms, residuals and softmax inputs in
+# fp32; measured 0.70 of the fp32 activations at lengths 96 to 320 (LoRA), plus a bf16 copy of the linear weights.
+CPU_AUTOCAST_ACTIVATION_FACTOR = 0.70
+
+
+def _text_config(model_config):
+    getter = getattr(model_config, "get_text_config", None)
+    return getter() if getter else model_config
+
+
+def _dims(model_config) -> dict[str, int]:
+    c = _text_config(model_config)
+    hidden = c.hidden_size
+    heads = getattr(c, "num_attention_heads", 1)
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    return {
+        "hidden": hidden,
+        "intermediate": getattr(c, "intermediate_size", None) or 4 * hidden,
+        "layers": c.num_hidden_layers,
+        "heads": heads,
+        "kv_dim": (getattr(c, "num_key_value_heads", None) or heads) * head_dim,
+        "q_dim": heads * head_dim,
+        "vocab": c.vocab_size,
+        "tied": bool(getattr(c, "tie_word_embeddings", getattr(model_config, "tie_word_embeddings", False))),
+    }
+
+
+def base_parameter_counts(model_config) -> tuple[int, int]:
+    """(weights in the decoder layers' linear modules, all other weights) for a Llama-like decoder."""
+    d = _dims(model_config)
+    h = d["hidden"]
+    attention = h * d["q_dim"] * 2 + h * d["kv_dim"] * 2
+    mlp = 3 * h * d["intermediate"]
+    linear = d["layers"] * (attention + mlp)
+    other = d["vocab"] * h * (1 if d["tied"] else 2) + d["layers"] * 2 * h + h
+    return linear, other
+
+
+def _available_bytes(device: str) -> int | None:
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def labelled_tokens_per_batch(label_rows, batch_size: int) -> int:
+    """The most labelled positions one batch can hold: those of the batch_size rows that have the most."""
+    counts = sorted((sum(1 for label in labels if label != IGNORE_INDEX) for labels in label_rows), reverse=True)
+    return sum(counts[:batch_size])
+
+
+def estimate_peak_memory(recipe, model_config, device: str, *, trainable_parameters: int | None = None,
+                         labelled_tokens: int | None = None) -> dict:
+    """Estimated peak bytes (total and by part: weights, adapter+optimizer, activations, logits).
+
+    A deliberately simple model, accurate to tens of percent: the weights at their dtype (4/8-bit linear layers for
+    qlora); AdamW on the trainable parameters; per layer and token the tensors autograd keeps (about 6 hidden- and
+    3 intermediate-sized vectors; only the layer input with gradient checkpointing, plus one layer recomputed);
+    TRL's fused LM head, tiled over the labelled positions (`labelled_tokens` per batch, from the data; every
+    position when not given); plus a fixed framework overhead.
+    """
+    from ftcli.models.methods import gradient_checkpointing_enabled
+    from ftcli.models.load import resolve_dtype, resolve_precision
+
+    d = _dims(model_config)
+    device_kind = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    weight_bytes = DTYPE_BYTES[dtype]
+    linear, other = base_parameter_counts(model_config)
+    quantization = recipe.effective_quantization
+    checkpoint_pages = 0
+    if quantization is None:
+        weights = (linear + other) * weight_bytes
+    else:
+        per_weight = NF4_BYTES_PER_WEIGHT if quantization.bits == 4 else INT8_BYTES_PER_WEIGHT
+        weights = linear * per_weight + other * weight_bytes
+        if device_kind == "cpu":
+            # Quantizing reads every page of the checkpoint file; they stay mapped and count in the process's RSS
+            # (measured: 502 MiB of file pages after loading SmolLM2's 513 MiB fp32 checkpoint in 4 bits).
+            checkpoint_pages = (linear + other) * _checkpoint_bytes_per_weight(model_config)
+
+    trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
+    optimizer = trainable * ADAMW_BYTES_PER_TRAINABLE
+
+    precision = resolve_precision(recipe.training.precision, device)
+    half = precision in ("bf16", "fp16") or weight_bytes == 2
+    cpu_autocast = device_kind == "cpu" and half and weight_bytes == 4
+    act_bytes = 2 if half and not cpu_autocast else 4
+    batch, length = recipe.training.batch_size, recipe.data.max_length
+    tokens = batch * length
+    # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
+    # 10 hidden-sized vectors) and gate, up, activation, product and down input (5 intermediate-sized ones).
+    # bench/RESULTS.md measured these against peak RSS on the CPU (within 15% for lora/qlora at lengths 128 and 256).
+    per_token_layer = act_bytes * (10 * d["hidden"] + 5 * d["intermediate"])
+    if recipe.model.attn_implementation == "eager" or device_kind == "cpu":
+        # Scores and probabilities materialised per head (eager, and sdpa's math kernel on the CPU).
+        per_token_layer += act_bytes * 2 * d["heads"] * length
+    per_token_layer += act_bytes * d["hidden"] * _adapted_modules_per_layer(recipe.method)  # LoRA inputs kept
+    checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
+    if checkpointing:
+        activations = tokens * (d["layers"] * act_bytes * d["hidden"] + per_token_layer)
+    else:
+        activations = tokens * d["layers"] * per_token_layer
+    autocast_weight_copies = 0
+    if quantization is not None and device_kind == "cpu":
+        activations *= QUANTIZED_CPU_ACTIVATION_FACTOR   # whatever the precision: bitsandbytes computes in bf16
+    elif cpu_autocast:
+        activations *= CPU_AUTOCAST_ACTIVATION_FACTOR
+        autocast_weight_copies = linear * 2
+    scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens)
+    if device_kind == "cpu":
+        from ftcli.models.fused_head import cpu_chunk_positions
+
+        logits = int(min(scored, cpu_chunk_positions(d["vocab"])) * d["vocab"] * 4 * CPU_LOGIT_COPIES)
+    else:
+        logits = min(scored, LOGIT_TILE_TOKENS) * min(d["vocab"], LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
+    parts = {
+        "weights": int(weights),
+        "adapter_and_optimizer": int(optimizer),
+        "activations": int(activations),
+        "logits": int(logits),
+        "framework": FRAMEWORK_OVERHEAD[device_kind],
+    }
+    if checkpoint_pages:
+        parts["checkpoint_pages"] = int(checkpoint_pages)
+    if autocast_weight_copies:
+        parts["autocast_weight_copies"] = int(autocast_weight_copies)
+    total = sum(parts.values())
+    available = _available_bytes(device)
+    return {
+        "device": device,
+        "dtype": dtype,
+        "precision": precision,
+        "gradient_checkpointing": checkpointing,
+        "tokens_per_batch": tokens,
+        "labelled_tokens_per_batch": scored,
+        "parts": parts,
+        "total_bytes": int(total),
+        "available_bytes": available,
+        "fits": None if available is None else total <= available,
+    }
+
+
+def _checkpoint_bytes_per_weight(model_config) -> int:
+    """Bytes per weight in the checkpoint file, from the config's recorded dtype (fp32 when it says nothing)."""
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 4)
+
+
+def _adapted_modules_per_layer(method) -> int:
+    """Modules per layer whose input LoRA keeps for its backward pass (every linear one for all-linear)."""
+    if not hasattr(method, "r"):
+        return 0
+    targets = method.target_modules
+    return 7 if targets == "all-linear" else len(targets)
+
+
+def _guess_trainable(recipe, d: dict) -> int:
+    """Trainable parameters without building the model: LoRA on every linear module, else the virtual tokens."""
+    method = recipe.method
+    if hasattr(method, "r"):
+        h, i = d["hidden"], d["intermediate"]
+        shapes = [(h, d["q_dim"]), (h, d["kv_dim"]), (h, d["kv_dim"]), (d["q_dim"], h), (h, i), (h, i), (i, h)]
+        return d["layers"] * sum(method.r * (a + b) for a, b in shapes)
+    if hasattr(method, "num_virtual_tokens"):
+        return method.num_virtual_tokens * d["hidden"] * (2 * d["layers"] if method.kind == "prefix" else 1)
+    return d["layers"] * (2 * d["kv_dim"] + d["intermediate"])   # ia3
+

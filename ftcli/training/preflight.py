@@ -1,0 +1,193 @@
+"""`ftcli train --dry-run`: check data, template and model settings and estimate memory, training nothing."""
+
+from __future__ import annotations
+
+from ftcli.training.memory_estimate import estimate_peak_memory, labelled_tokens_per_batch
+
+__all__ = ["run_preflight", "render_preflight", "estimate_peak_memory"]
+SAMPLE_COUNT = 3
+SAMPLE_CHARS = 1200
+
+
+def _load_tokenizer(recipe, trust_remote_code: bool):
+    from ftcli.models.load import load_tokenizer
+
+    return load_tokenizer(recipe.model, trust_remote_code=trust_remote_code)
+
+
+def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
+    """Load tokenizer and data, never a run dir; return the report (JSON-serialisable)."""
+    from ftcli.models import load as models
+    from ftcli.data.pipeline import load_conversations, prepare_data
+
+    # The data first: a broken file is reported before any model or library is loaded.
+    conversations = load_conversations(recipe.data, "train", seed=recipe.training.seed)
+    tokenizer = _load_tokenizer(recipe, trust_remote_code)
+    resolved = models.resolve_model(recipe.model, trust_remote_code=trust_remote_code)
+    device = models.resolve_device(recipe.model.device)
+    prepared = prepare_data(recipe, tokenizer)
+    train = prepared.train_report
+    samples = _samples(conversations[:SAMPLE_COUNT], recipe, tokenizer, prepared.chat_template)
+    model_config = _model_config(resolved.local_dir, trust_remote_code)
+    parameters = count_parameters(recipe, model_config, tokenizer)
+    memory = estimate_peak_memory(recipe, model_config, device, trainable_parameters=parameters["trainable"],
+                                  labelled_tokens=labelled_tokens_per_batch(prepared.train["labels"],
+                                                                            recipe.training.batch_size))
+    return {
+        "recipe": recipe.name,
+        "model": {"reference": resolved.reference, "kind": resolved.kind, "local_dir": str(resolved.local_dir),
+                  "model_type": getattr(model_config, "model_type", None)},
+        "method": recipe.method.kind,
+        "device": device,
+        "chat_template": prepared.chat_template,
+        "data": {
+            "format": recipe.data.format,
+            "max_length": recipe.data.max_length,
+            "train_on": recipe.data.train_on,
+            "packing": recipe.data.packing,
+            "train": train.to_dict(),
+            "eval": prepared.eval_report.to_dict() if prepared.eval_report else None,
+            "trained_token_ratio": round(train.trained_tokens / train.total_tokens, 4) if train.total_tokens else 0.0,
+            "packing_efficiency": train.packing_efficiency,
+        },
+        "samples": samples,
+        "parameters": parameters,
+        "memory": memory,
+        "warnings": _warnings(recipe, tokenizer, prepared),
+    }
+
+
+def _model_config(local_dir, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(local_dir, trust_remote_code=bool(trust_remote_code))
+
+
+def count_parameters(recipe, model_config, tokenizer=None) -> dict:
+    """Trainable and total parameters of the recipe's PEFT model, built on the meta device (no weights loaded)."""
+    import warnings
+
+    from ftcli.models.quiet import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftcli.models.methods import peft_config_for
+
+    method = recipe.method
+    if getattr(method, "init_text", None):   # initialising from text needs real embeddings; the count is the same
+        method = method.model_copy(update={"init_text": None})
+    # The meta device, not accelerate's init_empty_weights: under the latter, tied embeddings stay untied and the
+    # total counts the LM head twice.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # peft calls a deprecated transformers helper
+        model = AutoModelForCausalLM.from_config(model_config)
+        peft_model = get_peft_model(model, peft_config_for(method, model, tokenizer))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return {"trainable": int(trainable), "total": int(total),
+            "trainable_percent": round(100 * trainable / total, 4) if total else 0.0}
+
+
+def _samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
+    """The first examples as text segments marked trained or not, exactly as tokenized for training."""
+    from ftcli.data.tokenize import tokenize_examples
+    from ftcli.data.types import IGNORE_INDEX, DataReport
+
+    examples = tokenize_examples(conversations, recipe.data, tokenizer, chat_template, DataReport())
+    samples = []
+    for conversation, example in zip(conversations, examples):
+        segments: list[dict] = []
+        for token, label in zip(example.input_ids, example.labels):
+            trained = label != IGNORE_INDEX
+            if segments and segments[-1]["trained"] == trained:
+                segments[-1]["ids"].append(token)
+            else:
+                segments.append({"trained": trained, "ids": [token]})
+        samples.append({
+            "origin": conversation.origin,
+            "tokens": len(example.input_ids),
+            "trained_tokens": sum(1 for label in example.labels if label != IGNORE_INDEX),
+            "truncated": example.full_length > recipe.data.max_length,
+            "segments": [{"trained": s["trained"], "text": tokenizer.decode(s["ids"])} for s in segments],
+        })
+    return samples
+
+
+def _warnings(recipe, tokenizer, prepared) -> list[str]:
+    from ftcli.data.templates import render
+
+    warnings = []
+    template = prepared.chat_template
+    if template is not None and recipe.data.format != "text":
+        probe = render([{"role": "user", "content": "ping"}], tokenizer, template)
+        if "system" in probe.lower():
+            warnings.append("the chat template inserts a default system prompt into every example without one"
+                            + (" (and data.train_on: all trains on it)" if recipe.data.train_on == "all" else ""))
+    report = prepared.train_report
+    if report.truncated:
+        warnings.append(f"{report.truncated} of {report.examples} training examples are longer than "
+                        f"data.max_length {recipe.data.max_length} and were truncated")
+    if report.dropped:
+        warnings.append(f"{report.dropped} training examples have no trainable token left after truncation "
+                        "and were dropped")
+    if report.prefix_mismatches:
+        warnings.append(f"{report.prefix_mismatches} turn boundaries merged into one token with their neighbour "
+                        "and were located by character offsets")
+    return warnings
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_preflight(report: dict, console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(Text(f"preflight: {report['recipe'] or 'recipe'} ({report['method']} on "
+                       f"{report['model']['reference']}, {report['device']}); nothing was trained", style="bold"))
+    for sample in report["samples"]:
+        console.print(Text(f"\n{sample['origin']}: {sample['tokens']} tokens, {sample['trained_tokens']} trained"
+                           f"{', truncated' if sample['truncated'] else ''} (trained tokens in green)", style="dim"))
+        text = Text()
+        remaining = SAMPLE_CHARS
+        for segment in sample["segments"]:
+            piece = segment["text"][:remaining]
+            text.append(piece, style="bold green" if segment["trained"] else "")
+            remaining -= len(piece)
+        console.print(text)
+    data = report["data"]
+    train = data["train"]
+    table = Table(title="data", show_header=False)
+    stats = train["length_stats"]
+    table.add_row("examples (train)", str(train["examples"]))
+    if data["eval"]:
+        table.add_row("examples (eval)", str(data["eval"]["examples"]))
+    table.add_row("token length min/p50/p90/p99/max",
+                  " / ".join(str(int(stats.get(k, 0))) for k in ("min", "p50", "p90", "p99", "max")))
+    table.add_row(f"truncated (> {data['max_length']})", str(train["truncated"]))
+    table.add_row("dropped (nothing to train)", str(train["dropped"]))
+    table.add_row("trained-token ratio", f"{data['trained_token_ratio']:.1%} ({data['train_on']})")
+    table.add_row("packing efficiency", f"{data['packing_efficiency']:.1%}" if data["packing_efficiency"] else "off")
+    console.print(table)
+    params = report["parameters"]
+    memory = report["memory"]
+    table = Table(title="model", show_header=False)
+    table.add_row("trainable parameters", f"{params['trainable']:,} of {params['total']:,} "
+                                          f"({params['trainable_percent']}%)")
+    table.add_row("precision (resolved)", f"{memory['precision']}, weights {memory['dtype']}, gradient "
+                                          f"checkpointing {'on' if memory['gradient_checkpointing'] else 'off'}")
+    for part, value in memory["parts"].items():
+        table.add_row(f"memory: {part}", _size(value))
+    table.add_row("estimated peak memory", _size(memory["total_bytes"]))
+    if memory.get("available_bytes"):
+        table.add_row(f"available on {report['device']}", _size(memory["available_bytes"]))
+    console.print(table)
+    for warning in report["warnings"]:
+        console.print(Text(f"warning: {warning}", style="yellow"))

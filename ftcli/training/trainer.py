@@ -1,0 +1,48 @@
+"""TRL's SFTTrainer with ftcli's changes: length-grouped batches in random order, a real-token count, and TRL's fused LM
+head made fast on the CPU (ftcli/models/fused_head.py)."""
+
+from __future__ import annotations
+
+from trl import SFTTrainer
+
+from ftcli.data.packing import REAL_TOKENS_KEY
+from ftcli.models.fused_head import prepare_fused_head
+from ftcli.training.samplers import LengthBatchedSampler
+
+
+class RealTokenCount:
+    """Non-padding training tokens seen so far, summed over all processes; read by MetricsCallback.
+
+    TRL's own num_tokens counts one row's width per packed batch (it reads position_ids.size(1)), so packed runs
+    reported ~batch-size times too few tokens."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
+class FtcliSFTTrainer(SFTTrainer):
+    def __init__(self, *args, real_tokens: RealTokenCount, group_by_length: bool, **kwargs):
+        self.real_tokens = real_tokens
+        self.group_by_length = group_by_length
+        prepare_fused_head()
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return LengthBatchedSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch
+
+        counted = inputs.pop(REAL_TOKENS_KEY, None)
+        if model.training:
+            if counted is None:
+                mask = inputs.get("attention_mask")
+                counted = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            counted = torch.as_tensor(counted, device=inputs["input_ids"].device).reshape(1)
+            self.real_tokens.total += int(self.accelerator.gather_for_metrics(counted).sum().item())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
