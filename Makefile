@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftcli-installed
 RUNS_DIR ?= runs
 
-.PHONY: setup quickstart test test-fast bench bench-quick clean
+.PHONY: setup quickstart test test-fast lint bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -34,11 +34,14 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+lint: setup
+	$(BIN)/ruff check .
+
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 bench-quick: setup
-	$(BIN)/python bench/run.py --quick
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) $(RUNS_DIR) .pytest_cache

@@ -2,8 +2,8 @@
 checkpointing) on random-weight Llama models built from real configs, against ftcli's memory estimate.
 
     bash bench/gpu_check.sh                 # the entry point: exits cleanly when there is no GPU
-    python bench/gpu_check.py [--sizes 1b 8b] [--steps 8] [--out bench]
-    python bench/gpu_check.py --cpu-smoke   # the same plumbing on a tiny model on the CPU (tests the script only)
+    python -m bench.gpu_check [--sizes 1b 8b] [--steps 8] [--out bench]
+    python -m bench.gpu_check --cpu-smoke   # the same plumbing on a tiny model on the CPU (tests the script only)
 
 Nothing is downloaded: the model configs are written here (Llama 3.2 1B- and Llama 3.1 8B-shaped), the weights are
 random, and the tokenizer is the embedded SmolLM2 one (its ids are a subset of the 128,256-token vocabulary; speed
@@ -23,10 +23,6 @@ import threading
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-
 from bench.measure import (
     read_jsonl,
     run_child,
@@ -35,6 +31,10 @@ from bench.measure import (
     wait_with_rusage,
     write_jsonl,
 )
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5,
          "max_position_embeddings": 8192, "rope_theta": 500000.0, "attention_bias": False, "mlp_bias": False}
@@ -156,7 +156,7 @@ def estimates(work: Path, size: str, recipes: dict[str, Path]) -> dict[str, dict
     """ftcli's memory estimate (as `ftcli train --dry-run`) of each recipe, in one child process."""
     spec = work / f"{size}-spec.json"
     spec.write_text(json.dumps([{"key": key, "recipe": str(path)} for key, path in recipes.items()]), encoding="utf-8")
-    result = run_child([sys.executable, str(BENCH / "probes.py"), "estimate", str(spec)],
+    result = run_child([sys.executable, "-m", "bench.probes", "estimate", str(spec)], cwd=REPO,
                        log_dir=work / "logs" / f"{size}-estimate", timeout_s=300)
     if not result.ok:
         print(f"gpu_check: estimate failed: {result.stderr_tail[-800:]}", flush=True)
@@ -169,7 +169,7 @@ def measure(name: str, recipe: Path, memory: dict, work: Path, args) -> dict:
     from ftcli.runs.rundir import RunDir
 
     stats_path = work / f"{name}-stats.json"
-    command = [sys.executable, str(Path(__file__)), "--child", str(recipe), str(work / "runs"), str(stats_path)]
+    command = [sys.executable, "-m", "bench.gpu_check", "--child", str(recipe), str(work / "runs"), str(stats_path)]
     log_dir = work / "logs" / name
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -199,7 +199,9 @@ def measure(name: str, recipe: Path, memory: dict, work: Path, args) -> dict:
 
 
 def render(results: dict) -> str:
-    mib = lambda v: "n/a" if v is None else f"{v / 2**20:,.0f}"
+    def mib(value):
+        return "n/a" if value is None else f"{value / 2**20:,.0f}"
+
     lines = ["# ftcli GPU check", "", f"{results['device']}; {results['date']}; sequence length {SEQUENCE_LENGTH}, "
              f"batch {results['batch']}, {results['steps']} steps, gradient checkpointing, LoRA r 16 on all linear "
              "layers; random weights (configs in bench/gpu_check.py). Measured = the most nvidia-smi reported for "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for ftcli: peak GPU memory and tokens/s of LoRA and QLoRA at sequence length 512 (gradient checkpointing)
 # on random-weight Llama ~1B and ~8B models, against ftcli's memory estimate. Nothing is downloaded.
-#   bash bench/gpu_check.sh [gpu_check.py options, e.g. --sizes 1b]
+#   bash bench/gpu_check.sh [bench.gpu_check options, e.g. --sizes 1b]
 # Writes bench/gpu_results.json and bench/gpu_results.md; about 8 minutes on one H100/H200-class GPU.
 # Without a GPU it says so and exits 0, measuring nothing.
 set -euo pipefail
@@ -27,7 +27,7 @@ fi
 echo "gpu_check: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1); limit ${limit_s} s"
 cd "$repo"
 status=0
-timeout --signal=TERM --kill-after=20 "$limit_s" "$python" bench/gpu_check.py "$@" || status=$?
+timeout --signal=TERM --kill-after=20 "$limit_s" "$python" -m bench.gpu_check "$@" || status=$?
 if [[ $status -eq 124 ]]; then
     echo "gpu_check: stopped after ${limit_s} s; bench/gpu_results.md holds the runs that finished"
 fi

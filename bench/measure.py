@@ -1,6 +1,6 @@
 """Measuring helpers for bench/run.py: child processes with their peak RSS, step logs -> tokens/s, ratios, test data.
 
-Pure standard library (no torch), so `bench/run.py --help` and the tests stay fast.
+Pure standard library (no torch), so `python -m bench.run --help` and the tests stay fast.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The glibc malloc settings ftcli applies in-process (ftcli/training/session.py _speed_up_allocator), as environment variables:
-# given to the hand-written script when its settings are to match ftcli's.
+# The glibc malloc settings ftcli applies in-process (ftcli/training/session.py _speed_up_allocator), as environment
+# variables: given to the hand-written script when its settings are to match ftcli's.
 MATCHED_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
     "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),

@@ -2,7 +2,7 @@
 defect sits: the figures the bounds in ftcli/models/parity.py are set against. Writes bench/PARITY.md and
 bench/parity-result.json.
 
-    python bench/parity.py          # about 8 minutes on 2 CPU cores
+    python -m bench.parity          # about 8 minutes on 2 CPU cores
 
 The embedded SmolLM2-135M-Instruct (converted once into a cache folder) stands in for a merged model: each quant
 is written by ftcli's GGUF writer, read back by transformers and compared on the check conversations, exactly as
@@ -15,13 +15,11 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 CASES = (("f32", "f32", True), ("f16", "f16", True), ("bf16", "bf16", True), ("q8_0", "q8_0", True),
          ("no q/k permutation (f16)", "f16", False))
@@ -32,10 +30,10 @@ def measure(work: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftcli.models import parity
     from ftcli.export.gguf.check import _dense_weights
-    from ftcli.models.gguf_import import ensure_converted
     from ftcli.export.gguf.writer import write_model_gguf
+    from ftcli.models import parity
+    from ftcli.models.gguf_import import ensure_converted
     from ftcli.models.sources import builtin_gguf_path
 
     source = ensure_converted(builtin_gguf_path("smollm2-135m-instruct"), work / "cache")
@@ -66,7 +64,7 @@ def render(rows: list[dict], stamp: str) -> str:
     lines = [
         "# Parity of GGUF exports of the embedded model",
         "",
-        f"`python bench/parity.py`, {stamp}, {cpu_name()}. SmolLM2-135M-Instruct "
+        f"`python -m bench.parity`, {stamp}, {cpu_name()}. SmolLM2-135M-Instruct "
         f"against each GGUF of it read back by transformers, on the {rows[0]['positions']} positions of ftcli's check "
         "conversations (ftcli/models/parity.py; README, \"Parity gates\").",
         "",
@@ -76,7 +74,8 @@ def render(rows: list[dict], stamp: str) -> str:
     for row in rows:
         lines.append(f"| {row['case']} | {row['agreement']:.1%} | {row['top_token_agreement']:.1%} "
                      f"| {row['kl_mean']:.3g} | {row['kl_p99']:.3g} | {row['kl_max']:.3g} "
-                     f"| {row['max_abs_logit_diff']:.3g} | {'pass' if row['passes'] else 'refused'} ({row['bounds']}) |")
+                     f"| {row['max_abs_logit_diff']:.3g} "
+                     f"| {'pass' if row['passes'] else 'refused'} ({row['bounds']}) |")
     lines += ["", "Many positions repeat across the conversations (the template's default system prompt), so the 99th "
               "percentile often equals the max.", ""]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Measurements that need the libraries loaded, each run by bench/run.py in a fresh process; one JSON document out.
+Run from the repository root, as bench/run.py runs them:
 
-    python bench/probes.py score RECIPE ADAPTER_DIR... [--set KEY=VALUE ...]
-    python bench/probes.py estimate SPEC_JSON
-    python bench/probes.py load RECIPE [--repeats N]
-    python bench/probes.py convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
-    python bench/probes.py head RECIPE [--batches N] [--repeats N] [--set KEY=VALUE ...]
+    python -m bench.probes score RECIPE ADAPTER_DIR... [--set KEY=VALUE ...]
+    python -m bench.probes estimate SPEC_JSON
+    python -m bench.probes load RECIPE [--repeats N]
+    python -m bench.probes convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
+    python -m bench.probes head RECIPE [--batches N] [--repeats N] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _quiet() -> None:
@@ -34,10 +33,9 @@ def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examp
     from peft import PeftModel
 
     from ftcli.data import pipeline as data
-
-    from ftcli.models import load as models
     from ftcli.data.packing import PaddingCollator
     from ftcli.data.types import IGNORE_INDEX
+    from ftcli.models import load as models
     from ftcli.recipe.loader import load_recipe
 
     _quiet()
@@ -71,8 +69,8 @@ def score(recipe_path: str, adapters: list[str], overrides: list[str], max_examp
 def estimate(spec_path: str) -> dict:
     """ftcli's memory estimate (the same report as `ftcli train RECIPE --dry-run --json`) of each recipe in the spec:
     a JSON list of {"key": ..., "recipe": path, "overrides": [...]}."""
-    from ftcli.training.preflight import run_preflight
     from ftcli.recipe.loader import load_recipe
+    from ftcli.training.preflight import run_preflight
 
     _quiet()
     estimates = {}
@@ -140,8 +138,8 @@ def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> 
     from ftcli.data.types import IGNORE_INDEX
     from ftcli.recipe.loader import load_recipe
     from ftcli.runs.rundir import RunDir
-    from ftcli.training.trainer import RealTokenCount
     from ftcli.training.session import TrainingSession
+    from ftcli.training.trainer import RealTokenCount
 
     _quiet()
     recipe = load_recipe(Path(recipe_path), overrides).recipe
@@ -178,7 +176,8 @@ def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> 
 
     labels = [batch["labels"][:, 1:] for batch in steps[1:]]
     return {"batches": batches, "repeats": repeats, "precision": session.precision,
-            "labelled_share": round(sum(int((l != IGNORE_INDEX).sum()) for l in labels) / sum(l.numel() for l in labels), 4),
+            "labelled_share": round(sum(int((row != IGNORE_INDEX).sum()) for row in labels)
+                                    / sum(row.numel() for row in labels), 4),
             "step_s_median": {arm: round(statistics.median(v), 4) for arm, v in seconds.items()},
             "trl_over_ftcli": over("trl", "ftcli"), "trl_over_labelled_only": over("trl", "labelled_only"),
             "largest_loss_difference": max(abs(a - b) for arm in ("labelled_only", "ftcli")

@@ -60,7 +60,8 @@ def describe_settings(arm: dict | None, native_bf16: bool | None) -> str:
         parts = [str(precision)]
     checkpointing = arm.get("gradient_checkpointing")
     parts.append({True: "gradient checkpointing", False: "no gradient checkpointing",
-                  None: "gradient checkpointing not recorded"}.get(checkpointing, f"gradient checkpointing {checkpointing}"))
+                  None: "gradient checkpointing not recorded"}.get(
+                      checkpointing, f"gradient checkpointing {checkpointing}"))
     if arm.get("optim"):
         parts.append(str(arm["optim"]))
     return "; ".join(parts)
@@ -81,8 +82,8 @@ def cpu_bf16_line(results: dict) -> str:
         takes = "with" if cpu.get("effective") else "without"
         text += (f"; FTCLI_CPU_BF16={cpu.get('FTCLI_CPU_BF16')} made ftcli resolve as on a CPU {takes} native bf16"
                  + (" (as detected anyway)" if cpu.get("effective") == detected else " (not what this CPU has)")
-                 + "; the variable changes what ftcli (and the script matched to it) chooses, not the hardware any bf16 "
-                 "runs on")
+                 + "; the variable changes what ftcli (and the script matched to it) chooses, not the hardware "
+                 "any bf16 runs on")
     else:
         text += "; FTCLI_CPU_BF16 not set: ftcli followed the detection"
     if cpu.get("auto_precision"):
@@ -134,7 +135,8 @@ def _arms_table(arms: dict, *, with_eval: bool = False) -> list[str]:
     for name, arm in arms.items():
         runs = arm["runs"]
         row = [name, _num(arm["tokens_per_s"], 1), _runs_cell(runs, "tokens_per_s", lambda v: _num(v, 1)),
-               _num(arm.get("tokens_per_cpu_s"), 1), _mib(arm["peak_rss_bytes"]), _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0),
+               _num(arm.get("tokens_per_cpu_s"), 1), _mib(arm["peak_rss_bytes"]),
+               _runs_cell(runs, "peak_rss_bytes", _mib), _num(arm["wall_s"], 0),
                _num(arm.get("first_step_s"), 1), _runs_cell(runs, "others_cpu_share", _pct)]
         if with_eval:
             row += [_num(arm.get("eval_loss"), 4), _runs_cell(runs, "eval_loss", lambda v: _num(v, 4))]
@@ -154,13 +156,30 @@ def render_markdown(results: dict) -> str:
     machine, versions, plan = results.get("machine", {}), results.get("versions", {}), results.get("plan", {})
     sections = results.get("sections", {})
     title = "# ftcli benchmark results" + (" (QUICK: few steps, one repeat; indicative only)" if quick else "")
+    cuts = []
+    if quick:
+        if plan.get("overrides"):
+            cuts.append(f"every training (both sides alike) with {', '.join(plan['overrides'])}")
+        cuts.append(f"{plan.get('lora_steps')} LoRA / {plan.get('qlora_steps')} QLoRA / {plan.get('packing_steps')} "
+                    f"packing steps, the first {plan.get('skip')} left out of tokens/s, one repeat")
+        if plan.get("score") is False:
+            cuts.append("no eval-loss scoring (the eval-loss goal is the full run's)")
+        if not plan.get("head_cases"):
+            cuts.append("no LM-head probe")
+        own = ", ".join(f"{m}@{n}" for m, n in plan.get("memory_cases") or []) or "none (the packed runs' peak only)"
+        packing_batch = f", batch {plan['packing_batch']}" if plan.get("packing_batch") else ""
+        cuts.append(f"packing at max_length {plan.get('packing_length', 256)}{packing_batch}; memory runs of its own: "
+                    f"{own}")
     lines = [title, "",
-             f"Written by `{results.get('command', 'python bench/run.py')}` on {results.get('date')}, in "
+             f"Written by `{results.get('command', 'python -m bench.run')}` on {results.get('date')}, in "
              f"{_num(results.get('elapsed_s'), 0)} s. Regenerate with `make bench` (full) or `make bench-quick`.", "",
              "Every comparison ran side by side in this one run, interleaved (A B, B A, ...); figures are medians. "
              "Compare figures only within this file: on a shared machine the same training has run 107 and 143 "
              "tokens/s an hour apart.", "",
              ]
+    if cuts:
+        lines += ["**Quick run, cut to fit 5 minutes on a CPU without native bf16: " + "; ".join(cuts) + ". Its "
+                  "ratios compare the two sides under these settings only; `make bench` gives the full figures.**", ""]
     noise = results.get("noise") or {}
     if noise.get("runs_over_limit"):
         lines += [f"**NOISY RUN: other processes used more than {noise['limit']:.0%} of the CPU during "
@@ -188,8 +207,9 @@ def render_markdown(results: dict) -> str:
         s = sections["startup"]
         lines += ["## 1. Start-up", "", "Wall time of the whole command, median of the runs (the goal), and the CPU "
                   "time the process spent (steadier on a shared machine). The last two rows are references: the "
-                  "interpreter alone, and the libraries every ftcli command needs. ftcli's own modules are byte-compiled "
-                  "first, as a wheel install leaves them (an editable checkout under PYTHONDONTWRITEBYTECODE=1 "
+                  "interpreter alone, and the libraries every ftcli command needs. ftcli's own modules are "
+                  "byte-compiled first, as a wheel install leaves them (an editable checkout under "
+                  "PYTHONDONTWRITEBYTECODE=1 "
                   "would compile them from source at every start, ~10 ms).", ""]
         cpu_ratio = s.get("cpu_ratio_to_import_torch", {})
         lines += _table(["command", "median s", "runs s", "/ import torch", "CPU s (median)", "CPU / import torch"],
@@ -214,26 +234,30 @@ def render_markdown(results: dict) -> str:
         if "lora_grouped_ratios" in s:
             lines += [_ratio_line("ftcli_grouped (ftcli with training.group_by_length=true) / trl_defaults",
                                   s["lora_grouped_ratios"])]
-        lines += ["- eval loss: every adapter scored by bench/probes.py score (completion tokens of the quickstart "
-                  "eval set, ftcli's masks), so both sides are measured alike"]
+        if s.get("eval_loss_not_scored"):
+            lines += [f"- eval loss: not scored, {s['eval_loss_not_scored']}"]
+        else:
+            lines += ["- eval loss: every adapter scored by bench/probes.py score (completion tokens of the quickstart "
+                      "eval set, ftcli's masks), so both sides are measured alike"]
         over_seeds = s.get("eval_loss_over_seeds")
         if over_seeds:
             per_seed = []
             for seed in over_seeds["seeds"][1:]:
                 f, t = (s["seeds"].get(f"{side}_seed{seed}", {}).get("eval_loss") for side in ("ftcli", "trl_defaults"))
                 per_seed.append(f"seed {seed}: {_num(f, 4)} vs {_num(t, 4)}")
-            lines += [f"- eval loss over seeds {over_seeds['seeds']} (20 steps end far apart from one seed to the next, "
-                      f"so the goal compares means): ftcli {_num(over_seeds.get('ftcli'), 4)}, trl_defaults "
+            lines += [f"- eval loss over seeds {over_seeds['seeds']} (20 steps end far apart from one seed to the "
+                      f"next, so the goal compares means): ftcli {_num(over_seeds.get('ftcli'), 4)}, trl_defaults "
                       f"{_num(over_seeds.get('trl_defaults'), 4)}; the extra seeds, ftcli vs trl_defaults: "
                       + "; ".join(per_seed)]
         lines += [""]
-        lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute dtype, autocast as resolved)", ""]
+        lines += [f"### QLoRA ({plan.get('qlora_steps')} steps, nf4 double quant, fp32 compute dtype, "
+                  "autocast as resolved)", ""]
         lines += _arms_table(s["qlora"]) + [_ratio_line("ftcli / trl_matched", s.get("qlora_matched_ratios")), ""]
         if s.get("head"):
             lines += ["### Where ftcli's speed comes from: TRL's fused LM head as ftcli runs it on the CPU", "",
                       "Without Triton, TRL's fused LM head projects every position and folds each vocabulary tile "
-                      "with a dozen torch passes; ftcli (ftcli/models/fused_head.py) projects the labelled positions only "
-                      "and scores them with PyTorch's cross-entropy, chunk by chunk. bench/probes.py head times "
+                      "with a dozen torch passes; ftcli (ftcli/models/fused_head.py) projects the labelled positions "
+                      "only and scores them with PyTorch's cross-entropy, chunk by chunk. bench/probes.py head times "
                       "ftcli's own trainer (forward and backward, autocast as resolved) over the same batches with "
                       "TRL's head (`trl`), with labelled positions only but TRL's folding (`labelled_only`), and as "
                       "ftcli runs it (`ftcli`), alternated in one process: these ratios are not the noise of "
@@ -245,7 +269,7 @@ def render_markdown(results: dict) -> str:
                     continue
                 step = h.get("step_s_median", {})
 
-                def ratio_cell(key):
+                def ratio_cell(key, h=h):
                     r = h.get(key) or {}
                     return f"{_num(r.get('median'), 3)} ({', '.join(_num(x, 3) for x in r.get('range', []))})"
 
@@ -258,7 +282,9 @@ def render_markdown(results: dict) -> str:
     if "packing" in sections:
         s = sections["packing"]
         lines += ["## 3. Packing", "",
-                  f"LoRA, max_length {s.get('max_length')}, {s.get('examples')} synthetic chat examples of varied "
+                  f"LoRA, max_length {s.get('max_length')}"
+                  + (f", batch {s['batch_size']}" if s.get("batch_size") else "")
+                  + f", {s.get('examples')} synthetic chat examples of varied "
                   "length (bench/measure.py varied_chat_records: 45 to ~500 tokens, skewed short), "
                   f"{plan.get('packing_steps')} steps. `unpacked` pads plain batches in random order (the goal's "
                   "baseline, as TRL's packing was measured in the issue); `packed` sets data.packing=true; "
@@ -274,7 +300,8 @@ def render_markdown(results: dict) -> str:
     if "memory" in sections:
         s = sections["memory"]
         lines += ["## 4. Memory estimate against measured peak RSS", "",
-                  "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/training/memory_estimate.py). Measured: peak RSS of "
+                  "Estimate: `ftcli train RECIPE --dry-run --json` (ftcli/training/memory_estimate.py). Measured: "
+                  "peak RSS of "
                   f"`ftcli train` ({s.get('steps')} step(s); training.group_by_length=true puts the longest batch "
                   "first, so the first step runs at max_length) on the varied-length data.", ""]
         if s.get("estimates_recomputed"):
@@ -299,7 +326,8 @@ def render_markdown(results: dict) -> str:
     if "load" in sections:
         s = sections["load"]
         lines += ["## 5. Load time of the builtin model", ""]
-        lines += [f"- after its first conversion: ftcli (resolve_model + load_model) {_num(s.get('ftcli_load_s_median'), 3)}"
+        lines += [f"- after its first conversion: ftcli (resolve_model + load_model) "
+                  f"{_num(s.get('ftcli_load_s_median'), 3)}"
                   f" s (runs {s.get('ftcli_load_s')}), plain from_pretrained of the same folder "
                   f"{_num(s.get('plain_load_s_median'), 3)} s (runs {s.get('plain_load_s')}); ratio "
                   f"{_num(s.get('ftcli_over_plain'), 3)}"]

@@ -1,7 +1,9 @@
 """ftcli against the hand-written TRL script, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python bench/run.py            # full: about 35 minutes on 2 quiet CPU cores  (make bench)
-    python bench/run.py --quick    # under 5 minutes: fewer steps and repeats, labelled quick  (make bench-quick)
+    python -m bench.run            # full: about 35 minutes on 2 quiet CPU cores  (make bench)
+    python -m bench.run --quick    # under 5 minutes: batches of 2, 3 steps, one repeat, no eval-loss scoring,
+                                   # labelled quick  (make bench-quick)
+Run from the repository root: every child (bench.probes, bench.trl_baseline) runs as `python -m bench.…` there.
 
 Sections (all by default; --sections picks some):
   startup   `ftcli --help` and `ftcli validate` against `python -c "import torch"` (median of several runs each)
@@ -29,8 +31,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import (
     MATCHED_MALLOC_ENV,
@@ -86,16 +86,31 @@ class Plan:
     # tokens/s), which alone took half of a 16-minute quick run; where bf16 is native its steps take ~3 s and the cap
     # never fires. Its tokens/s then comes from the steps it ran; its eval loss is not compared (fewer steps).
     defaults_budget_s: float | None = None
+    # Recipe overrides for every training of this plan, on both sides (ftcli's --set, the script's settings come from
+    # the same recipe): the quick run trains smaller batches so that it fits in 5 minutes on a CPU without native bf16.
+    overrides: tuple[str, ...] = ()
+    score: bool = True                  # score every LoRA adapter's eval loss (the quick run skips it: ~2 minutes)
+    packing_length: int = 256           # max_length of the packing comparison (and of the packed memory case)
+    # The packing comparison's batch size where the plan's overrides change it: packing removes the padding of a
+    # batch, which batches of 2 hardly have (at batch 2 a quick run measured packing 0.95x, at 8 the full run 1.43x).
+    packing_batch: int | None = None
 
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
             memory_steps=1, memory_cases=(("lora", 256), ("qlora", 256), ("lora", 128), ("qlora", 128)),
             varied_examples=512, load_repeats=7, first_conversion=True, timeout_s=900, context_arms=True,
             loss_seeds=(43, 44, 45))
-QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=4, qlora_steps=3, packing_steps=3, skip=1,
-             memory_steps=1, memory_cases=(("lora", 256), ("lora", 128)), varied_examples=256, load_repeats=3,
-             first_conversion=False, timeout_s=600, head_batches=2, head_repeats=1, head_cases=("lora",),
-             score_examples=32, defaults_budget_s=30.0)
+# Quick: about 4 minutes on 2 CPU cores without native bf16 (FTCLI_CPU_BF16=off: ftcli in fp32), where a batch of 8
+# takes ~30 s a step. Batches of 2 on both sides, 3 steps (1 warm-up, 2 timed: a single timed step proved far too
+# noisy on a shared machine, and a batch of 2 costs ~4 s a step while each child's start costs ~20 s), one repeat; no
+# eval-loss scoring (its goal is the full run's), no LM-head probe, packing at max_length 128, no memory run of its
+# own (the packed runs fill every batch to max_length, so their peak is the one to estimate). Packing keeps the
+# recipe's batch of 8 (see packing_batch). Every figure is labelled quick in RESULTS.md.
+QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=3, qlora_steps=3, packing_steps=3, skip=1,
+             memory_steps=1, memory_cases=(), varied_examples=128, load_repeats=3,
+             first_conversion=False, timeout_s=300, head_batches=2, head_repeats=1, head_cases=(),
+             defaults_budget_s=30.0, overrides=("training.batch_size=2",), score=False, packing_length=128,
+             packing_batch=8)
 
 
 class Bench(Session):
@@ -166,7 +181,8 @@ class Bench(Session):
                 seed_arms[f"trl_defaults_seed{seed}"] = lambda label, seed=seed: self.baseline_train(
                     label, "lora", p.lora_steps, trl_defaults=True, seed=seed)
             seeds = self.compare("seeds", seed_arms, 1)
-        self._score_eval_loss({**lora, **seeds})
+        if p.score:
+            self._score_eval_loss({**lora, **seeds})
         qlora = self.compare("qlora", {
             "ftcli": lambda label: self.ftcli_train(label, "qlora", p.qlora_steps, ["data.eval=null"]),
             "trl_matched": lambda label: self.baseline_train(label, "qlora", p.qlora_steps, trl_defaults=False),
@@ -193,6 +209,9 @@ class Bench(Session):
         if capped:
             defaults["eval_loss"] = None
             section["eval_loss_not_compared"] = "; ".join(capped) + " (time budget)"
+        if not p.score:
+            defaults["eval_loss"] = None
+            section["eval_loss_not_scored"] = "quick run: the adapters' eval loss is not scored (the full run does)"
         section["lora_defaults_ratios"] = defaults
         if "ftcli_grouped" in lora:
             section["lora_grouped_ratios"] = side_ratios(lora["ftcli_grouped"], lora["trl_defaults"])
@@ -212,7 +231,11 @@ class Bench(Session):
         self.add_goal("training/lora/defaults-speed", f"lora: ftcli defaults ({ftcli_ran}) tokens/s / the script with "
                       f"TRL's defaults ({trl_ran})", defaults["tokens_per_s"], ">= 1.30",
                       goal(defaults["tokens_per_s"], at_least=1.3))
-        if capped:
+        if not p.score:
+            self.add_goal("training/lora/defaults-eval-loss", "lora: ftcli final eval loss / the script's with TRL's "
+                          f"defaults: not compared, {section['eval_loss_not_scored']}", None, "<= 1.01 (no loss)",
+                          None)
+        elif capped:
             self.add_goal("training/lora/defaults-eval-loss", "lora: ftcli final eval loss / the script's with TRL's "
                           f"defaults: not compared, {section['eval_loss_not_compared']}", None, "<= 1.01 (no loss)",
                           None)
@@ -226,8 +249,8 @@ class Bench(Session):
         """ftcli's steps with TRL's fused LM head as TRL and as ftcli run it on the CPU, in one process."""
         p = self.plan
         self.log(f"head: {label}, TRL's LM head / ftcli's, alternated in one process")
-        sets = [arg for override in overrides for arg in ("--set", override)]
-        result = self.child(f"head-{label}", [sys.executable, str(BENCH / "probes.py"), "head", str(RECIPES[method]),
+        sets = [arg for override in (*p.overrides, *overrides) for arg in ("--set", override)]
+        result = self.child(f"head-{label}", [sys.executable, "-m", "bench.probes", "head", str(RECIPES[method]),
                                               "--batches", str(p.head_batches), "--repeats", str(p.head_repeats),
                                               *sets])
         return json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {"error": result.stderr_tail}
@@ -239,7 +262,7 @@ class Bench(Session):
             return
         self.log(f"scoring {len(adapters)} adapters on the eval data")
         limit = ["--max-examples", str(self.plan.score_examples)] if self.plan.score_examples else []
-        result = self.child("score", [sys.executable, str(BENCH / "probes.py"), "score", str(RECIPES["lora"]),
+        result = self.child("score", [sys.executable, "-m", "bench.probes", "score", str(RECIPES["lora"]),
                                       *adapters, *limit], env={**self.env, **MATCHED_MALLOC_ENV}, timed=False)
         if not result.ok:
             return
@@ -259,9 +282,15 @@ class Bench(Session):
         return [f"data.train={self.varied_data()}", "data.eval=null", f"data.max_length={max_length}",
                 "data.max_dropped_fraction=0.5"]
 
+    def packing_overrides(self) -> list[str]:
+        """The packing comparison's overrides (after the plan's): varied-length data at its length, its batch."""
+        p = self.plan
+        batch = [f"training.batch_size={p.packing_batch}"] if p.packing_batch else []
+        return [*self.varied_overrides(p.packing_length), *batch]
+
     def packing(self) -> None:
         p = self.plan
-        common = self.varied_overrides(256)
+        common = self.packing_overrides()
         # The goal's baseline is plain batches (random order, padded to the longest): what TRL's packing was measured
         # against in the issue (and ftcli's default). Length-grouped batches are the other way to remove padding.
         packing_arms = {
@@ -274,7 +303,8 @@ class Bench(Session):
                 label, "lora", p.packing_steps, [*common, "training.group_by_length=true"])
         arms = self.compare("packing", packing_arms, p.repeats)
         ratios = side_ratios(arms["packed"], arms["unpacked"])
-        section = {"arms": arms, "ratios": ratios, "max_length": 256, "examples": p.varied_examples}
+        section = {"arms": arms, "ratios": ratios, "max_length": p.packing_length, "examples": p.varied_examples,
+                   "batch_size": p.packing_batch or self.recipe("lora").training.batch_size}
         if "unpacked_grouped" in arms:
             section["ratios_to_grouped"] = side_ratios(arms["packed"], arms["unpacked_grouped"])
         self.results["sections"]["packing"] = section
@@ -288,7 +318,8 @@ class Bench(Session):
         measured: dict[str, dict] = {}
         for method, length in p.memory_cases:
             key = f"{method}@{length}"
-            if key == "lora@256" and packing.get("unpacked_grouped", {}).get("peak_rss_bytes"):
+            grouped = packing.get("unpacked_grouped", {}).get("peak_rss_bytes")
+            if (method, length) == ("lora", p.packing_length) and grouped:
                 measured[key] = {"peak_rss_bytes": packing["unpacked_grouped"]["peak_rss_bytes"],
                                  "from": "packing/unpacked_grouped"}
                 continue
@@ -299,15 +330,21 @@ class Bench(Session):
             measured[key] = {"peak_rss_bytes": run["peak_rss_bytes"] if run["ok"] else None, "from": "own run",
                              "wall_s": run["wall_s"]}
         if packing.get("packed", {}).get("peak_rss_bytes"):
-            measured["lora@256 packed"] = {"peak_rss_bytes": packing["packed"]["peak_rss_bytes"],
-                                           "from": "packing/packed"}
+            measured[f"lora@{p.packing_length} packed"] = {"peak_rss_bytes": packing["packed"]["peak_rss_bytes"],
+                                                           "from": "packing/packed"}
+        if not measured:
+            self.log("memory: no measured peak to estimate (the quick run takes the packed runs': run packing too)")
+            self.results["sections"]["memory"] = {"cases": {}, "steps": p.memory_steps, "per_token_fit": {}}
+            return
         spec = [{"key": key, "recipe": str(RECIPES[key.split("@")[0]]),
-                 "overrides": self.varied_overrides(int(key.split("@")[1].split()[0]))
-                 + (["data.packing=true"] if key.endswith("packed") else [])} for key in measured]
+                 "overrides": [*p.overrides,
+                               *(self.packing_overrides() + ["data.packing=true"] if key.endswith("packed")
+                                 else self.varied_overrides(int(key.split("@")[1].split()[0])))]}
+                for key in measured]
         spec_path = self.work / "estimate-spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         self.log(f"memory: estimating {len(spec)} recipes (ftcli train --dry-run)")
-        result = self.child("estimate", [sys.executable, str(BENCH / "probes.py"), "estimate", str(spec_path)],
+        result = self.child("estimate", [sys.executable, "-m", "bench.probes", "estimate", str(spec_path)],
                             timed=False)
         estimates = json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {}
         rows = {}
@@ -325,13 +362,13 @@ class Bench(Session):
 
     def load(self) -> None:
         self.log("load: builtin model load time")
-        result = self.child("load", [sys.executable, str(BENCH / "probes.py"), "load", str(RECIPES["lora"]),
+        result = self.child("load", [sys.executable, "-m", "bench.probes", "load", str(RECIPES["lora"]),
                                      "--repeats", str(self.plan.load_repeats)])
         section = json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {"error": result.stderr_tail}
         if self.plan.first_conversion:
             cache = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=self.work))
             self.log("load: first conversion of the builtin model into an empty cache")
-            converted = self.child("convert", [sys.executable, str(BENCH / "probes.py"), "convert",
+            converted = self.child("convert", [sys.executable, "-m", "bench.probes", "convert",
                                                str(RECIPES["lora"])], env={**self.env, "FTCLI_CACHE_DIR": str(cache)},
                                    timed=False)
             if converted.ok:
@@ -372,6 +409,16 @@ def per_token_fit(cases: dict[str, dict], batch: int) -> dict[str, dict]:
     return fits
 
 
+def without_step_times(value):
+    """The results without each run's per-step times (`step_times`): the paired step ratios are computed from them
+    before this, and report.py reads only the ratios. The step logs themselves stay in the work folder (--work)."""
+    if isinstance(value, dict):
+        return {k: without_step_times(v) for k, v in value.items() if k != "step_times"}
+    if isinstance(value, list):
+        return [without_step_times(v) for v in value]
+    return value
+
+
 def versions() -> dict:
     from ftcli.runs.rundir import git_commit, package_versions
 
@@ -380,7 +427,8 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (under 5 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="batches of 2, fewer steps and repeats, no eval-loss scoring (under 5 minutes)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
     parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and results.json go")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
@@ -394,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(plan, work)
     bench.results.update({
         "quick": plan.quick, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "sections_run": args.sections, "plan": asdict(plan), "machine": machine_info(), "versions": versions(),
         "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FTCLI_CPU_BF16",
                                                       *MATCHED_MALLOC_ENV)},
@@ -415,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                                       limit=NOISE_LIMIT)
         bench.results["machine"]["load_average_end"] = list(os.getloadavg())
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(bench.results, indent=2) + "\n", encoding="utf-8")
+        (args.out / "results.json").write_text(json.dumps(without_step_times(bench.results), indent=2) + "\n",
+                                               encoding="utf-8")
         (args.out / "RESULTS.md").write_text(render_markdown(bench.results), encoding="utf-8")
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -84,8 +84,13 @@ class Session:
         if method not in self._recipes:
             from ftcli.recipe.loader import load_recipe
 
-            self._recipes[method] = load_recipe(RECIPES[method], []).recipe
+            self._recipes[method] = load_recipe(RECIPES[method], list(self.overrides)).recipe
         return self._recipes[method]
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The plan's recipe overrides, applied to both sides alike (the script's settings come from the recipe)."""
+        return tuple(getattr(self.plan, "overrides", ()))
 
     def cpu_bf16(self) -> dict:
         """Whether this CPU has native bf16 as torch detects it (`detected`), FTCLI_CPU_BF16 as set, what ftcli takes
@@ -114,7 +119,7 @@ class Session:
         command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
                    name, "--overwrite", "--json", "--set", f"training.max_steps={steps}", "--set", NO_CHECKPOINTS,
                    "--set", "training.logging_steps=1"]
-        for override in overrides:
+        for override in (*self.overrides, *overrides):
             command += ["--set", override]
         result = self.child(label, command)
         run = RunDir(self.runs_root, name)
@@ -145,7 +150,7 @@ class Session:
         out.mkdir(parents=True)
         log = out / "steps.jsonl"
         targets = m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules)
-        command = [sys.executable, str(BENCH / "trl_baseline.py"), str(self.local_dir()), str(recipe.data.train),
+        command = [sys.executable, "-m", "bench.trl_baseline", str(self.local_dir()), str(recipe.data.train),
                    "--out", str(out), "--log", str(log), "--method", method, "--steps", str(steps),
                    "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
                    "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
@@ -236,7 +241,8 @@ def arm_summary(runs: list[dict]) -> dict:
             "tokens_per_s": median([r["tokens_per_s"] for r in timed]),
             "tokens_per_cpu_s": median([r.get("tokens_per_cpu_s") for r in timed]),
             "peak_rss_bytes": median([r["peak_rss_bytes"] if r["ok"] else None for r in runs]),
-            "wall_s": median([r["wall_s"] for r in runs]), "first_step_s": median([r.get("first_step_s") for r in runs]),
+            "wall_s": median([r["wall_s"] for r in runs]),
+            "first_step_s": median([r.get("first_step_s") for r in runs]),
             **run_settings(runs)}
 
 

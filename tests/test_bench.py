@@ -1,7 +1,10 @@
-"""The benchmark scripts' pure helpers (throughput, peak RSS, interleaving, report) and their command lines."""
+"""The benchmark scripts' pure helpers (throughput, peak RSS, interleaving, report), their command lines, and that
+every ftcli name the bench imports still exists (a rename in ftcli breaks a test here, not the next benchmark run)."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import shutil
 import subprocess
@@ -10,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 from bench import measure, report
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _steps(times, tokens, start_step=1):
-    return [{"step": start_step + i, "time": t, "loss": 1.0, "num_tokens": n} for i, (t, n) in enumerate(zip(times, tokens))]
+    return [{"step": start_step + i, "time": t, "loss": 1.0, "num_tokens": n}
+            for i, (t, n) in enumerate(zip(times, tokens))]
 
 
 def test_steady_throughput_skips_warmup_and_ignores_other_records():
@@ -228,18 +231,23 @@ def test_quick_plan_caps_the_trl_defaults_arm_only(tmp_path, monkeypatch):
     assert command[command.index("--min-steps") + 1] == str(bench_run.QUICK.skip + 1)   # a step after the warm-up
     assert "--max-seconds" not in commands["lora-trl_matched-1"]
     assert commands["lora-trl_matched-1"][commands["lora-trl_matched-1"].index("--precision") + 1] == "fp32"
+    # the quick plan's recipe overrides (smaller batches) reach the script too, through the recipe it reads
+    assert "training.batch_size=2" in bench_run.QUICK.overrides
+    for label in ("lora-trl_defaults-1", "lora-trl_matched-1"):
+        assert commands[label][commands[label].index("--batch") + 1] == "2"
+    assert commands[label][1:3] == ["-m", "bench.trl_baseline"]
     # tokens/s over the one step after the warm-up that the capped arm ran; the settings from its own log
     assert defaults["tokens_per_s"] == pytest.approx(4.0) and defaults["steps_run"] == 2
     assert (defaults["precision"], defaults["gradient_checkpointing"]) == ("bf16", True)
     summary = arm_summary([defaults])
-    assert summary["capped"] and summary["steps_run"] == [2] and summary["steps_planned"] == 4
+    assert summary["capped"] and summary["steps_run"] == [2] and summary["steps_planned"] == bench_run.QUICK.lora_steps
     assert summary["precision"] == "bf16" and summary["optim"] == "adamw_torch_fused"
     assert not arm_summary([matched])["capped"] and arm_summary([matched])["precision"] == "fp32"
 
 
 def test_baseline_script_stops_at_its_time_budget(tmp_path, tiny_model_dir, chat_data):
     log = tmp_path / "steps.jsonl"
-    result = _run(["bench/trl_baseline.py", str(tiny_model_dir), str(chat_data), "--out", str(tmp_path / "out"),
+    result = _run(["-m", "bench.trl_baseline", str(tiny_model_dir), str(chat_data), "--out", str(tmp_path / "out"),
                    "--log", str(log), "--steps", "5", "--batch", "2", "--max-length", "64", "--trl-defaults",
                    "--max-seconds", "0", "--min-steps", "2"], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -269,19 +277,19 @@ def _run(args, timeout=60, **kwargs):
 
 
 def test_run_help_is_fast_and_imports_nothing_heavy():
-    result = _run(["bench/run.py", "--help"])
+    result = _run(["-m", "bench.run", "--help"])
     assert result.returncode == 0, result.stderr
     assert "--quick" in result.stdout and "packing" in result.stdout
-    probe = _run(["-c", "import json, sys; sys.path.insert(0, '.'); import bench.run, bench.report; "
+    probe = _run(["-c", "import json, sys; import bench.run, bench.report; "
                         "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules)))"])
     assert probe.returncode == 0, probe.stderr
     assert json.loads(probe.stdout) == []
 
 
 def test_baseline_and_probe_help():
-    baseline = _run(["bench/trl_baseline.py", "--help"])
+    baseline = _run(["-m", "bench.trl_baseline", "--help"])
     assert baseline.returncode == 0 and "--trl-defaults" in baseline.stdout
-    probes = _run(["bench/probes.py", "--help"])
+    probes = _run(["-m", "bench.probes", "--help"])
     assert probes.returncode == 0 and "estimate" in probes.stdout
 
 
@@ -382,7 +390,7 @@ def test_paired_step_ratio_compares_the_same_steps_and_refuses_different_batches
 
 
 def test_head_probe_times_both_choices_over_the_same_batches(tiny_recipe):
-    result = _run(["bench/probes.py", "head", str(tiny_recipe), "--batches", "2", "--repeats", "2"])
+    result = _run(["-m", "bench.probes", "head", str(tiny_recipe), "--batches", "2", "--repeats", "2"])
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < figures["labelled_share"] < 0.5    # the tiny chat data is mostly prompt
@@ -391,3 +399,138 @@ def test_head_probe_times_both_choices_over_the_same_batches(tiny_recipe):
     for key in ("trl_over_ftcli", "trl_over_labelled_only"):
         assert figures[key]["median"] > 0 and len(figures[key]["range"]) == 2
     assert figures["largest_loss_difference"] < 1e-4   # the same batches, the same loss every way
+
+
+# ------------------------------------------------------------------------------------------ imports of ftcli internals
+
+BENCH_MODULES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "__init__")
+
+
+def _code_strings(tree: ast.AST):
+    """Python source kept in string constants that a child runs (`python -c`, e.g. bench/sides.py CPU_FACTS)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "ftcli" in node.value \
+                and ("import " in node.value):
+            try:
+                yield ast.parse(node.value)
+            except SyntaxError:
+                continue
+
+
+def _scopes(tree: ast.AST):
+    """The module and every function: the imports each makes itself, with the body they bind names in."""
+    yield tree
+    yield from (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
+def _own_nodes(scope: ast.AST):
+    """The nodes of a scope, not those of the functions nested in it (they are scopes of their own)."""
+    stack = list(ast.iter_child_nodes(scope))
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def ftcli_references(source: str) -> list[tuple[str, str | None, int]]:
+    """(module, name, line) for every ftcli import of the source, at module level or inside functions (name None:
+    the module itself), and (module, attribute, line) for every `alias.attribute` where the alias is an ftcli module
+    that a scope imported (`from ftcli.models import load as models` ... `models.resolve_model`)."""
+    found = []
+    tree = ast.parse(source)
+    for module_tree in (tree, *_code_strings(tree)):
+        for scope in _scopes(module_tree):
+            aliases: dict[str, str] = {}   # name bound in this scope -> the ftcli module or object path it names
+            for node in _own_nodes(scope):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                        and node.module.split(".")[0] == "ftcli":
+                    for alias in node.names:
+                        found.append((node.module, alias.name, node.lineno))
+                        aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name.split(".")[0] == "ftcli":
+                            found.append((alias.name, None, node.lineno))
+                            if alias.asname:
+                                aliases[alias.asname] = alias.name
+            # a name the scope also assigns is not (only) the import: leave its attributes alone
+            assigned = {n.id for n in _own_nodes(scope) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for node in ast.walk(scope):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                        and node.value.id in aliases and node.value.id not in assigned:
+                    path = aliases[node.value.id]
+                    found.append((path, node.attr, node.lineno))
+    return found
+
+
+def _resolve(path: str):
+    """The object a dotted ftcli path names: a module, or an attribute of one (a submodule is imported)."""
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as error:
+        if not (error.name and path.startswith(error.name)):
+            raise   # the module exists but imports something missing: a real failure, shown as is
+        parent, _, name = path.rpartition(".")
+        return getattr(_resolve(parent), name)
+
+
+def _exists(module: str, name: str | None) -> bool:
+    try:
+        target = _resolve(module)
+    except (ModuleNotFoundError, AttributeError):
+        return False
+    if name is None or hasattr(target, name):
+        return True
+    try:   # `from package import submodule`
+        importlib.import_module(f"{module}.{name}")
+        return True
+    except ModuleNotFoundError:
+        return False
+
+
+def test_ftcli_references_finds_imports_in_functions_strings_and_module_aliases():
+    source = (
+        "from ftcli.recipe.loader import load_recipe\n"
+        "CODE = 'from ftcli.models.load import cpu_has_native_bf16\\nprint(1)'\n"
+        "def f():\n"
+        "    from ftcli.models import load as models\n"
+        "    import ftcli.runs.rundir as rundir\n"
+        "    models.resolve_model(1)\n"
+        "    return rundir.RunDir\n"
+        "def g(models):\n"
+        "    return models.not_an_ftcli_name\n"
+    )
+    refs = {(module, name) for module, name, _ in ftcli_references(source)}
+    assert refs == {("ftcli.recipe.loader", "load_recipe"), ("ftcli.models.load", "cpu_has_native_bf16"),
+                    ("ftcli.models", "load"), ("ftcli.runs.rundir", None), ("ftcli.models.load", "resolve_model"),
+                    ("ftcli.runs.rundir", "RunDir")}
+    assert _exists("ftcli.models.load", "resolve_model") and _exists("ftcli.models", "load")
+    assert not _exists("ftcli.models.load", "no_such_name") and not _exists("ftcli.no_such_module", None)
+
+
+@pytest.mark.parametrize("name", BENCH_MODULES)
+def test_bench_module_imports_and_its_ftcli_names_exist(name):
+    """Import each bench module (as `python -m bench.NAME` would) and check every ftcli name it imports, at module
+    level, inside functions or in code it hands a child, and every attribute it takes from an ftcli module alias.
+    A plain script (trl_baseline: no `__main__` guard, it parses its arguments on import) runs with --help instead."""
+    source = (REPO / "bench" / f"{name}.py").read_text(encoding="utf-8")
+    if "__name__ == \"__main__\"" in source:
+        importlib.import_module(f"bench.{name}")
+    else:
+        result = _run(["-m", f"bench.{name}", "--help"], timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    missing = [f"bench/{name}.py:{line}: {module}{'' if attr is None else '.' + attr}"
+               for module, attr, line in ftcli_references(source) if not _exists(module, attr)]
+    assert not missing, "ftcli names the bench uses no longer exist:\n" + "\n".join(missing)
+
+
+def test_bench_modules_that_drive_ftcli_internals_are_scanned():
+    """The scan sees the probes' imports (not vacuously empty), and no bench file edits sys.path any more."""
+    counts = {name: len(ftcli_references((REPO / "bench" / f"{name}.py").read_text(encoding="utf-8")))
+              for name in BENCH_MODULES}
+    assert counts["probes"] >= 15 and counts["parity"] >= 5 and counts["sides"] >= 5 and counts["gpu_check"] >= 3
+    for path in [*(REPO / "bench").glob("*.py"), REPO / "bench" / "gpu_check.sh"]:
+        text = path.read_text(encoding="utf-8")
+        assert "sys.path.insert" not in text, path
+        assert "python bench/" not in text and "bench/run.py --" not in text, path   # python -m bench.NAME

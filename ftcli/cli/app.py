@@ -5,15 +5,15 @@
 import functools
 import gc
 import json
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ftcli.errors import UsageError
 from ftcli.cli.output import print_json, report_failure, say
+from ftcli.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -49,7 +49,7 @@ def err() -> "Console":
 
 
 RunsDirOpt = Annotated[
-    Optional[Path], typer.Option("--runs-dir", help="Runs root (default: $FTCLI_RUNS_DIR, else ./runs).")
+    Path | None, typer.Option("--runs-dir", help="Runs root (default: $FTCLI_RUNS_DIR, else ./runs).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
 RunArg = Annotated[str, typer.Argument(help="Run name (a folder under the runs root).")]
@@ -77,14 +77,16 @@ def handles_errors(func: Callable) -> Callable:
 @handles_errors
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")] = [],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Check recipes without loading any model; report every problem with its file, line and key."""
     # The plain form of this command never reaches Typer: ftcli.cli.entry runs it (ftcli.cli.validate).
     from ftcli.cli.validate import ValidateArgs, validate_recipes
 
-    code = validate_recipes(ValidateArgs(recipes=list(recipes), overrides=list(set_), json_output=json_output))
+    code = validate_recipes(ValidateArgs(recipes=list(recipes), overrides=list(set_ or []), json_output=json_output))
     if code:
         raise typer.Exit(code)
 
@@ -102,14 +104,18 @@ def schema() -> None:
 @handles_errors
 def recipe_show(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")] = [],
-    explain: Annotated[bool, typer.Option("--explain", help="Show which file, line or override set each value.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show which file, line or override set each value.")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Print the resolved recipe: extends merged, overrides applied, defaults filled in."""
     from ftcli.recipe.loader import load_recipe, recipe_to_yaml
 
-    loaded = load_recipe(recipe, set_)
+    loaded = load_recipe(recipe, set_ or [])
     if json_output:
         document = loaded.recipe.model_dump(mode="json")
         if explain:
@@ -135,14 +141,20 @@ def recipe_show(
 @handles_errors
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Run name (default: the recipe's name).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Run name (default: the recipe's name).")] = None,
     runs_dir: RunsDirOpt = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")] = [],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its newest complete checkpoint.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run from its newest complete checkpoint.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run of the same name.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Preflight: check data and model, train nothing.")] = False,
     json_output: JsonOpt = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")
+    ] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine.")] = 1,
     nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Machines in a multi-node run.")] = 1,
     node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This machine's rank.")] = 0,
@@ -152,7 +164,7 @@ def train(
     """Fine-tune the recipe's model into a named run directory."""
     from ftcli.recipe.loader import load_recipe
 
-    loaded = load_recipe(recipe, set_, name=name)
+    loaded = load_recipe(recipe, set_ or [], name=name)
     if loaded.recipe.model.trust_remote_code and not trust_remote_code:
         raise UsageError(
             f"{recipe}: model.trust_remote_code is true, but remote code runs only with --trust-remote-code",
@@ -165,19 +177,20 @@ def train(
         print_json(report) if json_output else render_preflight(report, out())
         return
     if nproc > 1 or nnodes > 1:
-        from ftcli.training.launch import launch_distributed
         from ftcli.paths import runs_root
         from ftcli.runs.rundir import RunDir
+        from ftcli.training.launch import launch_distributed
 
         # Refuse an existing or missing run once, here, rather than in every worker.
         RunDir.prepare(runs_root(runs_dir), loaded.recipe.name, resume=resume, overwrite=overwrite)
         raise typer.Exit(launch_distributed(sys.argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                                             master_addr=master_addr, master_port=master_port))
+    from ftcli.training.distributed import is_main_process
     from ftcli.training.session import start_training
 
     summary = start_training(loaded, runs_dir, resume=resume, overwrite=overwrite,
                              trust_remote_code=trust_remote_code, console=err())
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         return  # only the main process reports
     if json_output:
         print_json(summary)
@@ -193,12 +206,27 @@ def train(
 def eval_(
     run: RunArg,
     runs_dir: RunsDirOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on this file instead of the run's eval data.")] = None,
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Evaluate at most N examples.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Examples per batch.")] = None,
-    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also evaluate the base model, side by side.")] = False,
-    fail_under: Annotated[list[str], typer.Option("--fail-under", help="METRIC=VALUE, repeatable: exit 6 when the metric is worse than VALUE (exact_match, exact_match_norm, contains, f1: fractions 0-1, fail below; loss, perplexity: fail above).")] = [],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Evaluate on this file instead of the run's eval data.")
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option("--max-samples", min=1, help="Evaluate at most N examples.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Examples per batch.")] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also evaluate the base model, side by side.")
+    ] = False,
+    fail_under: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-under",
+            help="METRIC=VALUE, repeatable: exit 6 when the metric is worse than VALUE (exact_match, exact_match_norm, "
+            "contains, f1: fractions 0-1, fail below; loss, perplexity: fail above).",
+        ),
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Measure a run: loss, perplexity and generation metrics; gate CI with --fail-under."""
@@ -206,7 +234,7 @@ def eval_(
     from ftcli.paths import runs_root
     from ftcli.runs.rundir import RunDir
 
-    gates = parse_gates(fail_under)
+    gates = parse_gates(fail_under or [])
     run_dir = RunDir.open(runs_root(runs_dir), run)
     result = run_eval(run_dir, data=data, max_samples=max_samples, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, compare_base=compare_base, gates=gates or None, console=err())
@@ -220,14 +248,16 @@ def eval_(
 @handles_errors
 def generate(
     run: RunArg,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="Prompt text; repeatable.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", help="A file with one prompt per line.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt text; repeatable.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A file with one prompt per line.")] = None,
     runs_dir: RunsDirOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    merged: Annotated[bool, typer.Option("--merged", help="Use the run's merged model instead of base + adapter.")] = False,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Use the run's merged model instead of base + adapter.")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Generate from a run through its saved chat template (greedy by default)."""
@@ -280,8 +310,13 @@ def chat(
 def merge(
     run: RunArg,
     runs_dir: RunsDirOpt = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | float16 | bfloat16 (default: the recipe's export.merge_dtype).")] = None,
-    qlora_base: Annotated[Optional[str], typer.Option("--qlora-base", help="QLoRA: dequantized (default) | original.")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="float32 | float16 | bfloat16 (default: the recipe's export.merge_dtype)."),
+    ] = None,
+    qlora_base: Annotated[
+        str | None, typer.Option("--qlora-base", help="QLoRA: dequantized (default) | original.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Merge again even when merged/ is up to date.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -301,8 +336,10 @@ def export(
     run: RunArg,
     format: Annotated[str, typer.Option("--format", help="adapter | merged | gguf | gguf-lora | ollama")],
     runs_dir: RunsDirOpt = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF tensor type: f32 | f16 | bf16 | q8_0.")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write here instead of export/FORMAT in the run.")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="GGUF tensor type: f32 | f16 | bf16 | q8_0.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Write here instead of export/FORMAT in the run.")
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Export a run as a PEFT adapter, merged model, GGUF, GGUF LoRA or Ollama model; each checked after writing."""
@@ -321,8 +358,8 @@ def export(
 @handles_errors
 def runs_list(runs_dir: RunsDirOpt = None, json_output: JsonOpt = False) -> None:
     """List the runs under the runs root."""
-    from ftcli.runs.report import render_runs_list, runs_summary
     from ftcli.paths import runs_root
+    from ftcli.runs.report import render_runs_list, runs_summary
 
     rows = runs_summary(runs_root(runs_dir))
     print_json({"runs": rows}) if json_output else render_runs_list(rows, out())
@@ -332,8 +369,8 @@ def runs_list(runs_dir: RunsDirOpt = None, json_output: JsonOpt = False) -> None
 @handles_errors
 def runs_show(run: RunArg, runs_dir: RunsDirOpt = None, json_output: JsonOpt = False) -> None:
     """Show one run: status, recipe, metrics and artifacts."""
-    from ftcli.runs.report import render_run, run_details
     from ftcli.paths import runs_root
+    from ftcli.runs.report import render_run, run_details
     from ftcli.runs.rundir import RunDir
 
     details = run_details(RunDir.open(runs_root(runs_dir), run))
@@ -348,8 +385,8 @@ def runs_compare(
     json_output: JsonOpt = False,
 ) -> None:
     """Show how runs' recipes differ and their final metrics side by side."""
-    from ftcli.runs.report import compare_runs, render_comparison
     from ftcli.paths import runs_root
+    from ftcli.runs.report import compare_runs, render_comparison
     from ftcli.runs.rundir import RunDir
 
     if len(runs) < 2:

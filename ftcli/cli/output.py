@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 
@@ -14,8 +15,20 @@ def say(text: str, *, stderr: bool = False, end: str = "\n") -> None:
 
 
 def print_json(document: object) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    """One strict JSON document on stdout: a NaN or infinite metric (a diverged loss) becomes null, which every
+    parser reads, where Python's default NaN / Infinity tokens break jq and most other JSON parsers."""
+    sys.stdout.write(json.dumps(_finite(document), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def report_failure(exc: BaseException, *, json_output: bool) -> int:

@@ -1,9 +1,8 @@
 """`ftcli validate`: check recipe files without loading any model, and its argument parsing without Typer.
 
 Validating is the one command people run in loops and pre-commit hooks, so its plain form
-(`ftcli validate FILE... [--set KEY=VALUE]... [--json]`) is parsed here and never imports Typer (about a fifth of
-its start-up); every other form (--help, an unknown option, no file) goes to the Typer command, which calls the same
-`validate_recipes`.
+(`ftcli validate FILE... [--set KEY=VALUE]... [--json]`) is parsed here and never imports Typer; every other form
+(--help, an unknown option, no file) goes to the Typer command, which calls the same `validate_recipes`.
 """
 
 from __future__ import annotations
@@ -43,9 +42,9 @@ def parse_plain_validate(args: list[str]) -> ValidateArgs | None:
 
 def validate_recipes(args: ValidateArgs) -> int:
     """Check each recipe with the overrides; print one line per recipe (or one JSON document); 0 or 2."""
+    from ftcli.cli.output import print_json, say
     from ftcli.errors import RecipeError
     from ftcli.recipe.loader import load_recipe
-    from ftcli.cli.output import print_json, say
 
     results, failed = [], False
     for path in args.recipes:

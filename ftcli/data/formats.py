@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ftcli.data.sources import MAX_LISTED_PROBLEMS, RawRecord, raise_problems
 from ftcli.data.types import Conversation

@@ -1,13 +1,10 @@
 """Pack examples into rows (best-fit decreasing) and collate batches, packed or padded.
 
-Why not TRL's packing: TRL 1.16 (bfd + padding_free) flattens the whole batch into ONE sequence of B*L tokens, so
-sdpa attends over B*L positions (attention cost and the mask grow with (B*L)^2 instead of B*L^2): on the CPU that
-ate the gain from removing padding and doubled the memory. Here each row stays a separate sequence of at most
-max_length tokens; per-row position_ids restart at 0 at every example, and transformers turns them into a
-block-diagonal causal mask (only without a 2-D attention_mask and with use_cache=False, which SFTTrainer sets),
-so examples in one row do not attend to each other. With flash_attention_2 the opposite holds (its varlen kernel
-sees example boundaries only in a single flattened row, and then does only block-diagonal work): the collator
-flattens there.
+Each row stays a separate sequence of at most max_length tokens (TRL's padding-free packing flattens the whole
+batch into one, so attention grows with the batch's total length squared); per-row position_ids restart at 0 at
+every example, and transformers turns them into a block-diagonal causal mask (only without a 2-D attention_mask and
+with use_cache=False, which SFTTrainer sets), so examples in one row do not attend to each other. With
+flash_attention_2 the collator flattens the rows, as its variable-length kernel sees example boundaries only there.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Recipe data -> tokenized datasets: sources, record formats, chat templates, loss masking, validation, cache.
 
-The public entry of the data modules: data_sources (files, folders, hub), data_formats (records -> Conversations),
-data_templates (chat template choice and rendering), data_tokenize (masks), data_packing (rows, collators) and
-data_cache. A missing file or an unreachable hub dataset is NotAvailableError (exit 4); bad content is DataError
-(exit 3), naming the file and line.
+The public entry of the data package: sources (files, folders, hub), formats (records -> Conversations), templates
+(chat template choice and rendering), tokenize (masks), packing (rows, collators) and cache. A missing file or an
+unreachable hub dataset is NotAvailableError (exit 4); bad content is DataError (exit 3), naming the file and line.
 """
 
 from __future__ import annotations
@@ -11,10 +10,11 @@ from __future__ import annotations
 import random
 
 from ftcli.data.formats import to_conversations
-from ftcli.data.sources import as_source_list, is_local_reference, read_source, source_fingerprint
+from ftcli.data.sources import as_source_list, read_source, source_fingerprint
 from ftcli.data.templates import CHATML_TEMPLATE, resolve_chat_template, split_for_generation
 from ftcli.data.types import IGNORE_INDEX, Conversation, DataReport, PreparedData
 from ftcli.errors import DataError, UsageError
+from ftcli.paths import is_local_path
 from ftcli.recipe.schema import DataConfig, Recipe
 
 __all__ = [
@@ -79,7 +79,7 @@ def data_fingerprints(data: DataConfig) -> dict[str, str] | None:
     """sha256 of every local source's content (None when a source is a hub dataset: not cacheable by content)."""
     fingerprints = {}
     for reference in as_source_list(data.train) + as_source_list(data.eval):
-        if not is_local_reference(reference):
+        if not is_local_path(reference):
             return None
         fingerprints[reference] = source_fingerprint(reference)
     return fingerprints

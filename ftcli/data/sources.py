@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.errors import DataError, NotAvailableError
+from ftcli.hashing import sha256_file, sha256_folder
+from ftcli.paths import is_local_path
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_LISTED_PROBLEMS = 5
@@ -42,13 +44,6 @@ def as_source_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def is_local_reference(reference: str) -> bool:
-    """A path on this machine (existing or clearly meant as one) rather than a hub dataset id."""
-    if reference.startswith(("/", "./", "../", "~")) or reference.lower().endswith(FILE_SUFFIXES):
-        return True
-    return Path(reference).exists()
-
-
 def _existing_path(reference: str) -> Path:
     path = Path(os.path.expanduser(reference))
     if not path.exists():
@@ -61,7 +56,7 @@ def _existing_path(reference: str) -> Path:
 
 def read_source(reference: str, split: str) -> SourceData:
     """All records of one data reference; NotAvailableError (4) when it doesn't exist, DataError (3) when unreadable."""
-    if not is_local_reference(reference):
+    if not is_local_path(reference):
         return _read_hub(reference, split)
     path = _existing_path(reference)
     if path.is_dir():
@@ -87,13 +82,7 @@ def read_source(reference: str, split: str) -> SourceData:
 def source_fingerprint(reference: str) -> str:
     """sha256 of a local file's bytes (or of a saved folder's files), without parsing it."""
     path = _existing_path(reference)
-    if path.is_dir():
-        return _folder_fingerprint(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_folder(path) if path.is_dir() else sha256_file(path)
 
 
 def _decode(path: Path, content: bytes) -> str:
@@ -172,7 +161,8 @@ def _parse_csv(path: Path, content: bytes) -> list[RawRecord]:
         row_start = 2
         for row in reader:
             if None in row:
-                raise DataError(f"{path}:{row_start}: more values than header columns ({', '.join(reader.fieldnames or [])})")
+                raise DataError(f"{path}:{row_start}: more values than header columns "
+                                f"({', '.join(reader.fieldnames or [])})")
             records.append(RawRecord(dict(row), f"{path}:{row_start}"))
             row_start = reader.line_num + 1
     except csv.Error as exc:
@@ -224,17 +214,7 @@ def _read_saved_dataset(path: Path, split: str) -> SourceData:
     records = [RawRecord(row, f"{where} row {index}") for index, row in enumerate(loaded)]
     if not records:
         raise DataError(f"{where}: the saved dataset is empty")
-    return SourceData(name=where, records=records, fingerprint=_folder_fingerprint(path))
-
-
-def _folder_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return SourceData(name=where, records=records, fingerprint=sha256_folder(path))
 
 
 def _read_hub(reference: str, split: str) -> SourceData:
@@ -271,5 +251,6 @@ def raise_problems(problems: list[str], *, hint: str | None = None) -> None:
     if len(problems) == 1:
         raise DataError(problems[0], hint=hint)
     more = "" if len(problems) < MAX_LISTED_PROBLEMS else " (stopped after the first ones)"
-    raise DataError(f"{problems[0]}\n" + "\n".join(f"  {p}" for p in problems[1:]) + f"\n  {len(problems)} problems{more}",
+    raise DataError(f"{problems[0]}\n" + "\n".join(f"  {p}" for p in problems[1:])
+                    + f"\n  {len(problems)} problems{more}",
                     hint=hint)

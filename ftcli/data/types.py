@@ -34,7 +34,7 @@ class DataReport:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DataReport":
+    def from_dict(cls, data: dict[str, Any]) -> DataReport:
         return cls(**data)
 
 

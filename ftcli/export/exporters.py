@@ -6,16 +6,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ftcli.atomic import atomic_write_json, atomic_write_text, check_free_space, remove_stale_staging, staged_dir
+from ftcli.console import note
 from ftcli.errors import UsageError
-from ftcli.runs.rundir import EXPORT_RECORD_FILE, now_iso
+from ftcli.models.load import DTYPE_BYTES
+from ftcli.runs.rundir import ADAPTER_CONFIG_FILE, EXPORT_RECORD_FILE, now_iso
 
 EXPORT_FORMATS = ("adapter", "merged", "gguf", "gguf-lora", "ollama")
 GGUF_FORMATS = ("gguf", "gguf-lora", "ollama")
-BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # in a GGUF file, by quant
 MODELFILE = "Modelfile"
 HEADROOM = 64 * 2**20
 
@@ -44,7 +46,7 @@ def export_run(run, fmt: str, *, quant: str | None = None, out=None, console=Non
         result.update(format=fmt, path=str(target), exported_at=now_iso(),
                       seconds=round(time.perf_counter() - started, 2))
         run.modify(lambda info: info.update(exports={**(info.get("exports") or {}), fmt: result}))
-    _say(console, f"exported {fmt} to {target}")
+    note(console, f"exported {fmt} to {target}")
     return result
 
 
@@ -66,8 +68,6 @@ def check_target(run, target: Path) -> None:
 
 def export_adapter(run, recipe, target: Path, quant, console) -> dict:
     """The PEFT adapter with base_model_name_or_path set to something loadable, plus tokenizer and template."""
-    from peft.utils import CONFIG_NAME
-
     from ftcli.models.run_model import check_base_fingerprint
 
     base = check_base_fingerprint(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
@@ -77,7 +77,7 @@ def export_adapter(run, recipe, target: Path, quant, console) -> dict:
         for path in run.adapter_dir.iterdir():
             if path.is_file():
                 shutil.copy2(path, staging / path.name)
-        config_path = staging / CONFIG_NAME
+        config_path = staging / ADAPTER_CONFIG_FILE
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = loadable
         atomic_write_json(config_path, config)
@@ -112,8 +112,8 @@ def export_gguf(run, recipe, target: Path, quant: str, console) -> dict:
 
 def export_ollama(run, recipe, target: Path, quant: str, console) -> dict:
     """The GGUF plus a Modelfile whose template, system prompt and stop words come from the run's template."""
-    from ftcli.models.run_model import load_run_tokenizer, run_chat_template
     from ftcli.export.modelfile import modelfile, turn_format
+    from ftcli.models.run_model import load_run_tokenizer, run_chat_template
 
     tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
     fmt = turn_format(run_chat_template(run), tokenizer)  # refuse before any merging or writing
@@ -128,9 +128,9 @@ def export_ollama(run, recipe, target: Path, quant: str, console) -> dict:
 
 def export_gguf_lora(run, recipe, target: Path, quant: str, console) -> dict:
     """The LoRA adapter as a llama.cpp adapter GGUF, read back and checked against PEFT's own merge."""
-    from ftcli.models.run_model import check_base_fingerprint, parity_batch
     from ftcli.export.gguf.lora import check_lora_gguf, require_lora_capable, write_lora_gguf
     from ftcli.models.load import load_model
+    from ftcli.models.run_model import check_base_fingerprint, parity_batch
 
     require_lora_capable(recipe.method.kind, run.name)
     base = check_base_fingerprint(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
@@ -138,7 +138,7 @@ def export_gguf_lora(run, recipe, target: Path, quant: str, console) -> dict:
     check_free_space(target.parent, int(_folder_bytes(run.adapter_dir) * 1.1) + HEADROOM)
     with staged_dir(target) as staging:
         path = staging / f"{run.name}-lora-{quant}.gguf"
-        _say(console, f"writing the LoRA adapter as {path.name}")
+        note(console, f"writing the LoRA adapter as {path.name}")
         record = write_lora_gguf(run.adapter_dir, base_dir, path, quant=quant, name=run.name)
         base_model = load_model(recipe.model, dtype="float32", trust_remote_code=recipe.model.trust_remote_code)
         record["check"] = check_lora_gguf(path, adapter_dir=run.adapter_dir, base_model=base_model,
@@ -164,19 +164,19 @@ EXPORTERS: dict[str, Callable] = {
 
 
 def _write_checked_gguf(run, recipe, staging: Path, quant: str, console, *, free_space_at: Path) -> dict:
-    from ftcli.models.run_model import run_chat_template
     from ftcli.export.gguf.check import check_model_gguf
     from ftcli.export.merge import ensure_merged
+    from ftcli.models.run_model import run_chat_template
 
     merge = ensure_merged(run, any_settings=True, console=console)
     merged_bytes = _folder_bytes(run.merged_dir, "*.safetensors")
-    weights = merged_bytes / {"float32": 4, "float16": 2, "bfloat16": 2}[merge["dtype"]]
+    weights = merged_bytes / DTYPE_BYTES[merge["dtype"]]
     check_free_space(free_space_at, int(weights * BYTES_PER_WEIGHT[quant]) + HEADROOM)
     path = staging / f"{run.name}-{quant}.gguf"
     template = run_chat_template(run)
-    _say(console, f"writing {path.name}")
+    note(console, f"writing {path.name}")
     record = write_gguf(run.merged_dir, path, quant=quant, chat_template=template, name=run.name)
-    _say(console, "reading it back with transformers to compare with the merged model")
+    note(console, "reading it back with transformers to compare with the merged model")
     record["check"] = check_model_gguf(path, run.merged_dir, quant=quant, chat_template=template)
     record["merge_dtype"] = merge["dtype"]
     return record
@@ -210,8 +210,3 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 def _folder_bytes(folder: Path, pattern: str = "*") -> int:
     return sum(path.stat().st_size for path in Path(folder).glob(pattern) if path.is_file())
-
-
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(text, markup=False, highlight=False)

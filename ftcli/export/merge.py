@@ -31,12 +31,14 @@ import time
 from pathlib import Path
 
 from ftcli.atomic import atomic_write_text, check_free_space, remove_stale_staging, staged_dir
+from ftcli.console import note
 from ftcli.errors import UsageError
-from ftcli.runs.rundir import now_iso
+from ftcli.hashing import update_with_file
+from ftcli.models.load import DTYPE_BYTES
+from ftcli.runs.rundir import CHAT_TEMPLATE_FILE, MODEL_CONFIG_FILE, now_iso
 
 MERGE_DTYPES = ("float32", "float16", "bfloat16")
 QLORA_BASES = ("dequantized", "original")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MODEL_CARD_FILE = "README.md"     # the Hugging Face model card inside merged/
 BUG_HINT = ("this is a bug worth reporting; merged/ was left as it was and the adapter is intact "
             "(ftcli export RUN --format adapter)")
@@ -57,8 +59,8 @@ def ensure_merged(run, *, dtype: str | None = None, qlora_base: str | None = Non
     any_settings: reuse a merged/ of this very adapter whatever dtype / QLoRA base it was merged with (exports
     take the merge the user made); otherwise the settings must match too (the recipe's when not given).
     """
-    from ftcli.models.run_model import check_base_fingerprint
     from ftcli.models.methods import METHOD_TRAITS
+    from ftcli.models.run_model import check_base_fingerprint
 
     run.require_adapter("merge")
     remove_stale_staging(run.merged_dir)  # what a killed merge left; the caller holds the run lock
@@ -86,8 +88,8 @@ def ensure_merged(run, *, dtype: str | None = None, qlora_base: str | None = Non
     signature = merge_signature(adapter, dtype=dtype, qlora_base=qlora_base)
     recorded = run.read().get("merge") or {}
     same = recorded.get("adapter_signature") == adapter if any_settings else recorded.get("signature") == signature
-    if not force and same and (run.merged_dir / "config.json").is_file():
-        _say(console, f"merged model is up to date in {run.merged_dir} (merge again with --force)")
+    if not force and same and run.has_merged_model():
+        note(console, f"merged model is up to date in {run.merged_dir} (merge again with --force)")
         return {**recorded, "reused": True}
 
     check_free_space(run.path, estimate_merged_bytes(Path(base_info["local_dir"]), dtype))
@@ -105,9 +107,7 @@ def adapter_signature(run, *, base_fingerprint: str) -> str:
     for path in sorted(run.adapter_dir.glob("adapter_*")) + [run.chat_template_path]:
         if path.is_file():
             digest.update(path.name.encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            update_with_file(digest, path)
     return digest.hexdigest()[:24]
 
 
@@ -118,7 +118,7 @@ def merge_signature(adapter: str, *, dtype: str, qlora_base: str | None) -> str:
 
 def estimate_merged_bytes(base_dir: Path, dtype: str) -> int:
     """Weights at the merge dtype (from the base's safetensors size and stored dtype) plus room for the tokenizer."""
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((base_dir / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
     stored = DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), 4)
     weights = sum(path.stat().st_size for path in base_dir.glob("*.safetensors"))
     return int(weights * DTYPE_BYTES[dtype] / stored * 1.05) + 64 * 2**20
@@ -128,54 +128,27 @@ def estimate_merged_bytes(base_dir: Path, dtype: str) -> int:
 
 
 def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
+    """Merge in fp32, check the merge, then write merged/ at `dtype` and check it as saved; the merge record."""
     import torch
 
     from ftcli.models import parity
-    from ftcli.models.run_model import load_run_tokenizer, run_chat_template, with_adapter
-    from ftcli.models.load import load_model
-    from ftcli.export.qlora_merge import dequantize_like_training, trained_model_logits, training_dtype
     from ftcli.models.quiet import quiet_libraries
+    from ftcli.models.run_model import load_run_tokenizer, run_chat_template
 
     quiet_libraries()
-    trust = recipe.model.trust_remote_code
     template = run_chat_template(run)
-    tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=trust)
+    tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
     batch = parity.encode(tokenizer, parity.check_texts(template, tokenizer))
-    mask = batch["attention_mask"]
-    quantization = recipe.effective_quantization
-
-    trained_logits = None
-    if quantization is not None:
-        _say(console, f"loading the base in {quantization.bits}-bit as in training, for the reference logits")
-        trained_logits, quantized = trained_model_logits(run, recipe, batch)
-
-    _say(console, f"loading {recipe.model.path} in float32 and merging the {recipe.method.kind} adapter")
-    base = load_model(recipe.model, dtype="float32", trust_remote_code=trust)
-    if quantization is not None and qlora_base == "dequantized":
-        dequantize_like_training(base, quantized, quantization, source_dtype=training_dtype(recipe))
-    model = with_adapter(base, run.adapter_dir)
-    adapter_logits = parity.logits(model, batch)
-    merged = model.merge_and_unload()
-    merged_logits = parity.logits(merged, batch)
-
-    checks = {"merge": parity.compare(adapter_logits, merged_logits, mask, parity.BOUNDS["merge_float32"])}
-    parity.require(checks["merge"], parity.BOUNDS["merge_float32"], what="the merged model (fp32)", hint=BUG_HINT)
-    if trained_logits is not None:
-        bounds = parity.BOUNDS["qlora_merge"]
-        checks["trained_4bit"] = parity.compare(trained_logits, merged_logits, mask, bounds)
-        _say(console, f"against the trained {quantization.bits}-bit model ({qlora_base} base): "
-                      + checks["trained_4bit"].describe())
-        if qlora_base == "dequantized":
-            parity.require(checks["trained_4bit"], bounds,
-                           what=f"the model merged into the dequantized {quantization.bits}-bit base",
-                           hint=BUG_HINT + "; --qlora-base original merges into the original weights instead")
+    trained_logits, quantized = _trained_reference(run, recipe, batch, console)
+    merged, adapter_logits, checks = _merge_float32(run, recipe, batch, quantized, trained_logits, qlora_base,
+                                                    console)
 
     merged = merged.to(getattr(torch, dtype))
     record = {"path": str(run.merged_dir), "dtype": dtype, "method": recipe.method.kind,
               "qlora_base": qlora_base, "check_conversations": len(parity.CHECK_CONVERSATIONS)}
     with staged_dir(run.merged_dir) as staging:
         _write_merged(staging, merged, tokenizer, template)
-        del merged, model, base
+        del merged  # free the fp32 model before the saved one loads
         gc.collect()
         checks["saved"] = _check_saved(staging, recipe, batch, adapter_logits, dtype)
         record["parity"] = {name: check.as_dict() for name, check in checks.items()}
@@ -183,8 +156,52 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
         headline = "trained_4bit" if "trained_4bit" in checks else "saved"
         record.update(checks[headline].as_dict(), compared_with=HEADLINE_REFERENCE[headline])
         atomic_write_text(staging / MODEL_CARD_FILE, model_card(run, record))
-    _say(console, f"merged into {run.merged_dir}: {checks['saved'].describe()} against base + adapter")
+    note(console, f"merged into {run.merged_dir}: {checks['saved'].describe()} against base + adapter")
     return record
+
+
+def _trained_reference(run, recipe, batch, console):
+    """QLoRA: (the logits of the model as trained, 4-bit base + adapter; that quantized base); else (None, None)."""
+    quantization = recipe.effective_quantization
+    if quantization is None:
+        return None, None
+    from ftcli.export.qlora_merge import trained_model_logits
+
+    note(console, f"loading the base in {quantization.bits}-bit as in training, for the reference logits")
+    return trained_model_logits(run, recipe, batch)
+
+
+def _merge_float32(run, recipe, batch, quantized, trained_logits, qlora_base: str | None, console):
+    """The fp32 base (dequantized like training for QLoRA's default) + adapter, merged; checked against base +
+    adapter, and against the trained model when given. (merged model, base + adapter logits, checks)."""
+    from ftcli.export.qlora_merge import dequantize_like_training, training_dtype
+    from ftcli.models import parity
+    from ftcli.models.load import load_model
+    from ftcli.models.run_model import with_adapter
+
+    quantization = recipe.effective_quantization
+    note(console, f"loading {recipe.model.path} in float32 and merging the {recipe.method.kind} adapter")
+    base = load_model(recipe.model, dtype="float32", trust_remote_code=recipe.model.trust_remote_code)
+    if quantization is not None and qlora_base == "dequantized":
+        dequantize_like_training(base, quantized, quantization, source_dtype=training_dtype(recipe))
+    model = with_adapter(base, run.adapter_dir)
+    adapter_logits = parity.logits(model, batch)
+    merged = model.merge_and_unload()
+    merged_logits = parity.logits(merged, batch)
+
+    mask = batch["attention_mask"]
+    checks = {"merge": parity.compare(adapter_logits, merged_logits, mask, parity.BOUNDS["merge_float32"])}
+    parity.require(checks["merge"], parity.BOUNDS["merge_float32"], what="the merged model (fp32)", hint=BUG_HINT)
+    if trained_logits is not None:
+        bounds = parity.BOUNDS["qlora_merge"]
+        checks["trained_4bit"] = parity.compare(trained_logits, merged_logits, mask, bounds)
+        note(console, f"against the trained {quantization.bits}-bit model ({qlora_base} base): "
+                      + checks["trained_4bit"].describe())
+        if qlora_base == "dequantized":
+            parity.require(checks["trained_4bit"], bounds,
+                           what=f"the model merged into the dequantized {quantization.bits}-bit base",
+                           hint=BUG_HINT + "; --qlora-base original merges into the original weights instead")
+    return merged, adapter_logits, checks
 
 
 def _check_saved(folder: Path, recipe, batch, adapter_logits, dtype: str):
@@ -210,8 +227,6 @@ def _check_saved(folder: Path, recipe, batch, adapter_logits, dtype: str):
 
 def _write_merged(folder: Path, model, tokenizer, template: str | None) -> None:
     """Weights, config, generation config that stops at the template's EOS, tokenizer and the run's template."""
-    from ftcli.runs.rundir import CHAT_TEMPLATE_FILE
-
     generation = model.generation_config
     stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
@@ -254,8 +269,3 @@ def model_card(run, record: dict) -> str:
     recipe_text = run.recipe_path.read_text(encoding="utf-8") if run.recipe_path.exists() else ""
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     return "\n".join(lines)
-
-
-def _say(console, text: str) -> None:
-    if console is not None:
-        console.print(text, markup=False, highlight=False)

@@ -13,8 +13,8 @@ def trained_model_logits(run, recipe, batch):
     import bitsandbytes as bnb
 
     from ftcli.models import parity
-    from ftcli.models.run_model import with_adapter
     from ftcli.models.load import load_model
+    from ftcli.models.run_model import with_adapter
 
     base = load_model(recipe.model, quantization=recipe.effective_quantization,
                       trust_remote_code=recipe.model.trust_remote_code)
@@ -39,8 +39,8 @@ def training_dtype(recipe) -> str:
 def dequantize_like_training(model, quantized: dict[str, int | None], quantization, *, source_dtype: str) -> None:
     """Replace each weight bitsandbytes quantized at training time by its quantized-then-dequantized value,
     quantized the way training did (same dtype in, quant type, block size, double quantization)."""
-    import torch
     import bitsandbytes.functional as bnbf
+    import torch
 
     modules = dict(model.named_modules())
     missing = sorted(set(quantized) - set(modules))

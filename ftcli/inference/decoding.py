@@ -46,7 +46,8 @@ def generate_texts(loaded, prompts: list[str], settings: DecodingSettings, *, ba
     """Completions of already rendered prompts, in order. `streamer` (a transformers streamer) needs batch_size 1.
 
     Prefix and prompt tuning put the adapter in the attention cache / input embeddings, which transformers'
-    generate() drops (tests/test_generate.py shows ftcli's output differs), so those run the full PeftModel forward at every step, without a cache.
+    generate() drops (tests/test_generate.py shows ftcli's output differs), so those run the full PeftModel forward at
+    every step, without a cache.
     """
     import torch
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from pathlib import Path
 from typing import Any
 
+from ftcli.console import note
 from ftcli.errors import NotAvailableError, QualityGateError, UsageError
 from ftcli.inference.metrics import HIGHER_IS_BETTER
+from ftcli.paths import is_local_path
+from ftcli.runs.rundir import now_iso, now_stamp
 
 SAMPLES_KEPT = 20          # predictions stored next to their references in the result file
 SAMPLES_SHOWN = 5          # of which the terminal table shows this many
@@ -95,8 +97,8 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
 
     `gates` ({metric: bar}, None for the recipe's eval.fail_under) are checked into result["gates"]; raising
     for a failed gate is the caller's (gate_failure), after it has shown the result."""
-    from ftcli.models.run_model import load_run_model
     from ftcli.inference.metrics import GENERATION_METRICS
+    from ftcli.models.run_model import load_run_model
 
     run.require_adapter("evaluate")
     recipe = run.load_recipe()
@@ -111,22 +113,22 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         "decoding": "greedy",
     }
     conversations, source = _eval_conversations(run, recipe, data, settings["max_samples"])
-    _log(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
+    note(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
     loaded = load_run_model(run, action="evaluate")
     tokenized = _tokenize(conversations, loaded)
     prompts, references = _generation_pairs(conversations, loaded)
 
-    _log(console, "measuring the run (base + adapter)")
+    note(console, "measuring the run (base + adapter)")
     metrics, predictions = _measure(loaded, tokenized, prompts, references, settings)
     base_metrics = base_predictions = None
     if compare_base:
-        _log(console, "measuring the base model (adapter disabled)")
+        note(console, "measuring the base model (adapter disabled)")
         with loaded.base_only():
             base_metrics, base_predictions = _measure(loaded, tokenized, prompts, references, settings)
 
     result = {
         "run": run.name,
-        "evaluated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "evaluated_at": now_iso(),
         "method": recipe.method.kind,
         "base_model": {k: loaded.base_model.get(k) for k in ("reference", "fingerprint")},
         "data": {"source": source, "examples": len(conversations), "scored_tokens": tokenized["tokens"],
@@ -142,20 +144,14 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
     return result
 
 
-def _log(console, text: str) -> None:
-    if console is not None:
-        console.print(text, markup=False, highlight=False)
-
-
 def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
     """The conversations to score and a description of where they came from (fails before any model loads)."""
     from ftcli.data.pipeline import load_conversations, with_eval_source
-    from ftcli.data.sources import is_local_reference
 
     data_config = recipe.data
     if data is not None:
         source = str(data)
-        if is_local_reference(source):   # else a hub dataset id, read as the data module reads data.eval
+        if is_local_path(source):   # else a hub dataset id, read as the data module reads data.eval
             path = Path(data).expanduser().resolve()
             if not path.exists():
                 raise NotAvailableError(f"--data {data}: no such file or folder")
@@ -254,8 +250,7 @@ def _save(run, result: dict) -> None:
     """eval/<timestamp>.json and eval/latest.json (both atomic), and the metrics in run.json."""
     from ftcli.atomic import atomic_write_json
 
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = run.eval_result_path(stamp)
+    path = run.eval_result_path(now_stamp())
     result["path"] = str(path)
     atomic_write_json(path, result)
     atomic_write_json(run.eval_latest_path, result)
@@ -293,7 +288,7 @@ def render_eval(result: dict, console) -> None:
             shown.add_row(*[_clip(sample.get(key, "")) for key in
                             ("reference", "prediction", *(("base_prediction",) if base else ()))])
         console.print(shown)
-    console.print(f"saved: {result.get('path')}", markup=False, highlight=False)
+    note(console, f"saved: {result.get('path')}")
 
 
 def _fmt(value: float | None, *, signed: bool = False) -> str:

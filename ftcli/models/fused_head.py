@@ -2,15 +2,11 @@
 by PyTorch's own vectorised kernels instead of TRL's GPU-shaped tile folding.
 
 TRL's SFTTrainer scores tokens through a fused LM head (hidden states times the vocabulary without keeping the full
-logits). Two of its choices cost the CPU most of a step (bench/RESULTS.md):
-- With Triton (CUDA, XPU) it projects only the positions whose label is not -100; elsewhere every position, so that
-  compiled graphs on devices like Neuron keep one shape per batch. ftcli runs the CPU eagerly, and on
-  completion-only chat data most positions are prompt.
-- Without Triton it folds each 32768-wide vocabulary tile into online log-sum-exp statistics with a dozen separate
-  torch passes, forward and again backward. Cross-entropy over the whole vocabulary for chunks of positions
-  (recomputed in the backward pass, so memory stays bounded by a chunk) scored 1700 positions of SmolLM2's
-  vocabulary 2.4x faster on this CPU, forward and backward.
-The loss, its gradients and the logged metrics are the same either way (tests/test_fused_head.py).
+logits). Without Triton it projects every position, so that compiled graphs keep one shape per batch, and folds each
+vocabulary tile into online log-sum-exp statistics with a dozen separate torch passes. Here the labelled positions
+are scored with cross-entropy over the whole vocabulary in chunks, recomputed in the backward pass so that memory
+stays bounded by a chunk. The loss, its gradients and the logged metrics are the same either way; README gives the
+speed-up.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ftcli.atomic import atomic_write_json, staged_dir
+from ftcli.console import note
 from ftcli.errors import NotAvailableError, QualityGateError
 
 CONVERSION_RECORD = "ftcli-conversion.json"  # written last inside a converted folder: its presence means complete
@@ -69,9 +70,9 @@ def ensure_converted(gguf_path: Path, cache_root: Path, *, label: str | None = N
             with console.status(message + " ..."):
                 _convert(gguf_path, target)
         else:
-            console.print(message, markup=False, highlight=False)
+            note(console, message)
             _convert(gguf_path, target)
-            console.print(f"converted {label or gguf_path.name}", markup=False, highlight=False)
+            note(console, f"converted {label or gguf_path.name}")
     return target
 
 

@@ -7,13 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcli.errors import NotAvailableError, UsageError
-from ftcli.models.sources import (  # noqa: F401  (re-exported: part of this module's interface)
-    BUILTIN_PREFIX, BUILTINS, HUB_PREFIX, builtin_folder, builtin_gguf_path, fingerprint, hub_folder,
-    looks_like_path, require_safetensors,
-)
 from ftcli.models.quiet import quiet_libraries
-from ftcli.paths import cache_dir
+from ftcli.models.sources import (  # noqa: F401  (re-exported: part of this module's interface)
+    BUILTINS,
+    builtin_folder,
+    builtin_gguf_path,
+    fingerprint,
+    hub_folder,
+    require_safetensors,
+)
+from ftcli.paths import BUILTIN_PREFIX, HUB_PREFIX, cache_dir, is_local_path
 from ftcli.recipe.schema import ModelConfig, QuantizationConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per weight of each model dtype
+
 
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -40,7 +47,7 @@ def resolve_model(model: ModelConfig, *, trust_remote_code: bool = False) -> Res
         kind, folder = "gguf", ensure_converted(Path(reference).expanduser(), cache_dir())
     elif Path(reference).expanduser().is_dir():
         kind, folder = "local", Path(reference).expanduser().resolve()
-    elif looks_like_path(reference):
+    elif is_local_path(reference):
         raise NotAvailableError(
             f"model folder not found: {reference}",
             hint="model.path must be an existing folder, a .gguf file, a hub id (org/name) or builtin:NAME",

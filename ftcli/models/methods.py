@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from ftcli.errors import UsageError
 
@@ -110,7 +110,8 @@ def lora_config(method):
 
 
 def prefix_config(method, *, hidden_size: int):
-    """Prefix tuning. Its random initial prefix wrecks the model's output at step 0 (loss ~8.8 on SmolLM2) and it learns only at high learning rates (~1e-2); that is the method, not a bug."""
+    """Prefix tuning. Its random initial prefix wrecks the model's output at step 0 (loss ~8.8 on SmolLM2) and it learns
+    only at high learning rates (~1e-2); that is the method, not a bug."""
     from peft import PrefixTuningConfig
 
     return PrefixTuningConfig(
@@ -145,6 +146,8 @@ def ia3_config(method, *, model_type: str | None, linear_names: Sequence[str]):
     from peft import IA3Config
     from peft.utils import (
         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as DEFAULT_FEEDFORWARD,
+    )
+    from peft.utils import (
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULT_TARGETS,
     )
 

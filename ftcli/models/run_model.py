@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ftcli.errors import RunStateError
 from ftcli.recipe.schema import Recipe
@@ -123,7 +124,7 @@ def load_run_model(run, *, merged: bool = False, action: str = "use", quantized:
     trust = recipe.model.trust_remote_code  # the run was trained with --trust-remote-code when this is set
     model_config = recipe.model.model_copy(update={k: v for k, v in (("dtype", dtype), ("device", device)) if v})
     if merged:
-        if not (run.merged_dir / "config.json").exists():
+        if not run.has_merged_model():
             raise RunStateError(f"run {run.name!r} has no merged model in {run.merged_dir}",
                                 hint=f"create it with: ftcli merge {run.name}")
         base_info = run.read().get("base_model") or {}

@@ -6,16 +6,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftcli.errors import NotAvailableError, UsageError
-from ftcli.runs.rundir import PICKLE_WEIGHT_SUFFIXES
+from ftcli.paths import BUILTIN_PREFIX
+from ftcli.runs.rundir import MODEL_CONFIG_FILE, PICKLE_WEIGHT_SUFFIXES
 
-BUILTIN_PREFIX = "builtin:"
-HUB_PREFIX = "hf:"  # forces a hub id even where a folder of that name exists
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 HUB_PROBE_TIMEOUT_S = 3.0
 # Files fetched from the hub: configs, tokenizers and safetensors; never pickle weights.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
@@ -66,11 +63,6 @@ def builtin_folder(name: str, cache_root: Path) -> Path:
     return ensure_converted(builtin_gguf_path(name), cache_root, label=BUILTIN_PREFIX + name)
 
 
-def looks_like_path(reference: str) -> bool:
-    """Hub ids are NAME or ORG/NAME; anything else (absolute, ./, ~, deeper) is meant as a path."""
-    return reference.startswith((".", "/", "~")) or not HUB_ID.match(reference)
-
-
 def hub_folder(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> Path:
     """The hub snapshot, from the local cache when it is there; one quick network probe otherwise, no retries."""
     from huggingface_hub import constants, snapshot_download
@@ -119,8 +111,8 @@ def hub_reachable(endpoint: str) -> bool:
 def require_safetensors(folder: Path, reference: str) -> None:
     """Refuse folders whose weights exist only as pickle files: unpickling can run arbitrary code."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise NotAvailableError(f"{reference}: no config.json in {folder}; not a Hugging Face model folder",
+    if not (folder / MODEL_CONFIG_FILE).is_file():
+        raise NotAvailableError(f"{reference}: no {MODEL_CONFIG_FILE} in {folder}; not a Hugging Face model folder",
                                 hint="point model.path at a folder saved with save_pretrained, or a .gguf file")
     if any(folder.glob("*.safetensors")):
         return
@@ -140,7 +132,7 @@ def fingerprint(folder: Path) -> str:
     bytes: cheap (a few MiB read) yet different for two fine-tunes of one architecture."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True).encode())

@@ -11,6 +11,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 
 from ftcli.errors import RecipeError
+from ftcli.paths import is_local_path
 from ftcli.recipe.schema import (
     DoraMethod,
     Ia3Method,
@@ -40,7 +41,6 @@ METHOD_CLASSES: dict[str, type[BaseModel]] = {
 }
 # Values that name files: a relative path means "relative to the recipe file that wrote it".
 PATH_KEYS = {("model", "path"), ("data", "train"), ("data", "eval"), ("data", "chat_template_file")}
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf", ".jinja", ".txt", ".arrow")
 
 
 @dataclass
@@ -79,12 +79,8 @@ def _display(where: Location) -> str:
     return str(Location(source, where.line, where.column))
 
 
-def looks_local(value: str) -> bool:
-    """True when a model or data reference is a local path rather than a hub id or builtin name."""
-    if value.startswith("builtin:") or value.startswith("hf:"):
-        return False
-    return (value.startswith(("./", "../", "~")) or os.path.isabs(value)
-            or value.lower().endswith(LOCAL_SUFFIXES))
+# The name tests/unit/test_shipped_configs.py imports; the rule itself is ftcli.paths.is_local_path.
+looks_local = is_local_path
 
 
 def _resolve_path_value(value: Any, base_dir: Path) -> Any:
@@ -92,10 +88,8 @@ def _resolve_path_value(value: Any, base_dir: Path) -> Any:
         return [_resolve_path_value(v, base_dir) for v in value]
     if not isinstance(value, str) or not value:
         return value
-    expanded = os.path.expanduser(value)
-    candidate = (base_dir / expanded).resolve()
-    if looks_local(value) or candidate.exists():
-        return str(candidate)
+    if is_local_path(value, base_dir):
+        return str((base_dir / os.path.expanduser(value)).resolve())
     return value  # a hub id or builtin name
 
 
@@ -112,7 +106,7 @@ def _deep_merge(base: Any, override: Any, path: tuple, base_loc: dict, over_loc:
         # Switching method.kind replaces the whole method: fields of one method mean nothing to another.
         if path == ("method",) and "kind" in override and override.get("kind") != base.get("kind"):
             _drop_locations(base_loc, path)
-            base_loc.update({p: l for p, l in over_loc.items() if p[: len(path)] == path})
+            base_loc.update({p: at for p, at in over_loc.items() if p[: len(path)] == path})
             return override
         merged = dict(base)
         for key, value in override.items():
@@ -121,12 +115,12 @@ def _deep_merge(base: Any, override: Any, path: tuple, base_loc: dict, over_loc:
                 merged[key] = _deep_merge(merged[key], value, child, base_loc, over_loc)
             else:
                 merged[key] = value
-                base_loc.update({p: l for p, l in over_loc.items() if p[: len(child)] == child})
+                base_loc.update({p: at for p, at in over_loc.items() if p[: len(child)] == child})
         if path in over_loc:
             base_loc.setdefault(path, over_loc[path])
         return merged
     _drop_locations(base_loc, path)
-    base_loc.update({p: l for p, l in over_loc.items() if p[: len(path)] == path})
+    base_loc.update({p: at for p, at in over_loc.items() if p[: len(path)] == path})
     return override
 
 

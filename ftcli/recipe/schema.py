@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -95,7 +95,7 @@ def _sources(value: object) -> object:
     return value
 
 
-TargetModules = Annotated[Union[Literal["all-linear"], list[str]], BeforeValidator(_target_modules)]
+TargetModules = Annotated[Literal["all-linear"] | list[str], BeforeValidator(_target_modules)]
 
 
 class LoraFields(Section):
@@ -176,7 +176,7 @@ class Ia3Method(Section):
 
 
 Method = Annotated[
-    Union[LoraMethod, DoraMethod, QloraMethod, PrefixMethod, PromptMethod, Ia3Method],
+    LoraMethod | DoraMethod | QloraMethod | PrefixMethod | PromptMethod | Ia3Method,
     Field(discriminator="kind"),
 ]
 METHOD_KINDS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3")
@@ -205,7 +205,7 @@ DEFAULT_COLUMNS = {
     "prompt_completion": ("prompt", "completion"),
 }
 
-DataSource = Annotated[Union[str, list[str]], BeforeValidator(_sources)]
+DataSource = Annotated[str | list[str], BeforeValidator(_sources)]
 
 
 class DataConfig(Section):
@@ -243,7 +243,7 @@ class DataConfig(Section):
     """Processes that tokenize in parallel (large datasets on many cores; default one). The result is the same."""
 
     @model_validator(mode="after")
-    def _exclusive(self) -> "DataConfig":
+    def _exclusive(self) -> DataConfig:
         if self.eval is not None and self.val_split is not None:
             raise conflict("val_split", "give either data.eval or data.val_split, not both")
         if self.chat_template is not None and self.chat_template_file is not None:
@@ -259,7 +259,7 @@ class DataConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _columns_for_format(self) -> "DataConfig":
+    def _columns_for_format(self) -> DataConfig:
         allowed = DEFAULT_COLUMNS[self.format]
         unknown = sorted(set(self.columns) - set(allowed))
         if unknown:
@@ -325,7 +325,7 @@ class TrainingConfig(Section):
     """Multi-process strategy when launched with --nproc or accelerate."""
 
     @model_validator(mode="after")
-    def _exclusive(self) -> "TrainingConfig":
+    def _exclusive(self) -> TrainingConfig:
         if self.max_steps is not None and self.epochs is not None:
             raise conflict("epochs", "give either training.max_steps or training.epochs, not both")
         if self.warmup_steps and self.warmup_ratio:
@@ -397,7 +397,7 @@ class Recipe(Section):
         return value
 
     @model_validator(mode="after")
-    def _quantization_needs_qlora(self) -> "Recipe":
+    def _quantization_needs_qlora(self) -> Recipe:
         if self.quantization is not None and self.method.kind != "qlora":
             raise conflict(
                 "quantization", f"quantization applies only to method.kind qlora (this recipe uses {self.method.kind})"

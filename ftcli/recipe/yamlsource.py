@@ -104,7 +104,8 @@ class _Builder:
         if node.tag not in _STANDARD_TAGS:
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             self.problems.append(
-                (self.where(node), f"{format_path(path)}: tag {tag} is not allowed in a recipe (only plain YAML values)")
+                (self.where(node),
+                 f"{format_path(path)}: tag {tag} is not allowed in a recipe (only plain YAML values)")
             )
             return None
         if isinstance(node, yaml.MappingNode):

@@ -70,8 +70,8 @@ def run_details(run) -> dict:
         "recipe": recipe,
         "recipe_error": recipe_error,
         "artifacts": {
-            "adapter": str(run.adapter_dir) if (run.adapter_dir / "adapter_config.json").exists() else None,
-            "merged": str(run.merged_dir) if (run.merged_dir / "config.json").exists() else None,
+            "adapter": str(run.adapter_dir) if run.has_adapter() else None,
+            "merged": str(run.merged_dir) if run.has_merged_model() else None,
             "exports": {p.name: str(p) for p in sorted(exports_root.iterdir()) if p.is_dir()
                         and not p.name.startswith(".")} if exports_root.is_dir() else {},
             "eval_latest": str(run.eval_latest_path) if latest is not None else None,

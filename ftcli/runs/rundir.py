@@ -10,14 +10,14 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ftcli.atomic import STAGING_PREFIX, atomic_write_json, atomic_write_text
 from ftcli.errors import NotAvailableError, RunStateError, UsageError
 from ftcli.recipe.schema import SCHEMA_VERSION, check_run_name
-
 
 # The layout: every file and folder name of a run is defined here and nowhere else.
 RECIPE_FILE = "recipe.yaml"
@@ -36,16 +36,24 @@ EXPORT_DIR = "export"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ADAPTER_CONFIG_FILE = "adapter_config.json"        # PEFT's own names inside adapter/
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CONFIG_FILE = "config.json"                  # transformers' name in a model folder (merged/, a base)
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights that unpickle, and so may run code
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
 EXPORT_RECORD_FILE = "ftcli-export.json"  # inside every export folder: what it holds; marks it replaceable
+FILE_STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # eval/<stamp>.json: sorts by time, unique to the microsecond, no ':'
 
 STATUSES = ("created", "running", "completed", "failed", "interrupted")
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "ftcli")
 
 
 def now_iso() -> str:
+    """The current UTC time for run.json and result files, to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def now_stamp() -> str:
+    """The current UTC time as a file-name stamp (FILE_STAMP_FORMAT)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime(FILE_STAMP_FORMAT)
 
 
 def validate_run_name(name: str) -> str:
@@ -80,6 +88,9 @@ def git_commit(path: Path) -> str | None:
             ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
     return None
+
+
+_RUN_JSON_LOCKS_HELD: dict[str, int] = {}   # run.json lock path -> depth, for this process
 
 
 class RunDir:
@@ -117,9 +128,15 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_json_path.exists()
 
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / ADAPTER_CONFIG_FILE).exists()
+
+    def has_merged_model(self) -> bool:
+        return (self.merged_dir / MODEL_CONFIG_FILE).is_file()
+
     # -- lifecycle
     @classmethod
-    def open(cls, root: Path, name: str) -> "RunDir":
+    def open(cls, root: Path, name: str) -> RunDir:
         run = cls(root, name)
         if not run.exists():
             known = ", ".join(sorted(r.name for r in list_runs(root))[:10]) or "none"
@@ -128,7 +145,7 @@ class RunDir:
         return run
 
     @classmethod
-    def prepare(cls, root: Path, name: str, *, resume: bool, overwrite: bool) -> "RunDir":
+    def prepare(cls, root: Path, name: str, *, resume: bool, overwrite: bool) -> RunDir:
         """Check that a training run may start here; the caller then locks it and calls initialise()."""
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
@@ -188,14 +205,27 @@ class RunDir:
     def _run_json_lock(self) -> Iterator[None]:
         """Serialise run.json writers across processes (eval beside export, say). Blocking but brief: held for one
         read and one write. A file of its own: flock on a second open of LOCK_FILE would block against the run
-        lock this very process may hold."""
+        lock this very process may hold. Re-entrant within the process: a signal handler that records a second
+        Ctrl-C while the interrupted code holds this lock would otherwise wait on its own process forever."""
+        key = str(self.run_json_lock_path)
+        if _RUN_JSON_LOCKS_HELD.get(key):
+            _RUN_JSON_LOCKS_HELD[key] += 1
+            try:
+                yield
+            finally:
+                _RUN_JSON_LOCKS_HELD[key] -= 1
+            return
         try:
             handle = open(self.run_json_lock_path, "a")
         except FileNotFoundError:  # no run folder
             raise RunStateError(f"run {self.name!r} has no {RUN_JSON_FILE}") from None
         with handle:  # closing releases the lock, as does the kernel on kill -9
             fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
+            _RUN_JSON_LOCKS_HELD[key] = 1
+            try:
+                yield
+            finally:
+                _RUN_JSON_LOCKS_HELD.pop(key, None)
 
     def modify(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Apply `change` (it edits the dict in place) to run.json's current content, all under the run.json lock,
@@ -224,7 +254,8 @@ class RunDir:
             advice = {
                 "running": "wait for it to finish",
                 "interrupted": f"finish it with: ftcli train {info.get('recipe_file', 'RECIPE')} --resume",
-                "failed": f"see the reason in run.json ({info.get('error', 'no reason recorded')}), fix it and train again",
+                "failed": f"see the reason in run.json ({info.get('error', 'no reason recorded')}), "
+                          "fix it and train again",
                 "created": "train it first",
             }.get(status, "train it first")
             raise RunStateError(f"can't {action} run {self.name!r}: its status is {status}", hint=advice)
@@ -233,7 +264,7 @@ class RunDir:
     def require_adapter(self, action: str) -> None:
         """A completed run with a safetensors adapter; pickle-only adapter weights are refused, never unpickled."""
         self.require_status("completed", action=action)
-        if not (self.adapter_dir / ADAPTER_CONFIG_FILE).exists():
+        if not self.has_adapter():
             raise RunStateError(f"run {self.name!r} has no adapter in {self.adapter_dir}",
                                 hint="train it again with --overwrite")
         if not (self.adapter_dir / ADAPTER_WEIGHTS_FILE).exists():
@@ -242,7 +273,7 @@ class RunDir:
                 raise NotAvailableError(
                     f"run {self.name!r}: the adapter weights are pickle files only ({', '.join(pickles)}); ftcli "
                     "loads safetensors only, because loading a pickle file can run arbitrary code",
-                    hint="convert them to adapter_model.safetensors in an environment you trust",
+                    hint=f"convert them to {ADAPTER_WEIGHTS_FILE} in an environment you trust",
                 )
             raise RunStateError(f"run {self.name!r} has no {ADAPTER_WEIGHTS_FILE} in {self.adapter_dir}",
                                 hint="train it again with --overwrite")
@@ -254,7 +285,7 @@ class RunDir:
 
     # -- locking
     @contextlib.contextmanager
-    def lock(self) -> Iterator["RunDir"]:
+    def lock(self) -> Iterator[RunDir]:
         """Hold an exclusive lock on the run; released by the kernel even on kill -9."""
         self.path.mkdir(parents=True, exist_ok=True)
         handle = open(self.lock_path, "a+")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ftcli.console import note
 from ftcli.runs.checkpoints import mark_complete
 from ftcli.runs.rundir import RunDir
 
@@ -81,8 +82,7 @@ class ProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, info=self._info(state))
         elif logs and any(key in logs for key in ("loss", "eval_loss")):
-            self.console.print(f"step {state.global_step}/{state.max_steps}  {self._info(state)}", markup=False,
-                               highlight=False)
+            note(self.console, f"step {state.global_step}/{state.max_steps}  {self._info(state)}")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -14,6 +14,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """True in a single-process run and in rank 0 of a multi-process one (the launcher sets RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_strategy(requested: str, size: int) -> str:
     if size <= 1 and requested == "auto":
         return "none"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from ftcli.data.types import IGNORE_INDEX
+from ftcli.models.load import DTYPE_BYTES
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
 ADAMW_BYTES_PER_TRAINABLE = 4 + 4 + 8                      # fp32 master weight, gradient, two moments
 # TRL's fused LM head scores the labelled positions only (on GPUs with Triton; ftcli/models/fused_head.py on the CPU).
 # On GPUs in tiles of at most this many positions by this many vocabulary entries, about LOGIT_TILE_COPIES fp32 copies
-# of a tile alive at once; on the CPU ftcli scores chunks of ftcli.models.fused_head.CPU_CHUNK_LOGITS logits over the whole
-# vocabulary, whose short-lived copies add about CPU_LOGIT_COPIES fp32 chunks to the process's peak (fitted to the
-# peak RSS measured on the CPU at lengths 128 and 256, bench/RESULTS.md: they overlap the activations' peak in part).
+# of a tile alive at once; on the CPU ftcli scores chunks of ftcli.models.fused_head.CPU_CHUNK_LOGITS logits over the
+# whole vocabulary, whose short-lived copies add about CPU_LOGIT_COPIES fp32 chunks to the process's peak (fitted to
+# the peak RSS measured on the CPU at lengths 128 and 256, bench/RESULTS.md: they overlap the activations'
+# peak in part).
 LOGIT_TILE_TOKENS = 4096
 LOGIT_TILE_VOCAB = 32768
 LOGIT_TILE_COPIES = 6
@@ -91,66 +92,26 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     TRL's fused LM head, tiled over the labelled positions (`labelled_tokens` per batch, from the data; every
     position when not given); plus a fixed framework overhead.
     """
-    from ftcli.models.methods import gradient_checkpointing_enabled
     from ftcli.models.load import resolve_dtype, resolve_precision
+    from ftcli.models.methods import gradient_checkpointing_enabled
 
     d = _dims(model_config)
     device_kind = "cuda" if device.startswith("cuda") else "cpu"
     dtype = resolve_dtype(recipe.model.dtype, device)
-    weight_bytes = DTYPE_BYTES[dtype]
-    linear, other = base_parameter_counts(model_config)
-    quantization = recipe.effective_quantization
-    checkpoint_pages = 0
-    if quantization is None:
-        weights = (linear + other) * weight_bytes
-    else:
-        per_weight = NF4_BYTES_PER_WEIGHT if quantization.bits == 4 else INT8_BYTES_PER_WEIGHT
-        weights = linear * per_weight + other * weight_bytes
-        if device_kind == "cpu":
-            # Quantizing reads every page of the checkpoint file; they stay mapped and count in the process's RSS
-            # (measured: 502 MiB of file pages after loading SmolLM2's 513 MiB fp32 checkpoint in 4 bits).
-            checkpoint_pages = (linear + other) * _checkpoint_bytes_per_weight(model_config)
-
-    trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
-    optimizer = trainable * ADAMW_BYTES_PER_TRAINABLE
-
     precision = resolve_precision(recipe.training.precision, device)
-    half = precision in ("bf16", "fp16") or weight_bytes == 2
-    cpu_autocast = device_kind == "cpu" and half and weight_bytes == 4
-    act_bytes = 2 if half and not cpu_autocast else 4
-    batch, length = recipe.training.batch_size, recipe.data.max_length
-    tokens = batch * length
-    # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
-    # 10 hidden-sized vectors) and gate, up, activation, product and down input (5 intermediate-sized ones).
-    # bench/RESULTS.md measured these against peak RSS on the CPU (within 15% for lora/qlora at lengths 128 and 256).
-    per_token_layer = act_bytes * (10 * d["hidden"] + 5 * d["intermediate"])
-    if recipe.model.attn_implementation == "eager" or device_kind == "cpu":
-        # Scores and probabilities materialised per head (eager, and sdpa's math kernel on the CPU).
-        per_token_layer += act_bytes * 2 * d["heads"] * length
-    per_token_layer += act_bytes * d["hidden"] * _adapted_modules_per_layer(recipe.method)  # LoRA inputs kept
     checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
-    if checkpointing:
-        activations = tokens * (d["layers"] * act_bytes * d["hidden"] + per_token_layer)
-    else:
-        activations = tokens * d["layers"] * per_token_layer
-    autocast_weight_copies = 0
-    if quantization is not None and device_kind == "cpu":
-        activations *= QUANTIZED_CPU_ACTIVATION_FACTOR   # whatever the precision: bitsandbytes computes in bf16
-    elif cpu_autocast:
-        activations *= CPU_AUTOCAST_ACTIVATION_FACTOR
-        autocast_weight_copies = linear * 2
+    trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
+    tokens = recipe.training.batch_size * recipe.data.max_length
     scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens)
-    if device_kind == "cpu":
-        from ftcli.models.fused_head import cpu_chunk_positions
 
-        logits = int(min(scored, cpu_chunk_positions(d["vocab"])) * d["vocab"] * 4 * CPU_LOGIT_COPIES)
-    else:
-        logits = min(scored, LOGIT_TILE_TOKENS) * min(d["vocab"], LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
+    weights, checkpoint_pages = _weight_bytes(recipe, model_config, dtype, device_kind)
+    activations, autocast_weight_copies = _activation_bytes(recipe, model_config, dtype=dtype, precision=precision,
+                                                            device_kind=device_kind, checkpointing=checkpointing)
     parts = {
         "weights": int(weights),
-        "adapter_and_optimizer": int(optimizer),
+        "adapter_and_optimizer": int(trainable * ADAMW_BYTES_PER_TRAINABLE),
         "activations": int(activations),
-        "logits": int(logits),
+        "logits": int(_logit_bytes(scored, d["vocab"], device_kind)),
         "framework": FRAMEWORK_OVERHEAD[device_kind],
     }
     if checkpoint_pages:
@@ -171,6 +132,59 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         "available_bytes": available,
         "fits": None if available is None else total <= available,
     }
+
+
+def _weight_bytes(recipe, model_config, dtype: str, device_kind: str) -> tuple[float, int]:
+    """(the base weights as loaded, the checkpoint file's pages a CPU quantization leaves mapped)."""
+    linear, other = base_parameter_counts(model_config)
+    quantization = recipe.effective_quantization
+    if quantization is None:
+        return (linear + other) * DTYPE_BYTES[dtype], 0
+    per_weight = NF4_BYTES_PER_WEIGHT if quantization.bits == 4 else INT8_BYTES_PER_WEIGHT
+    weights = linear * per_weight + other * DTYPE_BYTES[dtype]
+    # Quantizing on the CPU reads every page of the checkpoint file; they stay mapped and count in the process's
+    # RSS (measured: 502 MiB of file pages after loading SmolLM2's 513 MiB fp32 checkpoint in 4 bits).
+    pages = (linear + other) * _checkpoint_bytes_per_weight(model_config) if device_kind == "cpu" else 0
+    return weights, pages
+
+
+def _activation_bytes(recipe, model_config, *, dtype: str, precision: str, device_kind: str,
+                      checkpointing: bool) -> tuple[float, int]:
+    """(what autograd keeps for the backward pass, the bf16 copies of the linear weights CPU autocast makes)."""
+    d = _dims(model_config)
+    weight_bytes = DTYPE_BYTES[dtype]
+    half = precision in ("bf16", "fp16") or weight_bytes == 2
+    cpu_autocast = device_kind == "cpu" and half and weight_bytes == 4
+    act_bytes = 2 if half and not cpu_autocast else 4
+    length = recipe.data.max_length
+    tokens = recipe.training.batch_size * length
+    # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
+    # 10 hidden-sized vectors) and gate, up, activation, product and down input (5 intermediate-sized ones).
+    # bench/RESULTS.md measured these against peak RSS on the CPU (within 15% for lora/qlora at lengths 128 and 256).
+    per_token_layer = act_bytes * (10 * d["hidden"] + 5 * d["intermediate"])
+    if recipe.model.attn_implementation == "eager" or device_kind == "cpu":
+        # Scores and probabilities materialised per head (eager, and sdpa's math kernel on the CPU).
+        per_token_layer += act_bytes * 2 * d["heads"] * length
+    per_token_layer += act_bytes * d["hidden"] * _adapted_modules_per_layer(recipe.method)  # LoRA inputs kept
+    if checkpointing:
+        activations = tokens * (d["layers"] * act_bytes * d["hidden"] + per_token_layer)
+    else:
+        activations = tokens * d["layers"] * per_token_layer
+    if recipe.effective_quantization is not None and device_kind == "cpu":
+        return activations * QUANTIZED_CPU_ACTIVATION_FACTOR, 0  # whatever the precision: bitsandbytes computes in bf16
+    if cpu_autocast:
+        linear, _ = base_parameter_counts(model_config)
+        return activations * CPU_AUTOCAST_ACTIVATION_FACTOR, linear * 2
+    return activations, 0
+
+
+def _logit_bytes(scored: int, vocab: int, device_kind: str) -> int:
+    """TRL's fused LM head: fp32 logits of the scored positions, in tiles on GPUs and chunks on the CPU."""
+    if device_kind == "cpu":
+        from ftcli.models.fused_head import cpu_chunk_positions
+
+        return int(min(scored, cpu_chunk_positions(vocab)) * vocab * 4 * CPU_LOGIT_COPIES)
+    return min(scored, LOGIT_TILE_TOKENS) * min(vocab, LOGIT_TILE_VOCAB) * 4 * LOGIT_TILE_COPIES
 
 
 def _checkpoint_bytes_per_weight(model_config) -> int:

@@ -17,8 +17,8 @@ def _load_tokenizer(recipe, trust_remote_code: bool):
 
 def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
     """Load tokenizer and data, never a run dir; return the report (JSON-serialisable)."""
-    from ftcli.models import load as models
     from ftcli.data.pipeline import load_conversations, prepare_data
+    from ftcli.models import load as models
 
     # The data first: a broken file is reported before any model or library is loaded.
     conversations = load_conversations(recipe.data, "train", seed=recipe.training.seed)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ftcli.atomic import raise_if_disk_full
+from ftcli.console import note
 from ftcli.errors import FtcliError, Interrupted, NotAvailableError, RunStateError, UsageError
-from ftcli.recipe.schema import Recipe
-from ftcli.recipe.loader import LoadedRecipe
 from ftcli.paths import runs_root
+from ftcli.recipe.loader import LoadedRecipe
+from ftcli.recipe.schema import Recipe
 from ftcli.runs.rundir import RunDir, now_iso
+from ftcli.training.distributed import is_main_process, world_size
+
 
 def _recipe_yaml(recipe: Recipe) -> str:
     from ftcli.recipe.loader import recipe_to_yaml
@@ -39,7 +41,7 @@ def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume:
                    trust_remote_code: bool, console) -> dict[str, Any]:
     """Check the run slot, prepare model and data (no run is created if that fails), then train."""
     recipe = loaded.recipe
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         # Workers of a multi-process run: the main process owns the run directory (checks, lock, run.json).
         run = RunDir(runs_root(runs_dir), recipe.name)
         session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console)
@@ -84,20 +86,14 @@ class TrainingSession:
         self.timings: dict[str, float] = {}
 
     def _log(self, text: str) -> None:
-        if self.is_main_process:
-            self.console.print(text, markup=False, highlight=False)
-
-    @property
-    def is_main_process(self) -> bool:
-        return int(os.environ.get("RANK", "0")) == 0
+        note(self.console if is_main_process() else None, text)
 
     def prepare(self) -> None:
         from ftcli.data import pipeline as data
-        from ftcli.models import methods
         from ftcli.models import load as models
-        from ftcli.training.distributed import resolve_strategy, strategy_arguments, world_size
-
+        from ftcli.models import methods
         from ftcli.models.quiet import quiet_libraries
+        from ftcli.training.distributed import resolve_strategy, strategy_arguments
 
         quiet_libraries()
         recipe, t = self.recipe, self.recipe.training
@@ -187,7 +183,8 @@ class TrainingSession:
 
     def make_trainer(self, real_tokens, callbacks: list):
         """ftcli's SFTTrainer over the prepared model and data, reporting through `callbacks` only."""
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as HFProgress
 
         from ftcli.data import pipeline as data
         from ftcli.training.trainer import FtcliSFTTrainer
@@ -217,52 +214,70 @@ class TrainingSession:
                                         hint=f"pip install {tracker}, or remove it from training.report_to")
 
     def train(self, *, resume: bool) -> dict[str, Any]:
+        from ftcli.training.callbacks import GracefulStop
+        from ftcli.training.trainer import RealTokenCount
+
+        run = self.run
+        resume_from = self._resume_point() if resume else None
+        stopper = GracefulStop(on_second_signal=self._stop_now)
+        real_tokens = RealTokenCount()
+        trainer = self.make_trainer(real_tokens, self._callbacks(real_tokens, stopper))
+        self._mark("running", started_at=now_iso(), **self._run_facts(world_size()))
+        metrics = self._run_trainer(trainer, stopper, resume_from)
+        summary = self._mark("completed", finished_at=now_iso(), metrics=metrics, timings=self.timings,
+                             step=trainer.state.global_step)
+        return {"name": run.name, "status": "completed", "path": str(run.path), "metrics": metrics,
+                "step": summary.get("step")}
+
+    def _resume_point(self) -> Path | None:
+        """The newest complete checkpoint (None: start over); the main process sets the unusable ones aside."""
+        from ftcli.runs import checkpoints
+
+        run = self.run
+        scan = checkpoints.scan_checkpoints(run.checkpoints_dir)
+        for path, why in scan.skipped if is_main_process() else []:
+            # Out of the way (Trainer would save into that name again), never deleted: a judgement can be wrong.
+            moved_to = checkpoints.set_aside(path)
+            renamed = f" as {moved_to.name}" if moved_to.name != path.name else ""
+            self._log(f"warning: skipping checkpoint {path.name}: set aside {path.name} in "
+                      f"{moved_to.parent.relative_to(run.path)}/{renamed}: {why}")
+            record = {"checkpoint": path.name, "reason": why, "moved_to": str(moved_to.relative_to(run.path)),
+                      "at": now_iso()}
+            run.modify(lambda info, record=record: info.setdefault("rejected_checkpoints", []).append(record))
+        resume_from = scan.newest_complete
+        self._log(f"resuming from {resume_from.name}" if resume_from else "no complete checkpoint: starting over")
+        return resume_from
+
+    def _stop_now(self, signal_name: str) -> None:
+        """A second SIGINT / SIGTERM: set the unfinished checkpoint aside and record the interruption."""
+        from ftcli.runs import checkpoints
+
+        if is_main_process():
+            checkpoints.set_aside_unfinished(self.run.path, self.run.checkpoints_dir)
+        self._mark_quietly("interrupted", error=f"{signal_name} twice: stopped at once; resume continues from "
+                                                "the last complete checkpoint")
+
+    def _callbacks(self, real_tokens, stopper) -> list:
         from transformers import EarlyStoppingCallback
 
-        from ftcli.runs import checkpoints
-        from ftcli.training.trainer import RealTokenCount
         from ftcli.training.callbacks import (
             CheckpointMarkCallback,
-            GracefulStop,
             MetricsCallback,
             ProgressCallback,
             ResumedLearningRate,
         )
 
-        run, recipe = self.run, self.recipe
-        t = recipe.training
-        resume_from = None
-        if resume:
-            scan = checkpoints.scan_checkpoints(run.checkpoints_dir)
-            for path, why in scan.skipped if self.is_main_process else []:
-                # Out of the way (Trainer would save into that name again), never deleted: a judgement can be wrong.
-                moved_to = checkpoints.set_aside(path)
-                renamed = f" as {moved_to.name}" if moved_to.name != path.name else ""
-                self._log(f"warning: skipping checkpoint {path.name}: set aside {path.name} in "
-                          f"{moved_to.parent.relative_to(run.path)}/{renamed}: {why}")
-                record = {"checkpoint": path.name, "reason": why, "moved_to": str(moved_to.relative_to(run.path)),
-                          "at": now_iso()}
-                run.modify(lambda info: info.setdefault("rejected_checkpoints", []).append(record))
-            resume_from = scan.newest_complete
-            self._log(f"resuming from {resume_from.name}" if resume_from else "no complete checkpoint: starting over")
-
-        def stop_now(signal_name: str) -> None:
-            if self.is_main_process:
-                checkpoints.set_aside_unfinished(run.path, run.checkpoints_dir)
-            self._mark_quietly("interrupted", error=f"{signal_name} twice: stopped at once; resume continues from "
-                                                    "the last complete checkpoint")
-
-        stopper = GracefulStop(on_second_signal=stop_now)
-        real_tokens = RealTokenCount()
-        callbacks = [MetricsCallback(run, real_tokens), ProgressCallback(self.console), CheckpointMarkCallback(),
+        callbacks = [MetricsCallback(self.run, real_tokens), ProgressCallback(self.console), CheckpointMarkCallback(),
                      ResumedLearningRate(), stopper]
-        if t.early_stopping_patience is not None:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-        trainer = self.make_trainer(real_tokens, callbacks)
+        patience = self.recipe.training.early_stopping_patience
+        if patience is not None:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=patience))
+        return callbacks
 
-        from ftcli.training.distributed import world_size
-
-        self._mark("running", started_at=now_iso(), **self._run_facts(world_size()))
+    def _run_trainer(self, trainer, stopper, resume_from: Path | None) -> dict[str, Any]:
+        """trainer.train() under the signal handler; the final metrics, or run.json marked interrupted or failed
+        and the error raised."""
+        run = self.run
         started = time.perf_counter()
         stopper.install()
         try:
@@ -275,8 +290,9 @@ class TrainingSession:
                 raise Interrupted(f"run {run.name!r} interrupted at step {step}; a checkpoint was saved",
                                   hint="continue with: ftcli train RECIPE --resume")
             metrics = self._final_metrics(trainer, output)
-            if self.is_main_process:
+            if is_main_process():
                 self._save_outputs()
+            return metrics
         except Interrupted:
             raise
         except KeyboardInterrupt:
@@ -289,10 +305,6 @@ class TrainingSession:
             raise
         finally:
             stopper.uninstall()
-        summary = self._mark("completed", finished_at=now_iso(), metrics=metrics, timings=self.timings,
-                             step=trainer.state.global_step)
-        return {"name": run.name, "status": "completed", "path": str(run.path), "metrics": metrics,
-                "step": summary.get("step")}
 
     def _mark_quietly(self, status: str, **fields) -> None:
         """Record a failure without hiding it: when even run.json can't be written (disk full), say so and go on."""
@@ -354,7 +366,7 @@ class TrainingSession:
         write_loss_plot(run.read_metrics(), run.loss_plot_path, f"{run.name}: {self.recipe.method.kind}")
 
     def _mark(self, status: str, **fields) -> dict[str, Any]:
-        if not self.is_main_process:
+        if not is_main_process():
             return {}
         return self.run.set_status(status, **fields)
 

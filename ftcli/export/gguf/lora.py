@@ -79,8 +79,16 @@ def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], f
 def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant: str, name: str) -> dict:
     import gguf
 
-    from ftcli.export.gguf.writer import (ARCHITECTURE, add_tensor, check_quant, file_type, finish_gguf, llama_shape,
-                                   permute_rows, rows_permutation)
+    from ftcli.export.gguf.writer import (
+        ARCHITECTURE,
+        add_tensor,
+        check_quant,
+        file_type,
+        finish_gguf,
+        llama_shape,
+        permute_rows,
+        rows_permutation,
+    )
 
     check_quant(quant)
     shape = llama_shape(base_dir)
@@ -124,8 +132,8 @@ def check_lora_gguf(path: Path, *, adapter_dir: Path, base_model, base_dir: Path
     import numpy as np
     import torch
 
-    from ftcli.models import parity
     from ftcli.export.gguf.writer import llama_shape, rows_permutation, unpermute_rows
+    from ftcli.models import parity
     from ftcli.models.run_model import with_adapter
 
     shape = llama_shape(base_dir)
