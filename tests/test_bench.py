@@ -245,6 +245,7 @@ def test_quick_plan_caps_the_trl_defaults_arm_only(tmp_path, monkeypatch):
     assert not arm_summary([matched])["capped"] and arm_summary([matched])["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_baseline_script_stops_at_its_time_budget(tmp_path, tiny_model_dir, chat_data):
     log = tmp_path / "steps.jsonl"
     result = _run(["-m", "bench.trl_baseline", str(tiny_model_dir), str(chat_data), "--out", str(tmp_path / "out"),
@@ -389,6 +390,7 @@ def test_paired_step_ratio_compares_the_same_steps_and_refuses_different_batches
     assert measure.paired_step_ratio([side], [shuffled]) is None
 
 
+@pytest.mark.slow
 def test_head_probe_times_both_choices_over_the_same_batches(tiny_recipe):
     result = _run(["-m", "bench.probes", "head", str(tiny_recipe), "--batches", "2", "--repeats", "2"])
     assert result.returncode == 0, result.stderr[-2000:]

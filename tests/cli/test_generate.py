@@ -89,6 +89,7 @@ def test_virtual_token_runs_generate_with_their_adapter(kind, cli_inproc, tmp_pa
     assert abs(result["metrics"]["loss"] - result["base_metrics"]["loss"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_chat_reads_a_pipe_keeps_history_and_resets(memorised):
     runs, name = memorised
     lines = f"{ASK}\nSay cat dog\n/reset\n\n{ASK}\n/exit\nnever read\n"

@@ -130,6 +130,7 @@ def test_interrupted_export_leaves_previous_output_and_no_temporary_files(merged
     assert merged_lora_run.read().get("exports") == exports_before
 
 
+@pytest.mark.slow
 def test_gguf_without_qk_permutation_fails_the_check(sharp_model_dir, tmp_path, monkeypatch):
     """Prove the round-trip check can fail: llama.cpp's q/k row order left out scrambles attention."""
     import ftcli.export.exporters
@@ -151,6 +152,7 @@ def test_gguf_without_qk_permutation_fails_the_check(sharp_model_dir, tmp_path, 
     assert "gguf" not in (run.read().get("exports") or {})
 
 
+@pytest.mark.slow
 def test_cli_ollama_export(cli_inproc, merged_lora_run):
     result = cli_inproc("export", "tied", "--format", "ollama", "--quant", "q8_0",
                         "--runs-dir", merged_lora_run.runs_root, "--json")

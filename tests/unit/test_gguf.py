@@ -17,6 +17,7 @@ def read_metadata(path: Path, *arrays: str) -> tuple[dict, tuple]:
     return read_gguf_metadata(str(path), arrays)
 
 
+@pytest.mark.slow
 def test_f32_round_trip_is_bit_exact_and_metadata_is_right(merged_lora_run, tmp_path):
     from ftcli.export.gguf.check import check_model_gguf
     from ftcli.export.gguf.writer import write_model_gguf

@@ -31,6 +31,7 @@ def builtin_resolved() -> models.ResolvedModel:
 # ---------------------------------------------------------------------------------------------- builtin
 
 
+@pytest.mark.slow   # the embedded model
 def test_builtin_conversion_reproduces_gguf_logits(builtin_resolved):
     import torch
     from transformers import AutoModelForCausalLM
@@ -55,6 +56,7 @@ def test_builtin_conversion_reproduces_gguf_logits(builtin_resolved):
     assert (converted - reference).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow   # the embedded model
 def test_builtin_folder_is_a_complete_chat_model(builtin_resolved):
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -69,6 +71,7 @@ def test_builtin_folder_is_a_complete_chat_model(builtin_resolved):
     assert "quantization_config" not in config
 
 
+@pytest.mark.slow   # the embedded model
 def test_builtin_second_resolution_reuses_the_conversion(builtin_resolved):
     weights = next(builtin_resolved.local_dir.glob("*.safetensors"))
     before = weights.stat().st_mtime_ns

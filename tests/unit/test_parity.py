@@ -99,6 +99,7 @@ def _export_refused(run, fmt: str = "gguf", quant: str = "f16") -> str:
     return str(refused.value)
 
 
+@pytest.mark.slow
 def test_gguf_with_a_wrong_vocabulary_is_refused(merged_lora, monkeypatch):
     import ftcli.export.gguf.vocab
 
@@ -115,6 +116,7 @@ def test_gguf_with_a_wrong_vocabulary_is_refused(merged_lora, monkeypatch):
     assert "tokenizer splits the check texts differently" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defect", ["wrong", "missing"])
 def test_gguf_with_a_wrong_or_missing_chat_template_is_refused(merged_lora, monkeypatch, defect):
     import gguf

@@ -124,13 +124,14 @@ def test_an_update_from_a_signal_handler_inside_a_locked_write_does_not_wait_on_
     assert run.read()["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_eval_beside_export_keeps_both_records(memorised, tmp_path):
     """The lost update of the issue, end to end: `ftcli eval` and `ftcli export` of one run at the same time."""
     runs, source = memorised
     root = tmp_path / "runs"
     shutil.copytree(runs / source, root / "pair")
     run = RunDir(root, "pair")
-    for _ in range(3):
+    for _ in range(2):
         run.modify(lambda info: (info.pop("eval", None), info.pop("exports", None)))
         procs = [subprocess.Popen([sys.executable, "-m", "ftcli", *args, "--runs-dir", str(root)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
