@@ -75,7 +75,7 @@ def render(rows: list[dict], stamp: str) -> str:
         lines.append(f"| {row['case']} | {row['agreement']:.1%} | {row['top_token_agreement']:.1%} "
                      f"| {row['kl_mean']:.3g} | {row['kl_p99']:.3g} | {row['kl_max']:.3g} "
                      f"| {row['max_abs_logit_diff']:.3g} "
-                     f"| {'pass' if row['passes'] else 'refused'} ({row['bounds']}) |")
+                     f"| {'pass' if row['passes'] else 'refused'} ({row['bounds'].replace('|', chr(92) + '|')}) |")
     lines += ["", "Many positions repeat across the conversations (the template's default system prompt), so the 99th "
               "percentile often equals the max.", ""]
     return "\n".join(lines)
