@@ -53,6 +53,15 @@ RunsDirOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
 RunArg = Annotated[str, typer.Argument(help="Run name (a folder under the runs root).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")]
+
+
+def open_run(run: str, runs_dir: Path | None):
+    """The named run under --runs-dir / $FTCLI_RUNS_DIR / ./runs; RunStateError (exit 5) when it doesn't exist."""
+    from ftcli.paths import runs_root
+    from ftcli.runs.rundir import RunDir
+
+    return RunDir.open(runs_root(runs_dir), run)
 
 
 def handles_errors(func: Callable) -> Callable:
@@ -77,9 +86,7 @@ def handles_errors(func: Callable) -> Callable:
 @handles_errors
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")
-    ] = None,
+    set_: SetOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Check recipes without loading any model; report every problem with its file, line and key."""
@@ -104,9 +111,7 @@ def schema() -> None:
 @handles_errors
 def recipe_show(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")
-    ] = None,
+    set_: SetOpt = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Show which file, line or override set each value.")
     ] = False,
@@ -143,9 +148,7 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
     name: Annotated[str | None, typer.Option("--name", help="Run name (default: the recipe's name).")] = None,
     runs_dir: RunsDirOpt = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override KEY=VALUE (YAML value); repeatable.")
-    ] = None,
+    set_: SetOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run from its newest complete checkpoint.")
     ] = False,
@@ -231,11 +234,9 @@ def eval_(
 ) -> None:
     """Measure a run: loss, perplexity and generation metrics; gate CI with --fail-under."""
     from ftcli.inference.evaluate import gate_failure, parse_gates, render_eval, run_eval
-    from ftcli.paths import runs_root
-    from ftcli.runs.rundir import RunDir
 
     gates = parse_gates(fail_under or [])
-    run_dir = RunDir.open(runs_root(runs_dir), run)
+    run_dir = open_run(run, runs_dir)
     result = run_eval(run_dir, data=data, max_samples=max_samples, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, compare_base=compare_base, gates=gates or None, console=err())
     print_json(result) if json_output else render_eval(result, out())
@@ -262,8 +263,6 @@ def generate(
 ) -> None:
     """Generate from a run through its saved chat template (greedy by default)."""
     from ftcli.inference.generate import run_generate
-    from ftcli.paths import runs_root
-    from ftcli.runs.rundir import RunDir
 
     prompts = list(prompt or [])
     if file is not None:
@@ -275,7 +274,7 @@ def generate(
             raise NotAvailableError(f"can't read prompts from {file}: {exc.strerror}") from None
     if not prompts:
         raise UsageError("give --prompt TEXT or --file FILE")
-    run_dir = RunDir.open(runs_root(runs_dir), run)
+    run_dir = open_run(run, runs_dir)
     results = run_generate(run_dir, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, seed=seed, merged=merged, stream=None if json_output else out())
     if json_output:
@@ -295,10 +294,8 @@ def chat(
 ) -> None:
     """Chat with a run on the terminal (multi-turn; /reset clears, /exit or Ctrl-D quits)."""
     from ftcli.inference.generate import run_chat
-    from ftcli.paths import runs_root
-    from ftcli.runs.rundir import RunDir
 
-    run_chat(RunDir.open(runs_root(runs_dir), run), max_new_tokens=max_new_tokens, temperature=temperature,
+    run_chat(open_run(run, runs_dir), max_new_tokens=max_new_tokens, temperature=temperature,
              top_p=top_p, seed=seed, merged=merged, console=out())
 
 
@@ -322,10 +319,8 @@ def merge(
 ) -> None:
     """Merge the adapter into the full-precision base, write merged/ and check parity."""
     from ftcli.export.merge import merge_run
-    from ftcli.paths import runs_root
-    from ftcli.runs.rundir import RunDir
 
-    result = merge_run(RunDir.open(runs_root(runs_dir), run), dtype=dtype, qlora_base=qlora_base,
+    result = merge_run(open_run(run, runs_dir), dtype=dtype, qlora_base=qlora_base,
                        force=force, console=err())
     print_json(result) if json_output else say(f"merged: {result['path']}")
 
@@ -344,10 +339,8 @@ def export(
 ) -> None:
     """Export a run as a PEFT adapter, merged model, GGUF, GGUF LoRA or Ollama model; each checked after writing."""
     from ftcli.export.exporters import export_run
-    from ftcli.paths import runs_root
-    from ftcli.runs.rundir import RunDir
 
-    result = export_run(RunDir.open(runs_root(runs_dir), run), format, quant=quant, out=out_dir, console=err())
+    result = export_run(open_run(run, runs_dir), format, quant=quant, out=out_dir, console=err())
     print_json(result) if json_output else say(f"exported {format}: {result['path']}")
 
 
@@ -369,11 +362,9 @@ def runs_list(runs_dir: RunsDirOpt = None, json_output: JsonOpt = False) -> None
 @handles_errors
 def runs_show(run: RunArg, runs_dir: RunsDirOpt = None, json_output: JsonOpt = False) -> None:
     """Show one run: status, recipe, metrics and artifacts."""
-    from ftcli.paths import runs_root
     from ftcli.runs.report import render_run, run_details
-    from ftcli.runs.rundir import RunDir
 
-    details = run_details(RunDir.open(runs_root(runs_dir), run))
+    details = run_details(open_run(run, runs_dir))
     print_json(details) if json_output else render_run(details, out())
 
 
@@ -385,14 +376,11 @@ def runs_compare(
     json_output: JsonOpt = False,
 ) -> None:
     """Show how runs' recipes differ and their final metrics side by side."""
-    from ftcli.paths import runs_root
     from ftcli.runs.report import compare_runs, render_comparison
-    from ftcli.runs.rundir import RunDir
 
     if len(runs) < 2:
         raise UsageError("give at least two runs to compare")
-    root = runs_root(runs_dir)
-    comparison = compare_runs([RunDir.open(root, r) for r in runs])
+    comparison = compare_runs([open_run(name, runs_dir) for name in runs])
     print_json(comparison) if json_output else render_comparison(comparison, out())
 
 

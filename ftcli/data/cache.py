@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from ftcli.atomic import atomic_write_json, staged_dir
 from ftcli.data.types import DataReport
+from ftcli.paths import cache_dir
 
 CACHE_FORMAT_VERSION = 1   # bump when tokenization or masking logic changes
 META_FILE = "meta.json"
 
 
 def data_cache_root() -> Path:
-    try:
-        from ftcli.paths import cache_dir
-
-        root = Path(cache_dir())
-    except NotImplementedError:  # the models module's stub, until it lands
-        root = Path(os.environ.get("FTCLI_CACHE_DIR") or Path.home() / ".cache" / "ftcli")
-    return root / "data"
+    """Where tokenized datasets are cached: data/ under ftcli's cache folder."""
+    return cache_dir() / "data"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -122,17 +122,18 @@ def _round(value):
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
+def check_messages(*, answered: bool = True) -> list[list[dict[str, str]]]:
+    """The check conversations as chat messages: each question with its answer, or the question alone."""
+    return [[{"role": "user", "content": question}] + ([{"role": "assistant", "content": answer}] if answered else [])
+            for question, answer in CHECK_CONVERSATIONS]
+
+
 def check_texts(chat_template: str | None, tokenizer) -> list[str]:
     """The check conversations as text: through the chat template, or as plain 'question answer' lines."""
     if chat_template is None:
         return [f"{question} {answer}" for question, answer in CHECK_CONVERSATIONS]
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-            chat_template=chat_template, tokenize=False,
-        )
-        for question, answer in CHECK_CONVERSATIONS
-    ]
+    return [tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+            for messages in check_messages()]
 
 
 def encode(tokenizer, texts: list[str]) -> dict:

@@ -56,17 +56,15 @@ def _renders_alike(gguf_tokenizer, tokenizer, chat_template: str | None) -> bool
     """The GGUF's own chat template (what llama.cpp and Ollama apply) renders the check conversations, with and
     without a generation prompt, exactly as the run's template does (a run without one trained on plain text, and
     the GGUF keeps whatever template the base tokenizer had)."""
-    from ftcli.models.parity import CHECK_CONVERSATIONS
+    from ftcli.models.parity import check_messages
 
     carried = getattr(gguf_tokenizer, "chat_template", None)
     if chat_template is None or carried is None:
         return chat_template is None
-    for question, answer in CHECK_CONVERSATIONS:
-        for messages, prompt in (([{"role": "user", "content": question}], True),
-                                 ([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                                  False)):
+    for answered in (True, False):   # whole conversations, and prompts awaiting an answer
+        for messages in check_messages(answered=answered):
             rendered = [t.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                              add_generation_prompt=prompt)
+                                              add_generation_prompt=not answered)
                         for t, template in ((gguf_tokenizer, carried), (tokenizer, chat_template))]
             if rendered[0] != rendered[1]:
                 return False
