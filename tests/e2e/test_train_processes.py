@@ -89,7 +89,10 @@ def test_second_process_on_the_same_run_exits_5_naming_the_pid(tiny_recipe, runs
 
 
 def test_second_sigint_exits_at_once_leaving_nothing_half_written(tiny_recipe, runs_dir):
-    proc = _start(tiny_recipe, "--set", "training.max_steps=400", "--set", "training.save_steps=3")
+    # Long steps (50 micro-batches each): the first SIGINT stops only at the end of the step, so the second lands
+    # while it still runs, whatever the CPU's speed (a tiny step could finish the whole graceful stop in between).
+    proc = _start(tiny_recipe, "--set", "training.max_steps=400", "--set", "training.save_steps=3",
+                  "--set", "training.grad_accum=50")
     _wait_for(runs_dir / "tiny" / "checkpoints" / "checkpoint-3" / "COMPLETE", proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
