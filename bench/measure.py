@@ -10,10 +10,12 @@ import json
 import os
 import platform
 import random
+import stat
 import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,6 +302,19 @@ def machine_info() -> dict:
             "python": platform.python_version()}
 
 
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under a folder (links not followed: a linked folder counts nothing); 0 when absent."""
+    total = 0
+    for root, _dirs, files in os.walk(path):   # does not descend into linked folders
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:   # removed meanwhile
+                continue
+            total += 0 if stat.S_ISLNK(info.st_mode) else info.st_size
+    return total
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -319,8 +334,32 @@ def varied_chat_records(count: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
+# The vocabulary of synthetic_chat_records (the words of /tmp/scale/gen.py, the data ftcli's data rewrite was sized on)
+CHAT_WORDS = ("the a model data train token learn fast slow cat dog run jump over under river mountain code python "
+              "value answer question").split()
+
+
+def synthetic_chat_records(count: int, seed: int = 0) -> Iterator[dict]:
+    """Chat examples of steady size for the data-preparation comparison, one at a time (a file of millions is written
+    without holding them): a question of 20..45 and an answer of 25..50 words from a small vocabulary, ~480 bytes of
+    JSON and ~109 tokens with SmolLM2's chat template (its default system prompt included). Deterministic, and the
+    first n records are the same for any count, so every size is a prefix of the larger ones."""
+    rng = random.Random(seed)
+    for i in range(count):
+        question = " ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(20, 45)))
+        answer = " ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(25, 50)))
+        yield {"messages": [{"role": "user", "content": f"Q{i}: {question}?"},
+                            {"role": "assistant", "content": answer + "."}]}
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> Path:
+    """Write the records one line each, as they come (a generator is never held whole); through a temporary file, so
+    an interrupted write leaves no short file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    partial.replace(path)
     return path

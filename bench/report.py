@@ -26,6 +26,10 @@ def _met(met) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[met]
 
 
+def _values(values) -> str:
+    return "n/a" if not values else ", ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in values)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -170,6 +174,9 @@ def render_markdown(results: dict) -> str:
         packing_batch = f", batch {plan['packing_batch']}" if plan.get("packing_batch") else ""
         cuts.append(f"packing at max_length {plan.get('packing_length', 256)}{packing_batch}; memory runs of its own: "
                     f"{own}")
+        if plan.get("data_sizes"):
+            cuts.append(f"data preparation at {', '.join(f'{n:,}' for n in plan['data_sizes'])} examples only, "
+                        f"{', '.join(map(str, plan.get('data_repeats') or []))} repeat(s)")
     lines = [title, "",
              f"Written by `{results.get('command', 'python -m bench.run')}` on {results.get('date')}, in "
              f"{_num(results.get('elapsed_s'), 0)} s. Regenerate with `make bench` (full) or `make bench-quick`.", "",
@@ -338,4 +345,53 @@ def render_markdown(results: dict) -> str:
         if "error" in s:
             lines += [f"- failed: `{str(s['error']).strip().splitlines()[-1:]}`"]
         lines += [""]
+    if "data" in sections:
+        lines += _data_section(sections["data"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _data_section(s: dict) -> list[str]:
+    """## 6: data preparation, ftcli's dry run against load_dataset + TRL's SFTTrainer preparation, per size."""
+    num_proc = s.get("num_proc") or {}
+    lines = ["## 6. Data preparation (cold caches)", "",
+             f"`ftcli train RECIPE --dry-run --json` (model {s.get('model')}, LoRA, chat data, max_length "
+             f"{s.get('max_length')}, data.num_proc at its default `{num_proc.get('recipe_default')}`; ftcli reported "
+             f"num_proc {num_proc.get('reported') or 'not'}; {s.get('cpu_count')} CPUs, {s.get('cpu_affinity')} "
+             "usable) with an empty data cache (a fresh FTCLI_CACHE_DIR whose converted/ links the warm one: the "
+             "model is not converted again), against bench/trl_data_prep.py: `datasets.load_dataset(\"json\")` "
+             "with an empty HF_DATASETS_CACHE, the messages turned into prompt-completion pairs, and SFTTrainer's "
+             "own preparation (tokenization, completion-only labels, truncation), single process, no model loaded. "
+             "Synthetic chat files (bench/measure.py synthetic_chat_records: ~480 bytes, ~109 tokens an example). "
+             "Wall time and peak RSS (wait4) of each whole process, median of the repeats; `TRL prep s` is the "
+             "part the script times itself (load_dataset and preparation, without its imports).", ""]
+    rows, notes = [], []
+    for key, row in (s.get("sizes") or {}).items():
+        ftcli, trl = row.get("ftcli") or {}, row.get("trl") or {}
+        rows.append([f"{int(key):,}", _mib(row.get("file_bytes")), str(row.get("repeats")),
+                     _num(ftcli.get("wall_s"), 1), _mib(ftcli.get("peak_rss_bytes")), _num(trl.get("wall_s"), 1),
+                     _num(trl.get("prep_s"), 1), _mib(trl.get("peak_rss_bytes")), _num(row.get("wall_ratio"), 3),
+                     _num(row.get("rss_ratio"), 3), f"{_values(ftcli.get('rows'))} / {_values(trl.get('rows'))}"])
+        cached = row.get("cached")
+        if cached:
+            notes.append(f"- @{int(key):,}: the dry run again on the data cache its cold run filled: "
+                         f"{_num(cached.get('wall_s'), 2)} s, peak RSS {_mib(cached.get('peak_rss_bytes'))} MiB")
+        if ftcli.get("cache_bytes") is not None or trl.get("cache_bytes") is not None:
+            notes.append(f"- @{int(key):,}: on disk, ftcli's data cache {_mib(ftcli.get('cache_bytes'))} MiB, the "
+                         f"datasets cache of the TRL script {_mib(trl.get('cache_bytes'))} MiB")
+        if row.get("same_rows") is False:
+            notes.append(f"- @{int(key):,}: **the two sides prepared different numbers of rows**")
+        disturbed = []
+        for side in ("ftcli", "trl"):
+            for run in (row.get(side) or {}).get("runs", []):
+                for what, item in ((side, run), (f"{side} cached", run.get("cached"))):
+                    if item and not item.get("ok"):
+                        error = (item.get("error") or "").strip().splitlines()[-1:]
+                        notes.append(f"- @{int(key):,}: {what} repeat {run.get('repeat')} failed: `{error}`")
+                    elif item and (item.get("others_cpu_share") or 0) > DISTURBED:
+                        disturbed.append(f"{what} {run.get('repeat')} ({_pct(item['others_cpu_share'])})")
+        if disturbed:
+            notes.append(f"- @{int(key):,}: runs disturbed by other processes (their share of the CPU): "
+                         + ", ".join(disturbed))
+    lines += _table(["examples", "file MiB", "repeats", "ftcli wall s", "ftcli peak MiB", "TRL wall s", "TRL prep s",
+                     "TRL peak MiB", "wall ftcli / TRL", "RSS ftcli / TRL", "rows ftcli / TRL"], rows)
+    return lines + notes + ([""] if notes else [])

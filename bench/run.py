@@ -1,9 +1,12 @@
 """ftcli against the hand-written TRL script, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python -m bench.run            # full: about 35 minutes on 2 quiet CPU cores  (make bench)
+    python -m bench.run            # full: about 35 minutes on 2 quiet CPU cores, plus about an hour for the data
+                                   # section (its 2M-example files; --sections picks others)  (make bench)
     python -m bench.run --quick    # under 5 minutes: batches of 2, 3 steps, one repeat, no eval-loss scoring,
-                                   # labelled quick  (make bench-quick)
-Run from the repository root: every child (bench.probes, bench.trl_baseline) runs as `python -m bench.…` there.
+                                   # labelled quick, plus about a minute of data preparation at 20k examples
+                                   # (make bench-quick)
+Run from the repository root: every child (bench.probes, bench.trl_baseline, bench.trl_data_prep) runs as
+`python -m bench.…` there.
 
 Sections (all by default; --sections picks some):
   startup   `ftcli --help` and `ftcli validate` against `python -c "import torch"` (median of several runs each)
@@ -14,6 +17,9 @@ Sections (all by default; --sections picks some):
   packing   data.packing=true against plain padded batches (ftcli's default) on chat data of varied length
   memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
   load      load time of the builtin model after its first conversion (and, full mode, that conversion)
+  data      data preparation: `ftcli train --dry-run` against datasets.load_dataset + TRL's SFTTrainer preparation
+            (bench/trl_data_prep.py) on synthetic chat files of 20k, 200k and 2M examples (quick: 20k), cold caches;
+            wall time and peak RSS of each, and ftcli's dry run again on its warm data cache
 Runs are interleaved (A B, B A, ...) so the noise of a shared machine hits every side alike; figures are medians.
 Every child's peak RSS comes from wait4 (the whole process, whatever allocated it).
 """
@@ -34,12 +40,14 @@ from pathlib import Path
 
 from bench.measure import (
     MATCHED_MALLOC_ENV,
+    folder_bytes,
     goal,
     interleaved,
     machine_info,
     median,
     paired_step_ratio,
     ratio,
+    synthetic_chat_records,
     varied_chat_records,
     write_jsonl,
 )
@@ -50,10 +58,13 @@ from bench.sides import (
     REPO,
     Session,
     ftcli_command,
+    gib,
     side_ratios,
 )
 
-SECTIONS = ("startup", "training", "packing", "memory", "load")
+SECTIONS = ("startup", "training", "packing", "memory", "load", "data")
+DATA_MODEL = "builtin:smollm2-135m-instruct"   # the data section's model: its tokenizer and chat template
+CACHED_WALL_LIMIT_S = 5.0                      # the data section's goal for a dry run on a warm data cache
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,14 @@ class Plan:
     # The packing comparison's batch size where the plan's overrides change it: packing removes the padding of a
     # batch, which batches of 2 hardly have (at batch 2 a quick run measured packing 0.95x, at 8 the full run 1.43x).
     packing_batch: int | None = None
+    # The data section: examples per generated chat file, interleaved repeats of each size (per size: the largest
+    # files take minutes a run), the size whose dry run is repeated on its warm data cache, max_length of both sides,
+    # and the time a data child may take (TRL single-process on 2M examples: ~20 minutes on 2 cores).
+    data_sizes: tuple[int, ...] = (20_000, 200_000, 2_000_000)
+    data_repeats: tuple[int, ...] = (2, 1, 1)
+    data_cached_size: int = 200_000
+    data_max_length: int = 256
+    data_timeout_s: int = 2 * 3600
 
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
@@ -110,11 +129,11 @@ QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=3, qlora_steps
              memory_steps=1, memory_cases=(), varied_examples=128, load_repeats=3,
              first_conversion=False, timeout_s=300, head_batches=2, head_repeats=1, head_cases=(),
              defaults_budget_s=30.0, overrides=("training.batch_size=2",), score=False, packing_length=128,
-             packing_batch=8)
+             packing_batch=8, data_sizes=(20_000,), data_repeats=(1,), data_cached_size=20_000, data_timeout_s=600)
 
 
 class Bench(Session):
-    """One benchmark session: the five sections, each a set of interleaved comparisons and its goals."""
+    """One benchmark session: the six sections, each a set of interleaved comparisons and its goals."""
 
     # ------------------------------------------------------------------------------------------ sections
 
@@ -380,6 +399,211 @@ class Bench(Session):
         self.results["sections"]["load"] = section
         self.add_goal("load/builtin", "load of the converted builtin model: ftcli (resolve + load_model) / plain "
                       "from_pretrained of the same folder", value, "<= 1.10", goal(value, at_most=1.10))
+
+    # ------------------------------------------------------------------------------------------ data preparation
+
+    def data(self) -> None:
+        """Data preparation at every size of the plan: ftcli's dry run and the TRL script, interleaved, each on cold
+        caches; at data_cached_size ftcli's dry run again on the data cache its cold run just filled."""
+        p = self.plan
+        converted = self.warm_converted()
+        sizes: dict[str, dict] = {}
+        for size, repeats in zip(p.data_sizes, p.data_repeats, strict=True):
+            path = self.work / "data" / f"chat-{size}.jsonl"
+            if not path.is_file():
+                self.log(f"data: writing {size:,} synthetic chat examples")
+                write_jsonl(path, synthetic_chat_records(size, seed=0))
+            recipe = self.work / "data" / f"recipe-{size}.yaml"
+            recipe.write_text(json.dumps(data_recipe(path, p.data_max_length)) + "\n", encoding="utf-8")
+            cached = size == p.data_cached_size
+            arms = {"ftcli": lambda label, recipe=recipe, cached=cached: self.ftcli_prepare(label, recipe, converted,
+                                                                                        cached=cached),
+                    "trl": lambda label, path=path: self.trl_prepare(label, path)}
+            runs: dict[str, list[dict]] = {name: [] for name in arms}
+            for repeat, name in interleaved(list(arms), repeats):
+                label = f"data-{size}-{name}-{repeat + 1}"
+                self.log(f"data @{size:,}: {name} (repeat {repeat + 1}/{repeats})")
+                run = arms[name](label)
+                run["repeat"] = repeat + 1
+                runs[name].append(run)
+                self.log(f"  {name}: {_seconds(run['wall_s'])} s, peak RSS {gib(run['peak_rss_bytes'])} GiB"
+                         + (f"; again on its warm cache {_seconds(run['cached']['wall_s'])} s" if run.get("cached")
+                            else ""))
+            sizes[str(size)] = data_row(size, path.stat().st_size, repeats, runs)
+            path.unlink()   # up to 1 GB (2M examples); each size has its own file
+        from ftcli.recipe.schema import DataConfig
+
+        reported = {r.get("num_proc") for row in sizes.values() for r in row.get("ftcli", {}).get("runs", [])}
+        section = {"sizes": sizes, "max_length": p.data_max_length, "cached_size": p.data_cached_size,
+                   "model": DATA_MODEL,
+                   # the recipe leaves data.num_proc at its default; what ftcli resolved it to, if its report says
+                   "num_proc": {"recipe_default": getattr(DataConfig.model_fields.get("num_proc"), "default", None),
+                                "reported": sorted(reported - {None}, key=str) or None},
+                   "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0))}
+        self.results["sections"]["data"] = section
+        for item in data_goals(section):
+            self.add_goal(**item)
+        shutil.rmtree(self.work / "data", ignore_errors=True)
+
+    def warm_converted(self) -> Path:
+        """The converted-model folder of this machine's ftcli cache (converting the builtin model if it never was),
+        linked into every cold cache so that only the data cache starts empty."""
+        from ftcli.paths import cache_dir
+
+        self.local_dir()   # resolves the recipes' builtin model, the data section's model, converting it if needed
+        converted = cache_dir() / "converted"
+        if not converted.is_dir():
+            raise SystemExit(f"data: no converted models in {converted} after resolving the builtin model")
+        return converted
+
+    def ftcli_prepare(self, label: str, recipe: Path, converted: Path, *, cached: bool) -> dict:
+        """`ftcli train RECIPE --dry-run --json` with a fresh FTCLI_CACHE_DIR (its converted/ linked to the warm
+        one), and the size of the data cache it wrote; with `cached`, the same command again on that cache."""
+        cache = Path(tempfile.mkdtemp(prefix=f"{label}-cache-", dir=self.work))
+        (cache / "converted").symlink_to(converted, target_is_directory=True)
+        env = {**self.env, "FTCLI_CACHE_DIR": str(cache)}
+        command = [*ftcli_command(), "train", str(recipe), "--dry-run", "--json"]
+        try:
+            result = self.child(label, command, env=env, timeout_s=self.plan.data_timeout_s)
+            run = prepare_summary(result, **dry_run_figures(result), cache_bytes=folder_bytes(cache / "data"))
+            if cached and result.ok:
+                again = self.child(f"{label}-cached", command, env=env, timeout_s=self.plan.data_timeout_s)
+                run["cached"] = prepare_summary(again, **dry_run_figures(again))
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        return run
+
+    def trl_prepare(self, label: str, path: Path) -> dict:
+        """bench/trl_data_prep.py with a fresh, empty HF_DATASETS_CACHE, and the size of what it wrote there."""
+        cache = Path(tempfile.mkdtemp(prefix=f"{label}-hf-", dir=self.work))
+        command = [sys.executable, "-m", "bench.trl_data_prep", str(path), "--max-length",
+                   str(self.plan.data_max_length), "--model", str(self.local_dir())]
+        try:
+            result = self.child(label, command, env={**self.env, "HF_DATASETS_CACHE": str(cache)},
+                                timeout_s=self.plan.data_timeout_s)
+            cache_bytes = folder_bytes(cache)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        figures = last_json_line(result.stdout) if result.ok else {}
+        return prepare_summary(result, **{key: figures.get(key) for key in ("rows", "prep_s", "load_s",
+                                                                           "tokenize_s")},
+                               cache_bytes=cache_bytes)
+
+
+def data_recipe(train: Path, max_length: int) -> dict:
+    """The data section's recipe (written as JSON, which YAML reads): the builtin model, LoRA, chat data at
+    max_length with every other data setting at its default (num_proc included), 10 steps."""
+    return {"name": "data-prep", "model": {"path": DATA_MODEL}, "method": {"kind": "lora"},
+            "data": {"train": str(train), "max_length": max_length}, "training": {"max_steps": 10}}
+
+
+def last_json_line(stdout: str) -> dict:
+    """The JSON object on the last line of a child's output; {} when there is none."""
+    lines = stdout.strip().splitlines()
+    try:
+        value = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def dry_run_figures(result) -> dict:
+    """What a dry run's JSON report says of the training data: rows handed to the trainer, and the processes it
+    tokenized with if it says (`num_proc` anywhere under `data`, else the training data's `processes`)."""
+    if not result.ok:
+        return {}
+    try:
+        report = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        report = last_json_line(result.stdout)
+    data = report.get("data") or {}
+    train = data.get("train") or {}
+    num_proc = find_key(data, "num_proc")
+    return {"rows": train.get("rows") or train.get("examples"),
+            "num_proc": num_proc if num_proc is not None else train.get("processes")}
+
+
+def find_key(value, key: str):
+    """The first value of `key` in nested dicts and lists (depth first), None when absent."""
+    if isinstance(value, dict):
+        if key in value:
+            return value[key]
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            found = find_key(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+def prepare_summary(result, **figures) -> dict:
+    """One data-preparation child: wall time and peak RSS of the whole process (None when it failed), its CPU time
+    and the CPU other processes took meanwhile, the figures it reported (rows prepared ...), its error."""
+    return {"ok": result.ok, "wall_s": result.wall_s if result.ok else None,
+            "peak_rss_bytes": result.peak_rss_bytes if result.ok else None, "cpu_s": result.cpu_s,
+            "others_cpu_share": result.others_cpu_share, **figures,
+            "error": None if result.ok else result.stderr_tail[-1500:]}
+
+
+def _seconds(value) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
+def data_row(size: int, file_bytes: int, repeats: int, runs: dict[str, list[dict]]) -> dict:
+    """One size of the data section: each side's medians (wall time, peak RSS, the bytes its cache took on disk),
+    ftcli / TRL for wall time and peak RSS, the cached dry runs' medians, and whether both sides prepared the same
+    number of rows."""
+    row = {"examples": size, "file_bytes": file_bytes, "repeats": repeats}
+    for side, items in runs.items():
+        row[side] = {"runs": items, "wall_s": median([r["wall_s"] for r in items]),
+                     "peak_rss_bytes": median([r["peak_rss_bytes"] for r in items]),
+                     "rows": sorted({r.get("rows") for r in items if r.get("rows") is not None}) or None,
+                     "cache_bytes": median([r.get("cache_bytes") if r.get("ok") else None for r in items])}
+        if side == "trl":
+            row[side]["prep_s"] = median([r.get("prep_s") for r in items])
+    ftcli, trl = row.get("ftcli", {}), row.get("trl", {})
+    row["wall_ratio"] = ratio(ftcli.get("wall_s"), trl.get("wall_s"))
+    row["rss_ratio"] = ratio(ftcli.get("peak_rss_bytes"), trl.get("peak_rss_bytes"))
+    cached = [r["cached"] for r in runs.get("ftcli", []) if r.get("cached")]
+    if cached:
+        row["cached"] = {"runs": cached, "wall_s": median([r["wall_s"] for r in cached]),
+                         "peak_rss_bytes": median([r["peak_rss_bytes"] for r in cached])}
+    row["same_rows"] = None if not (ftcli.get("rows") and trl.get("rows")) else ftcli["rows"] == trl["rows"]
+    return row
+
+
+def data_goals(section: dict) -> list[dict]:
+    """The data section's goals (add_goal's keyword arguments): per size ftcli's peak RSS <= 1.1x TRL's and its wall
+    time <= TRL's; ftcli's peak RSS at the largest size <= 1.5x at the smallest (not measured with one size); the
+    dry run on a warm data cache at the cached size <= CACHED_WALL_LIMIT_S."""
+    sizes = section.get("sizes") or {}
+    goals = []
+    for key, row in sizes.items():
+        n = f"{int(key):,}"
+        goals.append({"key": f"data/{key}/memory", "what": f"data @{n} examples: ftcli `train --dry-run` peak RSS / "
+                      "the TRL script's (load_dataset + SFTTrainer preparation), cold caches",
+                      "value": row.get("rss_ratio"), "target": "<= 1.10", "met": goal(row.get("rss_ratio"),
+                                                                                       at_most=1.10)})
+        goals.append({"key": f"data/{key}/wall", "what": f"data @{n} examples: ftcli `train --dry-run` wall time / "
+                      "the TRL script's (whole processes), cold caches", "value": row.get("wall_ratio"),
+                      "target": "<= 1.00", "met": goal(row.get("wall_ratio"), at_most=1.0)})
+    if len(sizes) >= 2:
+        smallest, largest = min(sizes, key=int), max(sizes, key=int)
+        flat = ratio(sizes[largest].get("ftcli", {}).get("peak_rss_bytes"),
+                     sizes[smallest].get("ftcli", {}).get("peak_rss_bytes"))
+        what = f"data: ftcli peak RSS at {int(largest):,} examples / at {int(smallest):,} (flat with the data size)"
+    else:
+        flat, what = None, "data: ftcli peak RSS at the largest size / at the smallest: not measured, one size only"
+    goals.append({"key": "data/rss-flat", "what": what, "value": flat, "target": "<= 1.50",
+                  "met": goal(flat, at_most=1.5)})
+    cached_size = section.get("cached_size")
+    cached = (sizes.get(str(cached_size)) or {}).get("cached") or {}
+    goals.append({"key": "data/cached", "what": f"data @{cached_size:,} examples: ftcli `train --dry-run` wall "
+                  "seconds on a warm data cache", "value": cached.get("wall_s"),
+                  "target": f"<= {CACHED_WALL_LIMIT_S:.0f} s", "met": goal(cached.get("wall_s"),
+                                                                           at_most=CACHED_WALL_LIMIT_S)})
+    return goals
 
 
 def mean_of(values: list) -> float | None:

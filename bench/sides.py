@@ -65,11 +65,13 @@ class Session:
         sys.stderr.write(f"[{time.perf_counter() - self.started:7.1f}s] {text}\n")
         sys.stderr.flush()
 
-    def child(self, label: str, command: list[str], *, env: dict | None = None, timed: bool = True):
-        """Run one command; `timed` ones (whose speed is reported) of 2 s or more count towards the noise warning
-        (shorter ones are a few /proc/stat ticks: their share is mostly rounding)."""
+    def child(self, label: str, command: list[str], *, env: dict | None = None, timed: bool = True,
+              timeout_s: float | None = None):
+        """Run one command (killed after timeout_s, by default the plan's); `timed` ones (whose speed is reported) of
+        2 s or more count towards the noise warning (shorter ones are a few /proc/stat ticks: their share is mostly
+        rounding)."""
         self._children += 1
-        result = run_child(command, env=env or self.env, cwd=REPO, timeout_s=self.plan.timeout_s,
+        result = run_child(command, env=env or self.env, cwd=REPO, timeout_s=timeout_s or self.plan.timeout_s,
                            log_dir=self.work / "logs" / f"{self._children:03d}-{label}")
         if not result.ok:
             self.log(f"  {label} FAILED (exit {result.returncode}):\n{result.stderr_tail[-1500:]}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,193 @@ def test_varied_chat_records_are_deterministic_and_varied():
     assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
     assert lengths[len(lengths) // 2] < 150 < lengths[-1]   # skewed short with a long tail
     assert lengths[-1] > 4 * lengths[len(lengths) // 2]
+
+
+def test_synthetic_chat_records_are_deterministic_prefixes_of_steady_size(tmp_path):
+    records = list(measure.synthetic_chat_records(400, seed=0))
+    assert records == list(measure.synthetic_chat_records(400, seed=0))
+    assert list(measure.synthetic_chat_records(150, seed=0)) == records[:150]   # every size a prefix of the larger
+    assert records != list(measure.synthetic_chat_records(400, seed=1))
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
+    assert records[7]["messages"][0]["content"].startswith("Q7: ")
+    sizes = [len(json.dumps(r)) + 1 for r in records]
+    assert 440 < sum(sizes) / len(sizes) < 520 and 250 < min(sizes) and max(sizes) < 700   # ~480 bytes each
+    # written one record at a time, from a generator, with no partial file left behind
+    path = measure.write_jsonl(tmp_path / "d" / "chat.jsonl", measure.synthetic_chat_records(400, seed=0))
+    assert path.stat().st_size == sum(sizes) and not list(path.parent.glob("*.partial"))
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == records
+
+
+def test_folder_bytes_counts_files_not_links(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one").write_bytes(b"x" * 100)
+    (tmp_path / "a" / "b" / "two").write_bytes(b"y" * 20)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "big").write_bytes(b"z" * 5000)
+    (tmp_path / "a" / "linked").symlink_to(other, target_is_directory=True)   # as converted/ in a cold cache
+    (tmp_path / "a" / "file-link").symlink_to(other / "big")
+    assert measure.folder_bytes(tmp_path / "a") == 120
+    assert measure.folder_bytes(tmp_path / "missing") == 0
+
+
+def _data_run(wall, rss, rows=1000, ok=True, **extra):
+    return {"ok": ok, "wall_s": wall if ok else None, "peak_rss_bytes": rss if ok else None, "rows": rows,
+            "others_cpu_share": 0.0, "error": None if ok else "Traceback\nRuntimeError: boom", **extra}
+
+
+def test_data_row_medians_ratios_and_cached_runs():
+    from bench.run import data_row
+
+    mib = 2**20
+    runs = {"ftcli": [_data_run(10.0, 500 * mib, repeat=1, cached=_data_run(1.0, 300 * mib)),
+                      _data_run(14.0, 700 * mib, repeat=2, cached=_data_run(2.0, 300 * mib))],
+            "trl": [_data_run(20.0, 1000 * mib, prep_s=12.0, repeat=1), _data_run(24.0, 1000 * mib, prep_s=14.0,
+                                                                                 repeat=2)]}
+    row = data_row(1000, 480_000, 2, runs)
+    assert (row["ftcli"]["wall_s"], row["trl"]["wall_s"], row["trl"]["prep_s"]) == (12.0, 22.0, 13.0)
+    assert row["wall_ratio"] == round(12 / 22, 3) and row["rss_ratio"] == 0.6
+    assert row["cached"]["wall_s"] == 1.5 and row["same_rows"] is True
+    runs["trl"][1]["rows"] = 999
+    assert data_row(1000, 480_000, 2, runs)["same_rows"] is False
+    # a failed run counts for nothing, neither its time nor its memory
+    failed = data_row(1000, 1, 1, {"ftcli": [_data_run(1, 1, ok=False)], "trl": [_data_run(5.0, 9)]})
+    assert failed["wall_ratio"] is None and failed["rss_ratio"] is None and "cached" not in failed
+
+
+def test_data_goals():
+    from bench.run import CACHED_WALL_LIMIT_S, data_goals
+
+    mib = 2**20
+
+    def row(ftcli_rss, rss_ratio, wall_ratio, cached_s=None):
+        item = {"ftcli": {"peak_rss_bytes": ftcli_rss}, "rss_ratio": rss_ratio, "wall_ratio": wall_ratio}
+        return {**item, "cached": {"wall_s": cached_s}} if cached_s is not None else item
+
+    section = {"cached_size": 200_000, "sizes": {"20000": row(600 * mib, 0.9, 1.2),
+                                                 "200000": row(700 * mib, 1.05, 0.8, cached_s=3.0),
+                                                 "2000000": row(1000 * mib, 1.2, 0.7)}}
+    goals = {g["key"]: g for g in data_goals(section)}
+    assert set(goals) == {"data/20000/memory", "data/20000/wall", "data/200000/memory", "data/200000/wall",
+                          "data/2000000/memory", "data/2000000/wall", "data/rss-flat", "data/cached"}
+    assert [goals[f"data/{n}/memory"]["met"] for n in (20000, 200000, 2000000)] == [True, True, False]
+    assert [goals[f"data/{n}/wall"]["met"] for n in (20000, 200000, 2000000)] == [False, True, True]
+    assert goals["data/rss-flat"]["value"] == round(1000 / 600, 3) and goals["data/rss-flat"]["met"] is False
+    assert "2,000,000 examples / at 20,000" in goals["data/rss-flat"]["what"]
+    assert goals["data/cached"]["value"] == 3.0 and goals["data/cached"]["met"] is True
+    assert "200,000" in goals["data/cached"]["what"] and CACHED_WALL_LIMIT_S == 5.0
+    # one size (the quick run): flatness is not measured; no cached run: not measured either, never "met"
+    one = {g["key"]: g for g in data_goals({"cached_size": 20_000, "sizes": {"20000": row(600 * mib, 1.0, 1.0)}})}
+    assert one["data/rss-flat"]["met"] is None and one["data/rss-flat"]["value"] is None
+    assert one["data/cached"]["met"] is None and one["data/20000/memory"]["met"] is True
+
+
+def test_dry_run_figures_and_last_json_line():
+    from bench.run import dry_run_figures, find_key, last_json_line
+
+    report = {"recipe": "data-prep", "data": {"train": {"examples": 12, "rows": 11}, "num_proc": 2}}
+    result = measure.ChildResult(command=["ftcli"], returncode=0, wall_s=1.0, peak_rss_bytes=1,
+                                 stdout=json.dumps(report, indent=2))
+    assert dry_run_figures(result) == {"rows": 11, "num_proc": 2}
+    failed = measure.ChildResult(command=["ftcli"], returncode=1, wall_s=1.0, peak_rss_bytes=1, stdout="")
+    assert dry_run_figures(failed) == {}
+    report["data"] = {"train": {"examples": 12, "rows": 12, "processes": 2}}   # as ftcli reports it now
+    processes = measure.ChildResult(command=["ftcli"], returncode=0, wall_s=1.0, peak_rss_bytes=1,
+                                    stdout=json.dumps(report))
+    assert dry_run_figures(processes) == {"rows": 12, "num_proc": 2}
+    assert find_key({"a": [{"b": {"num_proc": "auto"}}]}, "num_proc") == "auto" and find_key([], "x") is None
+    assert last_json_line('progress\n{"prep_s": 1.5, "rows": 3}\n') == {"prep_s": 1.5, "rows": 3}
+    assert last_json_line("Traceback ...") == {} and last_json_line("") == {}
+
+
+def test_data_plans():
+    from bench import run as bench_run
+
+    full, quick = bench_run.FULL, bench_run.QUICK
+    assert full.data_sizes == (20_000, 200_000, 2_000_000) and full.data_repeats == (2, 1, 1)
+    assert full.data_cached_size == 200_000
+    assert quick.data_sizes == (20_000,) and quick.data_repeats == (1,) and quick.data_cached_size == 20_000
+    for plan in (full, quick):
+        assert len(plan.data_sizes) == len(plan.data_repeats) and plan.data_cached_size in plan.data_sizes
+        assert plan.data_max_length == 256
+    assert "data" in bench_run.SECTIONS
+    recipe = bench_run.data_recipe(Path("/d/chat.jsonl"), 256)
+    assert recipe["model"] == {"path": "builtin:smollm2-135m-instruct"} and recipe["method"] == {"kind": "lora"}
+    assert recipe["data"] == {"train": "/d/chat.jsonl", "max_length": 256}   # num_proc and format at their defaults
+    assert recipe["training"] == {"max_steps": 10}
+
+
+def test_data_section_runs_both_sides_on_cold_caches_interleaved(tmp_path, monkeypatch):
+    """The data section's plumbing with fake children: the commands, a fresh cache per run with the warm converted
+    folder linked in (the cached run reusing its run's), a fresh HF_DATASETS_CACHE, the order, the results."""
+    import dataclasses
+
+    from bench import run as bench_run
+
+    warm = tmp_path / "warm"
+    (warm / "converted" / "SmolLM2").mkdir(parents=True)
+    monkeypatch.setenv("FTCLI_CACHE_DIR", str(warm))
+    plan = dataclasses.replace(bench_run.QUICK, data_sizes=(30, 60), data_repeats=(2, 1), data_cached_size=60)
+    bench = bench_run.Bench(plan, tmp_path / "work")
+    monkeypatch.setattr(bench, "local_dir", lambda: warm / "converted" / "SmolLM2")
+    calls = []
+
+    def fake_child(label, command, *, env=None, timed=True, timeout_s=None):
+        env = env or {}
+        cache = Path(env["FTCLI_CACHE_DIR"] if "--dry-run" in command else env["HF_DATASETS_CACHE"])
+        calls.append({"label": label, "command": command, "cache": cache, "timeout_s": timeout_s,
+                      "linked": (cache / "converted").resolve() if (cache / "converted").exists() else None})
+        if "--dry-run" in command:
+            recipe = json.loads(Path(command[command.index("train") + 1]).read_text(encoding="utf-8"))
+            examples = sum(1 for _ in open(recipe["data"]["train"], encoding="utf-8"))
+            data_dir = cache / "data"
+            stdout = json.dumps({"data": {"train": {"examples": examples, "rows": examples}}})
+            data_dir.mkdir(exist_ok=True)
+            (data_dir / "entry").write_text("x", encoding="utf-8")
+        else:
+            examples = sum(1 for _ in open(command[command.index("bench.trl_data_prep") + 1], encoding="utf-8"))
+            stdout = json.dumps({"prep_s": 2.0, "rows": examples})
+        rss = (300 if "--dry-run" in command else 400) * 2**20
+        return measure.ChildResult(command=command, returncode=0, wall_s=3.0, peak_rss_bytes=rss, stdout=stdout)
+
+    monkeypatch.setattr(bench, "child", fake_child)
+    bench.data()
+    labels = [c["label"] for c in calls]
+    assert labels == ["data-30-ftcli-1", "data-30-trl-1", "data-30-trl-2", "data-30-ftcli-2",
+                      "data-60-ftcli-1", "data-60-ftcli-1-cached", "data-60-trl-1"]
+    by_label = {c["label"]: c for c in calls}
+    ftcli_caches = [c["cache"] for c in calls if "-ftcli-" in c["label"] and not c["label"].endswith("cached")]
+    assert len(set(ftcli_caches)) == 3 and all(not cache.exists() for cache in ftcli_caches)   # fresh, then removed
+    assert all(c["linked"] == warm / "converted" for c in calls if "-ftcli-" in c["label"])
+    assert by_label["data-60-ftcli-1-cached"]["cache"] == by_label["data-60-ftcli-1"]["cache"]
+    trl = by_label["data-30-trl-1"]
+    assert trl["command"][1:3] == ["-m", "bench.trl_data_prep"] and trl["linked"] is None
+    assert trl["command"][trl["command"].index("--max-length") + 1] == "256"
+    assert trl["command"][trl["command"].index("--model") + 1] == str(warm / "converted" / "SmolLM2")
+    assert trl["cache"] != by_label["data-30-trl-2"]["cache"] and not trl["cache"].exists()
+    assert all(c["timeout_s"] == plan.data_timeout_s for c in calls)
+    section = bench.results["sections"]["data"]
+    assert list(section["sizes"]) == ["30", "60"]
+    row = section["sizes"]["60"]
+    assert row["rss_ratio"] == 0.75 and row["wall_ratio"] == 1.0 and row["same_rows"] is True
+    assert row["ftcli"]["rows"] == [60] and row["cached"]["wall_s"] == 3.0 and "cached" not in section["sizes"]["30"]
+    assert section["cpu_count"] >= 1 and "recipe_default" in section["num_proc"]
+    goals = {g["id"]: g for g in bench.results["goals"]}
+    assert goals["data/60/memory"]["met"] is True and goals["data/rss-flat"]["value"] == 1.0
+    assert not (tmp_path / "work" / "data").exists()   # the generated files are removed
+    text = report.render_markdown({**bench.results, "plan": dataclasses.asdict(plan), "quick": True})
+    assert "## 6. Data preparation" in text
+    assert "| 60 | 0 | 1 | 3.0 | 300 | 3.0 | 2.0 | 400 | 1.000 | 0.750 | 60 / 60 |" in text
+    assert "again on the data cache its cold run filled: 3.00 s" in text
+    assert row["ftcli"]["cache_bytes"] == 1 and row["trl"]["cache_bytes"] == 0   # what each left on disk
+    assert "on disk, ftcli's data cache 0 MiB, the datasets cache of the TRL script 0 MiB" in text
+    # a failed and a disturbed run are said so, once per size
+    row["trl"]["runs"][0].update(ok=False, error="Traceback\nMemoryError")
+    row["ftcli"]["runs"][0]["others_cpu_share"] = 0.25
+    text = report.render_markdown({**bench.results, "plan": dataclasses.asdict(plan), "quick": True})
+    assert "- @60: trl repeat 1 failed: `['MemoryError']`" in text
+    assert "- @60: runs disturbed by other processes (their share of the CPU): ftcli 1 (25%)" in text
+    assert "data preparation at 30, 60 examples only" in text
 
 
 def _results(quick: bool) -> dict:
@@ -292,6 +480,8 @@ def test_baseline_and_probe_help():
     assert baseline.returncode == 0 and "--trl-defaults" in baseline.stdout
     probes = _run(["-m", "bench.probes", "--help"])
     assert probes.returncode == 0 and "estimate" in probes.stdout
+    prep = _run(["-m", "bench.trl_data_prep", "--help"])
+    assert prep.returncode == 0 and "--max-length" in prep.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would run the real check")
@@ -304,8 +494,6 @@ def test_gpu_check_exits_cleanly_without_gpu():
 
 def test_cpu_noise_helpers():
     stat = "cpu  1000 50 250 9000 10 5 5 0 0 0\ncpu0 500 25 125 4500 5 2 3 0 0 0\n"
-    import os
-
     ticks = os.sysconf("SC_CLK_TCK")
     assert measure.machine_busy_seconds(stat) == pytest.approx((1000 + 50 + 250 + 5 + 5 + 0) / ticks)
     # 2 cores for 10 s = 20 CPU-s of capacity; the machine was busy 14 s of which the child used 9: others 5/20
@@ -388,6 +576,18 @@ def test_paired_step_ratio_compares_the_same_steps_and_refuses_different_batches
     assert measure.paired_step_ratio([other], [side])["ratio"] == round(1 / 1.1, 3)
     shuffled = {"step_times": measure.step_times(records([9, 1.1, 1.1, 1.1, 1.1], tokens[::-1]), skip=1)}
     assert measure.paired_step_ratio([side], [shuffled]) is None
+
+
+@pytest.mark.slow
+def test_trl_data_prep_prepares_completion_only_rows(tmp_path, tokenizer_dir, chat_data):
+    result = _run(["-m", "bench.trl_data_prep", str(chat_data), "--max-length", "64", "--model", str(tokenizer_dir)],
+                  timeout=300, env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    examples = len(chat_data.read_text(encoding="utf-8").splitlines())
+    assert figures["examples"] == examples and 0 < figures["rows"] <= examples
+    assert {"input_ids", "labels"} <= set(figures["columns"]) and figures["prep_s"] > 0
+    assert figures["prep_s"] == pytest.approx(figures["load_s"] + figures["tokenize_s"], abs=0.01)
 
 
 @pytest.mark.slow

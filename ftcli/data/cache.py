@@ -1,22 +1,51 @@
-"""Cache of tokenized datasets, keyed by everything that shapes them: data bytes, tokenizer, template, settings."""
+"""Cache of tokenized datasets, keyed by everything that shapes them: data bytes, tokenizer, template, settings;
+and the remembered content hashes of data files, so that a cache hit does not read the data again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
-from ftcli.atomic import atomic_write_json, staged_dir
+from ftcli.atomic import atomic_write_json
 from ftcli.data.types import DataReport
+from ftcli.hashing import sha256_file
 from ftcli.paths import cache_dir
 
-CACHE_FORMAT_VERSION = 1   # bump when tokenization or masking logic changes
+CACHE_FORMAT_VERSION = 2   # bump when tokenization or masking logic changes
 META_FILE = "meta.json"
+FILE_HASHES = "file-hashes.json"
 
 
 def data_cache_root() -> Path:
     """Where tokenized datasets are cached: data/ under ftcli's cache folder."""
     return cache_dir() / "data"
+
+
+def remembered_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read again only when its size, modification time or inode changed since it was
+    last hashed (the memo lives in the cache folder; a file rewritten within the same nanosecond at the same size
+    would go unnoticed, as it would for make)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    memo_path = data_cache_root() / FILE_HASHES
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    known = memo.get(str(path))
+    if isinstance(known, dict) and known.get("signature") == signature:
+        return known["sha256"]
+    digest = sha256_file(path)
+    memo[str(path)] = {"signature": signature, "sha256": digest}
+    memo = {name: entry for name, entry in memo.items() if os.path.exists(name)}   # forget deleted files
+    try:
+        atomic_write_json(memo_path, memo)
+    except OSError:   # a read-only cache still prepares data; it only hashes again next time
+        pass
+    return digest
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -38,9 +67,13 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def entry_dir(key: str) -> Path:
+    return data_cache_root() / key
+
+
 def load_cached(key: str):
     """(train, eval, chat_template, train_report, eval_report) or None when absent or unreadable."""
-    entry = data_cache_root() / key
+    entry = entry_dir(key)
     meta_path = entry / META_FILE
     if not meta_path.is_file():
         return None
@@ -56,24 +89,22 @@ def load_cached(key: str):
     return train, evaluation, meta["chat_template"], DataReport.from_dict(meta["train_report"]), eval_report
 
 
-def store(key: str, train, evaluation, chat_template: str | None, train_report: DataReport,
-          eval_report: DataReport | None) -> None:
-    """Write the entry atomically (staged folder renamed into place); a failed write leaves no entry."""
+def write_entry(staging: Path, train, evaluation, chat_template: str | None, train_report: DataReport,
+                eval_report: DataReport | None) -> None:
+    """Save the datasets and their reports into a staging folder (cache entry or temporary folder)."""
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
-    entry = data_cache_root() / key
     was_enabled = is_progress_bar_enabled()
     disable_progress_bar()
     try:
-        with staged_dir(entry) as staging:
-            train.save_to_disk(str(staging / "train"))
-            if evaluation is not None:
-                evaluation.save_to_disk(str(staging / "eval"))
-            atomic_write_json(staging / META_FILE, {
-                "chat_template": chat_template,
-                "train_report": train_report.to_dict(),
-                "eval_report": eval_report.to_dict() if eval_report is not None else None,
-            })
+        train.save_to_disk(str(staging / "train"), max_shard_size="200MB")
+        if evaluation is not None:
+            evaluation.save_to_disk(str(staging / "eval"), max_shard_size="200MB")
+        atomic_write_json(staging / META_FILE, {
+            "chat_template": chat_template,
+            "train_report": train_report.to_dict(),
+            "eval_report": eval_report.to_dict() if eval_report is not None else None,
+        })
     finally:
         if was_enabled:
             enable_progress_bar()

@@ -28,20 +28,33 @@ def column_names(data: DataConfig) -> dict[str, str]:
     return names
 
 
-def to_conversations(records: list[RawRecord], data: DataConfig) -> list[Conversation]:
+class RecordConverter:
+    """Turns the raw records of one source into Conversations; RecordProblem says what is wrong with one."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+        self.convert = _CONVERTERS[data.format]
+        self.columns = column_names(data)
+        self.hint = _hint(data)
+
+    def __call__(self, record: RawRecord) -> Conversation:
+        if record.problem is not None:
+            raise RecordProblem(record.problem)
+        return self.convert(_pick_columns(record.fields, self.columns), self.data, record.origin)
+
+
+def to_conversations(records, data: DataConfig) -> list[Conversation]:
     """Validate every record; DataError listing the first problems, each with its file and line."""
-    converter = _CONVERTERS[data.format]
-    columns = column_names(data)
+    converter = RecordConverter(data)
     conversations, problems = [], []
     for record in records:
         try:
-            fields = _pick_columns(record.fields, columns)
-            conversations.append(converter(fields, data, record.origin))
+            conversations.append(converter(record))
         except RecordProblem as exc:
             problems.append(f"{record.origin}: {exc}")
             if len(problems) >= MAX_LISTED_PROBLEMS:
                 break
-    raise_problems(problems, hint=_hint(data))
+    raise_problems(problems, hint=converter.hint)
     return conversations
 
 

@@ -26,28 +26,91 @@ class PackedRow:
     seq_lengths: list[int]
 
 
-def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[PackedRow]:
-    """Best-fit decreasing: longest first, each into the fullest row it still fits in."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    rows: list[PackedRow] = []
-    free: list[tuple[int, int]] = []   # (space left, row index), sorted
-    for index in order:
-        input_ids, labels = examples[index]
-        size = len(input_ids)
-        slot = bisect.bisect_left(free, (size, -1))
-        if slot < len(free):
-            space, row_index = free.pop(slot)
+def best_fit_rows(lengths, max_length: int):
+    """Best-fit decreasing: longest first, each into the fullest row it still fits in (ties: the earliest row).
+
+    Returns (example indices in row order, the number of examples in each row), as numpy arrays: a few bytes per
+    example, whatever the data's size."""
+    import heapq
+
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    row_of = np.empty(len(order), dtype=np.int64)
+    rows_by_space: dict[int, list[int]] = {}    # space left -> heap of the rows with exactly that much
+    spaces: list[int] = []                      # the space values that have rows, sorted
+    row_count = 0
+    for step, size in enumerate(lengths[order].tolist()):
+        slot = bisect.bisect_left(spaces, size)
+        if slot < len(spaces):
+            space = spaces[slot]
+            row = heapq.heappop(rows_by_space[space])
+            if not rows_by_space[space]:
+                del rows_by_space[space]
+                spaces.pop(slot)
         else:
-            space, row_index = max_length, len(rows)
-            rows.append(PackedRow([], [], []))
-        row = rows[row_index]
-        row.input_ids.extend(input_ids)
-        # The first token of an example has no in-example context to be predicted from: never a target.
-        row.labels.extend([IGNORE_INDEX, *labels[1:]])
-        row.seq_lengths.append(size)
-        if space - size > 0:
-            bisect.insort(free, (space - size, row_index))
+            space, row = max_length, row_count
+            row_count += 1
+        row_of[step] = row
+        left = space - size
+        if left > 0:
+            if left not in rows_by_space:
+                rows_by_space[left] = []
+                bisect.insort(spaces, left)
+            heapq.heappush(rows_by_space[left], row)
+    steps = np.argsort(row_of, kind="stable")    # by row, then in the order the examples went in
+    return order[steps], np.bincount(row_of, minlength=row_count)
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int) -> list[PackedRow]:
+    """Rows of best-fit packed examples (see best_fit_rows), each example's first token never a target."""
+    members, counts = best_fit_rows([len(ids) for ids, _ in examples], max_length)
+    rows, position = [], 0
+    for count in counts.tolist():
+        row = PackedRow([], [], [])
+        for index in members[position:position + count].tolist():
+            input_ids, labels = examples[index]
+            row.input_ids.extend(input_ids)
+            row.labels.extend([IGNORE_INDEX, *labels[1:]])
+            row.seq_lengths.append(len(input_ids))
+        rows.append(row)
+        position += count
     return rows
+
+
+def pack_dataset(dataset, lengths, max_length: int, path, *, block_rows: int = 2048):
+    """`dataset` (input_ids, labels) packed into rows written to the Arrow file `path`, a block of rows at a time;
+    returns the packed datasets.Dataset (memory-mapped) with input_ids, labels, seq_lengths and trained."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+
+    members, counts = best_fit_rows(lengths, max_length)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                        ("seq_lengths", pa.list_(pa.int32())), ("trained", pa.int32())])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for first in range(0, len(counts), block_rows):
+            last = min(first + block_rows, len(counts))
+            block = dataset.select(members[starts[first]:starts[last]])[:]
+            columns: dict[str, list] = {name: [] for name in schema.names}
+            position = 0
+            for count in counts[first:last].tolist():
+                row = PackedRow([], [], [])
+                for ids, labels in zip(block["input_ids"][position:position + count],
+                                       block["labels"][position:position + count]):
+                    row.input_ids.extend(ids)
+                    row.labels.extend([IGNORE_INDEX, *labels[1:]])
+                    row.seq_lengths.append(len(ids))
+                position += count
+                columns["input_ids"].append(row.input_ids)
+                columns["labels"].append(row.labels)
+                columns["seq_lengths"].append(row.seq_lengths)
+                columns["trained"].append(sum(1 for label in row.labels if label != IGNORE_INDEX))
+            writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type)
+                                                for n in schema.names], schema=schema))
+    return Dataset.from_file(str(path))
 
 
 def packed_position_ids(seq_lengths: list[int], padded_length: int) -> list[int]:

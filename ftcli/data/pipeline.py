@@ -1,28 +1,31 @@
-"""Recipe data -> tokenized datasets: sources, record formats, chat templates, loss masking, validation, cache.
+"""Recipe data -> tokenized datasets: sources, record formats, chat templates, loss masking, validation, mixing, cache.
 
-The public entry of the data package: sources (files, folders, hub), formats (records -> Conversations), templates
-(chat template choice and rendering), tokenize (masks), packing (rows, collators) and cache. A missing file or an
-unreachable hub dataset is NotAvailableError (exit 4); bad content is DataError (exit 3), naming the file and line.
+The public entry of the data package: sources (files, globs, folders, hub), formats (records -> Conversations),
+templates (chat template choice and rendering), tokenize (masks), build (all of it into Arrow, in parallel), mixing
+(val_split and weights), packing (rows, collators), streaming and cache. A missing file or an unreachable hub dataset
+is NotAvailableError (exit 4); bad content is DataError (exit 3), naming the file and line.
 """
 
 from __future__ import annotations
 
-import random
+import shutil
+from pathlib import Path
 
-from ftcli.data.formats import to_conversations
-from ftcli.data.sources import as_source_list, read_source, source_fingerprint
+from ftcli.data.formats import RecordConverter, RecordProblem
+from ftcli.data.mixing import held_out_records, mix_rows
+from ftcli.data.sources import hub_reference, iter_records, open_dataset, raise_problems, source_files
 from ftcli.data.templates import CHATML_TEMPLATE, resolve_chat_template, split_for_generation
 from ftcli.data.types import IGNORE_INDEX, Conversation, DataReport, PreparedData
 from ftcli.errors import DataError, UsageError
-from ftcli.paths import is_local_path
-from ftcli.recipe.schema import DataConfig, Recipe
+from ftcli.recipe.schema import DataConfig, DataSourceConfig, Recipe
 
 __all__ = [
     "IGNORE_INDEX", "CHATML_TEMPLATE", "Conversation", "DataReport", "PreparedData", "resolve_chat_template",
-    "load_conversations", "prepare_data", "tokenize_conversations", "make_collator", "split_for_generation",
-    "with_eval_source", "data_fingerprints",
+    "load_conversations", "first_conversations", "prepare_data", "tokenize_conversations", "make_collator",
+    "split_for_generation", "with_eval_source", "data_fingerprints", "data_seed",
 ]
 PACKING_UNSUPPORTED = ("prefix", "prompt")   # their virtual tokens shift positions and bypass the packed mask
+SETTINGS_NOT_IN_KEY = {"num_proc", "streaming"}   # how fast, never what
 
 
 def with_eval_source(data: DataConfig, source: str) -> DataConfig:
@@ -30,101 +33,118 @@ def with_eval_source(data: DataConfig, source: str) -> DataConfig:
     return data.model_copy(update={"eval": str(source), "val_split": None})
 
 
-def _read_conversations(sources: list[str], data: DataConfig, split: str,
-                        fingerprints: dict[str, str] | None = None) -> list[Conversation]:
-    conversations: list[Conversation] = []
-    for reference in sources:
-        source = read_source(reference, split)
-        if fingerprints is not None:
-            fingerprints[source.name] = source.fingerprint
-        conversations.extend(to_conversations(source.records, data))
+def data_seed(recipe: Recipe) -> int:
+    return recipe.data.seed if recipe.data.seed is not None else recipe.training.seed
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+
+
+def _convert(sources: list[DataSourceConfig], data: DataConfig, split: str, wanted=None, limit: int | None = None
+             ) -> list[Conversation]:
+    """The conversations of the records whose index over the split is in `wanted` (all when None)."""
+    from ftcli.data.build import READ_HINT, split_configs
+
+    converters = [RecordConverter(config) for config in split_configs(data, sources)]
+    conversations, problems, hint = [], [], None
+    for index, (source, record) in enumerate(iter_records(sources, split)):
+        if wanted is not None and index not in wanted:
+            continue
+        try:
+            conversations.append(converters[source](record))
+        except RecordProblem as exc:
+            hint = hint or (READ_HINT if record.problem else converters[source].hint)
+            problems.append(f"{record.origin}: {exc}")
+            if len(problems) >= 5:
+                break
+        if limit is not None and len(conversations) >= limit:
+            break
+    raise_problems(problems, hint=hint)
     return conversations
 
 
-def _split_conversations(data: DataConfig, seed: int, fingerprints: dict[str, str] | None = None
-                         ) -> tuple[list[Conversation], list[Conversation] | None]:
-    train = _read_conversations(as_source_list(data.train), data, "train", fingerprints)
-    if data.eval is not None:
-        return train, _read_conversations(as_source_list(data.eval), data, "eval", fingerprints)
-    if data.val_split is None:
-        return train, None
-    held_out = max(1, round(len(train) * data.val_split))
-    if held_out >= len(train):
-        raise DataError(
-            f"data.val_split {data.val_split} of {len(train)} examples leaves nothing to train on",
-            hint="lower data.val_split or give a separate data.eval file",
-        )
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    eval_indices = set(order[:held_out])
-    return ([c for i, c in enumerate(train) if i not in eval_indices],
-            [c for i, c in enumerate(train) if i in eval_indices])
-
-
 def load_conversations(data: DataConfig, split: str = "train", *, seed: int = 42) -> list[Conversation]:
-    """Read and validate records of `split` (train | eval; eval honours val_split), DataError (exit 3) on bad input."""
+    """Read and validate the records of `split` (train | eval; eval honours val_split), held in memory: for eval
+    sets and tests (training prepares through prepare_data). DataError (exit 3) on bad input."""
     if split not in ("train", "eval"):
         raise UsageError(f"unknown data split {split!r}; use train or eval")
     if split == "eval" and data.eval is not None:   # the training files are not needed (they may be gone)
-        return _read_conversations(as_source_list(data.eval), data, "eval")
-    train, evaluation = _split_conversations(data, seed)
-    if split == "train":
-        return train
-    if evaluation is None:
-        raise DataError("the recipe has no eval data", hint="set data.eval or data.val_split, or pass --data FILE")
-    return evaluation
+        return _convert(data.sources("eval"), data, "eval")
+    if data.val_split is None:
+        if split == "eval":
+            raise DataError("the recipe has no eval data", hint="set data.eval or data.val_split, or pass --data FILE")
+        return _convert(data.sources("train"), data, "train")
+    sources = data.sources("train")
+    total = sum(1 for _ in iter_records(sources, "train"))
+    held_out = set(held_out_records(total, data.val_split, seed).tolist())
+    if split == "eval":
+        return _convert(sources, data, "train", held_out)
+    return _convert(sources, data, "train", set(range(total)) - held_out)
 
 
-def data_fingerprints(data: DataConfig) -> dict[str, str] | None:
-    """sha256 of every local source's content (None when a source is a hub dataset: not cacheable by content)."""
-    fingerprints = {}
-    for reference in as_source_list(data.train) + as_source_list(data.eval):
-        if not is_local_path(reference):
-            return None
-        fingerprints[reference] = source_fingerprint(reference)
+def first_conversations(data: DataConfig, count: int) -> list[Conversation]:
+    """The first `count` training conversations, read without reading the rest (preflight's samples)."""
+    return _convert(data.sources("train"), data, "train", limit=count)
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+
+def source_fingerprints(source: DataSourceConfig, split: str) -> dict[str, str]:
+    """{name: content fingerprint} of one source: sha256 of each file (remembered by size and mtime), or the hub
+    dataset's own fingerprint with its config, split and revision."""
+    from ftcli.data.cache import remembered_sha256
+
+    files = source_files(source)
+    if files is not None:
+        return {str(path): remembered_sha256(path) for path in files}
+    if Path(source.path).expanduser().is_dir():
+        folder = Path(source.path).expanduser()
+        return {f"{folder}/{path.relative_to(folder)}": remembered_sha256(path)
+                for path in sorted(p for p in folder.rglob("*") if p.is_file())}
+    dataset, where = open_dataset(source, split)
+    dataset_id, _ = hub_reference(source)
+    return {where: f"hub:{dataset_id}:{source.config}:{source.revision}:{dataset._fingerprint}"}
+
+
+def data_fingerprints(data: DataConfig, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, str]:
+    """Content fingerprints of every source of `splits` (see source_fingerprints)."""
+    fingerprints: dict[str, str] = {}
+    for split in splits:
+        for source in data.sources(split):
+            fingerprints.update(source_fingerprints(source, split))
     return fingerprints
 
 
-def tokenize_conversations(conversations: list[Conversation], recipe: Recipe, tokenizer, chat_template: str | None,
-                           *, packing: bool | None = None, split: str = "train"):
-    """(datasets.Dataset of input_ids + labels [+ seq_lengths when packed], DataReport), same masking as training.
+# ---------------------------------------------------------------------------------------------- reports
 
-    Examples with no trained token left after truncation are dropped and counted; DataError when none remain or
-    when more than data.max_dropped_fraction are dropped."""
-    from datasets import Dataset
 
-    from ftcli.data.packing import pack_examples
-    from ftcli.data.tokenize import length_stats, tokenize_examples
+def length_stats(lengths) -> dict[str, float]:
+    import numpy as np
 
-    data = recipe.data
-    packing = data.packing if packing is None else packing
-    report = DataReport(examples=len(conversations))
-    if not conversations:
-        raise DataError(f"no {split} examples", hint="check data.train / data.eval")
-    examples = tokenize_examples(conversations, data, tokenizer, chat_template, report)
-    kept = []
-    first_dropped = None
-    for conversation, example in zip(conversations, examples):
-        report.truncated += example.full_length > data.max_length
-        if all(label == IGNORE_INDEX for label in example.labels):
-            report.dropped += 1
-            first_dropped = first_dropped or conversation.origin
-            continue
-        kept.append(example)
-    report.length_stats = length_stats([e.full_length for e in examples])
-    report.total_tokens = sum(len(e.input_ids) for e in kept)
-    report.trained_tokens = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in kept)
-    _check_dropped(report, data, split, first_dropped)
-    if packing:
-        rows = pack_examples([(e.input_ids, e.labels) for e in kept], data.max_length)
-        report.trained_tokens = sum(sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows)
-        report.packing_efficiency = round(report.total_tokens / (len(rows) * data.max_length), 4)
-        columns = {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows],
-                   "seq_lengths": [r.seq_lengths for r in rows]}
-    else:
-        columns = {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]}
-    report.rows = len(columns["input_ids"])
-    return Dataset.from_dict(columns), report
+    if len(lengths) == 0:
+        return {}
+    ordered = np.sort(np.asarray(lengths))
+    n = len(ordered)
+
+    def quantile(q: float) -> float:
+        return float(ordered[min(n - 1, int(q * n))])
+
+    return {"min": float(ordered[0]), "p50": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99),
+            "max": float(ordered[-1]), "mean": round(float(ordered.mean()), 2)}
+
+
+def split_report(lengths, trained, mismatches, max_length: int) -> DataReport:
+    """The figures of a split's examples (every converted record, dropped ones included) from their columns."""
+    import numpy as np
+
+    lengths, trained = np.asarray(lengths, dtype=np.int64), np.asarray(trained, dtype=np.int64)
+    kept = trained > 0
+    return DataReport(
+        examples=len(lengths), truncated=int((lengths > max_length).sum()), dropped=int((~kept).sum()),
+        trained_tokens=int(trained[kept].sum()), total_tokens=int(np.minimum(lengths, max_length)[kept].sum()),
+        length_stats=length_stats(lengths), prefix_mismatches=int(np.asarray(mismatches).sum()),
+    )
 
 
 def _check_dropped(report: DataReport, data: DataConfig, split: str, first_dropped: str | None) -> None:
@@ -156,38 +176,177 @@ def _check_packing(recipe: Recipe) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------- in memory
+
+
+def tokenize_conversations(conversations: list[Conversation], recipe: Recipe, tokenizer, chat_template: str | None,
+                           *, packing: bool | None = None, split: str = "train"):
+    """(in-memory datasets.Dataset of input_ids + labels [+ seq_lengths when packed], DataReport), with the masks
+    of training: for eval sets and samples. Examples with no trained token left after truncation are dropped and
+    counted; DataError when none remain or when more than data.max_dropped_fraction are dropped."""
+    from datasets import Dataset
+
+    from ftcli.data.packing import pack_examples
+    from ftcli.data.tokenize import tokenize_chunk
+
+    data = recipe.data
+    packing = data.packing if packing is None else packing
+    if not conversations:
+        raise DataError(f"no {split} examples", hint="check data.train / data.eval")
+    examples, mismatches = [], []
+    for start in range(0, len(conversations), 512):
+        chunk = conversations[start:start + 512]
+        config = data.model_copy(update={"format": "text" if chunk[0].messages is None else "chat"})
+        chunk_examples, chunk_mismatches = tokenize_chunk(chunk, config, tokenizer, chat_template)
+        examples += chunk_examples
+        mismatches += chunk_mismatches
+    trained = [sum(1 for label in e.labels if label != IGNORE_INDEX) for e in examples]
+    report = split_report([e.full_length for e in examples], trained, mismatches, data.max_length)
+    first_dropped = next((c.origin for c, t in zip(conversations, trained) if not t), None)
+    _check_dropped(report, data, split, first_dropped)
+    kept = [e for e, t in zip(examples, trained) if t]
+    if packing:
+        rows = pack_examples([(e.input_ids, e.labels) for e in kept], data.max_length)
+        report.trained_tokens = sum(sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows)
+        report.packing_efficiency = round(report.total_tokens / (len(rows) * data.max_length), 4)
+        columns = {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows],
+                   "seq_lengths": [r.seq_lengths for r in rows]}
+    else:
+        columns = {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]}
+    report.rows = len(columns["input_ids"])
+    return Dataset.from_dict(columns), report
+
+
+# ---------------------------------------------------------------------------------------------- prepared in Arrow
+
+
 def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
-    """Validate, render, tokenize, mask and (optionally) pack train and eval data; cached by content."""
+    """Validate, render, tokenize, mask, split, mix and (optionally) pack train and eval data into memory-mapped
+    Arrow, cached by content; a cache hit reads no data file (see cache.remembered_sha256). With data.streaming the
+    training data is an iterable dataset read as training goes (ftcli.data.streaming)."""
+    _check_packing(recipe)
+    template = resolve_chat_template(recipe.data, tokenizer)
+    if recipe.data.streaming:
+        from ftcli.data.streaming import prepare_streaming
+
+        def prepare_eval(recipe, tokenizer, template):
+            prepared = _prepared_cached(recipe, tokenizer, template, train=False)
+            return prepared.eval, prepared.eval_report
+
+        return prepare_streaming(recipe, tokenizer, template, prepare_eval)
+    return _prepared_cached(recipe, tokenizer, template)
+
+
+def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: bool = True) -> PreparedData:
+    from ftcli.atomic import staged_dir
     from ftcli.data import cache as data_cache
 
     data = recipe.data
-    _check_packing(recipe)
-    template = resolve_chat_template(data, tokenizer)
-    fingerprints = data_fingerprints(data)
-    key = None
-    if fingerprints is not None:
-        key = data_cache.cache_key({
-            # num_proc changes how fast, never what: the same cache entry serves any number of processes.
-            "data": data.model_dump(mode="json", exclude={"num_proc"}),
-            "seed": recipe.training.seed if data.val_split else None,
-            "files": fingerprints, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer), "template": template,
-        })
-        cached = data_cache.load_cached(key)
-        if cached is not None:
-            return PreparedData(*cached)
-    read_fingerprints: dict[str, str] = {}
-    train_conversations, eval_conversations = _split_conversations(data, recipe.training.seed, read_fingerprints)
-    train, train_report = tokenize_conversations(train_conversations, recipe, tokenizer, template, split="train")
-    train_report.fingerprints = read_fingerprints
-    evaluation, eval_report = None, None
-    if eval_conversations is not None:
-        evaluation, eval_report = tokenize_conversations(eval_conversations, recipe, tokenizer, template,
-                                                         split="eval")
-        eval_report.fingerprints = read_fingerprints
-    if key is not None and sorted(read_fingerprints.values()) == sorted(fingerprints.values()):
-        # (a file changed between hashing and reading is not stored under the old content's key)
-        data_cache.store(key, train, evaluation, template, train_report, eval_report)
-    return PreparedData(train, evaluation, template, train_report, eval_report)
+    seed = data_seed(recipe)
+    splits = ("train", "eval") if train else ("eval",)
+    fingerprints = data_fingerprints(data, splits)
+    key = data_cache.cache_key({
+        "data": data.model_dump(mode="json", exclude=SETTINGS_NOT_IN_KEY | (set() if train else {"train"})),
+        "seed": seed if (data.val_split or any(s.mixes for s in data.sources("train") + data.sources("eval")))
+        else None,
+        "files": fingerprints, "tokenizer": data_cache.tokenizer_fingerprint(tokenizer), "template": template,
+    })
+    cached = data_cache.load_cached(key)
+    if cached is not None:
+        return PreparedData(*cached)
+    with staged_dir(data_cache.entry_dir(key)) as staging:
+        train_data, evaluation, train_report, eval_report = _prepare(recipe, tokenizer, template, seed, staging,
+                                                                     train=train)
+        for report in (train_report, eval_report):
+            if report is not None:
+                report.fingerprints = fingerprints
+        if train_data is None:   # only the eval set (streaming runs): an empty train table keeps one layout
+            from datasets import Dataset
+
+            train_data, train_report = Dataset.from_dict({"input_ids": [], "labels": []}), DataReport()
+        data_cache.write_entry(staging, train_data, evaluation, template, train_report, eval_report)
+        del train_data, evaluation   # the staged parts are memory-mapped by these
+        shutil.rmtree(staging / "parts", ignore_errors=True)
+        if data_fingerprints(data, splits) != fingerprints:
+            raise DataError("a data file changed while it was being prepared", hint="run the command again")
+    cached = data_cache.load_cached(key)
+    if cached is None:
+        raise DataError(f"the prepared data could not be read back from {data_cache.entry_dir(key)}",
+                        hint="check the disk, or remove that folder and run again")
+    return PreparedData(*cached)
+
+
+def _prepare(recipe: Recipe, tokenizer, template: str | None, seed: int, staging: Path, *, train: bool = True):
+    import numpy as np
+
+    from ftcli.data.build import build_split
+
+    data = recipe.data
+    splits = {}
+    if train:
+        splits["train"] = build_split(data, data.sources("train"), "train", tokenizer, template,
+                                      staging / "parts" / "train")
+    if data.eval is not None:
+        splits["eval"] = build_split(data, data.sources("eval"), "eval", tokenizer, template,
+                                     staging / "parts" / "eval")
+    results = {}
+    for name, built in splits.items():
+        rows = np.arange(len(built.dataset))
+        if name == "train" and data.val_split is not None:
+            held_out = np.isin(built.row_record, held_out_records(sum(built.records_per_source), data.val_split, seed))
+            results["train"] = _finish(recipe, built, rows[~held_out], "train", staging, seed)
+            results["eval"] = _finish(recipe, built, rows[held_out], "eval", staging, seed, mix=False)
+        else:
+            results[name] = _finish(recipe, built, rows, name, staging, seed)
+    train_dataset, train_report = results.get("train", (None, None))
+    eval_dataset, eval_report = results.get("eval", (None, None))
+    return train_dataset, eval_dataset, train_report, eval_report
+
+
+def _finish(recipe: Recipe, built, rows, split: str, staging: Path, seed: int, *, mix: bool = True):
+    """The rows of one split checked, mixed and packed: (datasets.Dataset, DataReport)."""
+    import numpy as np
+
+    from ftcli.data.packing import pack_dataset
+
+    data = recipe.data
+    table = built.dataset.data
+    lengths = table.column("length").to_numpy()[rows]
+    trained = table.column("trained").to_numpy()[rows]
+    report = split_report(lengths, trained, table.column("mismatches").to_numpy()[rows], data.max_length)
+    report.processes = built.processes
+    dropped_here = np.isin([record for record, _ in built.dropped], built.row_record[rows])
+    first_dropped = next((origin for (_, origin), here in zip(built.dropped, dropped_here) if here), None)
+    _check_dropped(report, data, split, first_dropped)
+    kept = rows[trained > 0]
+    sources = data.sources(split if split == "eval" and data.eval is not None else "train")
+    tokens = np.minimum(table.column("length").to_numpy(), data.max_length)
+    all_trained = table.column("trained").to_numpy()
+    by_source = [kept[built.row_source[kept] == index] for index in range(len(sources))]
+    selected = mix_rows(by_source, sources if mix else [None] * len(sources), seed)
+    if mix:   # (a val_split's eval rows are a sample of the train sources, not a mix)
+        report.sources = _source_shares(sources, by_source, selected, tokens, all_trained, built.records_per_source)
+    chosen = np.concatenate(selected) if selected else np.array([], dtype=np.int64)
+    report.total_tokens = int(tokens[chosen].sum())
+    report.trained_tokens = int(all_trained[chosen].sum())
+    dataset = built.dataset.select(chosen).select_columns(["input_ids", "labels", "trained"])
+    if data.packing:
+        dataset = pack_dataset(dataset, tokens[chosen], data.max_length, staging / "parts" / f"{split}-packed.arrow")
+        report.trained_tokens = int(np.asarray(dataset.data.column("trained").to_numpy()).sum())
+        report.packing_efficiency = round(report.total_tokens / (len(dataset) * data.max_length), 4)
+    report.rows = len(dataset)
+    return dataset, report
+
+
+def _source_shares(sources, by_source, selected, tokens, trained, records_per_source) -> list[dict]:
+    used_tokens = [int(tokens[rows].sum()) for rows in selected]
+    all_examples, all_tokens = sum(len(rows) for rows in selected) or 1, sum(used_tokens) or 1
+    return [{
+        "source": source.path, "format": source.format, "records": records, "examples": len(available),
+        "used": len(rows), "tokens": tokens_used, "trained_tokens": int(trained[rows].sum()),
+        "share_examples": round(len(rows) / all_examples, 4), "share_tokens": round(tokens_used / all_tokens, 4),
+    } for source, available, rows, tokens_used, records in zip(sources, by_source, selected, used_tokens,
+                                                                records_per_source)]
 
 
 def make_collator(recipe: Recipe, tokenizer):

@@ -1,93 +1,234 @@
-"""Read raw data records from local files, `datasets` folders and hub datasets, each with the place it came from."""
+"""Find the records of a data source (files, globs and folders of shards, saved datasets, hub datasets) and read them
+in pieces that separate processes read independently, every record with the file and line it came from."""
 
 from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
+import glob
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ftcli.errors import DataError, NotAvailableError
-from ftcli.hashing import sha256_file, sha256_folder
 from ftcli.paths import is_local_path
+from ftcli.recipe.schema import DataSourceConfig
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SPLITTABLE_SUFFIXES = (".jsonl", ".parquet")   # read in pieces; a .json array or a .csv is read whole
 MAX_LISTED_PROBLEMS = 5
 HUB_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+MIN_PIECE_BYTES = 4 << 20       # smaller pieces cost more in process overhead than they gain
+MAX_PIECE_BYTES = 64 << 20      # a piece is read whole by its process
+DATASET_PIECE_ROWS = 50_000
+SCAN_BLOCK = 16 << 20
 
 
 @dataclass(frozen=True)
 class RawRecord:
-    """One record as read, with `origin` naming its file and line (or row) for error messages."""
+    """One record as read, with `origin` naming its file and line (or row); `problem` says why it is unusable."""
 
-    fields: dict[str, Any]
+    fields: dict[str, Any] | None
     origin: str
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
-class SourceData:
-    """The records of one source and a fingerprint of its content (sha256 of the bytes, or the hub revision)."""
+class Piece:
+    """A part of one source that one process reads: a byte range of a JSON Lines file (starting at `first_line`),
+    a whole .json or .csv file, a range of row groups of a Parquet file, or a range of rows of a dataset."""
 
-    name: str
-    records: list[RawRecord]
-    fingerprint: str
+    source: int                      # index of the source in its split
+    kind: str                        # jsonl | json | csv | parquet | dataset
+    name: str                        # the file (or dataset[split]) named in messages
+    start: int = 0                   # bytes (jsonl), row group (parquet) or row (dataset)
+    stop: int | None = None
+    first_line: int = 1              # line number (jsonl) or row index (parquet) of the first record
+    dataset: Any = None              # the datasets.Dataset of kind dataset (memory-mapped)
 
 
-def as_source_list(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
+def reference_of(source: DataSourceConfig | str) -> str:
+    return source if isinstance(source, str) else source.path
 
 
-def _existing_path(reference: str) -> Path:
-    path = Path(os.path.expanduser(reference))
+def _is_glob(reference: str) -> bool:
+    return any(char in reference for char in "*?[")
+
+
+def source_files(source: DataSourceConfig) -> list[Path] | None:
+    """The data files of a local source (a file, a glob, or a folder of files), None for a saved dataset folder or
+    a hub dataset; NotAvailableError when nothing is there."""
+    reference = os.path.expanduser(source.path)
+    if _is_glob(reference):
+        files = sorted(Path(p) for p in glob.glob(reference, recursive=True) if Path(p).is_file())
+        if not files:
+            raise NotAvailableError(f"no data file matches {reference}",
+                                    hint="check the glob in data.train / data.eval")
+        for path in files:
+            _check_suffix(path)
+        return files
+    if not is_local_path(source.path):
+        return None
+    path = Path(reference)
     if not path.exists():
         raise NotAvailableError(
             f"data file not found: {path}",
             hint="check data.train / data.eval in the recipe (relative paths are relative to the recipe file)",
         )
-    return path
-
-
-def read_source(reference: str, split: str) -> SourceData:
-    """All records of one data reference; NotAvailableError (4) when it doesn't exist, DataError (3) when unreadable."""
-    if not is_local_path(reference):
-        return _read_hub(reference, split)
-    path = _existing_path(reference)
     if path.is_dir():
-        return _read_saved_dataset(path, split)
-    suffix = path.suffix.lower()
-    if suffix not in FILE_SUFFIXES:
+        if any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
+            return None
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"{path} is a folder with no data files ({', '.join(FILE_SUFFIXES)}) and not a folder saved by "
+                "datasets' save_to_disk",
+                hint="point data.train at a file, a glob such as data/*.jsonl, or a saved dataset folder",
+            )
+        return files
+    _check_suffix(path)
+    return [path]
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in FILE_SUFFIXES:
         raise DataError(
-            f"{path}: unsupported data file type {suffix or '(no suffix)'!r}",
+            f"{path}: unsupported data file type {path.suffix or '(no suffix)'!r}",
             hint=f"use one of {', '.join(FILE_SUFFIXES)}, or a folder saved with datasets' save_to_disk",
         )
-    content = path.read_bytes()
-    if not content.strip():
-        raise DataError(f"{path}: the data file is empty", hint="point data.train / data.eval at a file with records")
-    fingerprint = hashlib.sha256(content).hexdigest()
-    content = content.removeprefix(codecs.BOM_UTF8)   # some editors write one; json.loads refuses it
-    reader = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".parquet": _parse_parquet}[suffix]
-    records = reader(path, content)
-    if not records:
-        raise DataError(f"{path}: the data file holds no records", hint="add at least one record")
-    return SourceData(name=str(path), records=records, fingerprint=fingerprint)
 
 
-def source_fingerprint(reference: str) -> str:
-    """sha256 of a local file's bytes (or of a saved folder's files), without parsing it."""
-    path = _existing_path(reference)
-    return sha256_folder(path) if path.is_dir() else sha256_file(path)
+def plan_pieces(sources: list[DataSourceConfig], split: str, processes: int) -> list[Piece]:
+    """Every source of a split cut into pieces, in record order; about four pieces per process for big files."""
+    pieces: list[Piece] = []
+    total = sum(path.stat().st_size for s in sources for path in (source_files(s) or []))
+    target = min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, total // max(1, 4 * processes)))
+    for index, source in enumerate(sources):
+        files = source_files(source)
+        if files is None:
+            dataset, name = open_dataset(source, split)
+            pieces += [Piece(index, "dataset", name, start, min(start + DATASET_PIECE_ROWS, len(dataset)),
+                             first_line=start, dataset=dataset)
+                       for start in range(0, len(dataset), DATASET_PIECE_ROWS)]
+            continue
+        for path in files:
+            if path.stat().st_size == 0 or not _has_content(path):
+                raise DataError(f"{path}: the data file is empty",
+                                hint="point data.train / data.eval at a file with records")
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                pieces += _jsonl_pieces(index, path, target)
+            elif suffix == ".parquet":
+                pieces += _parquet_pieces(index, path, target)
+            else:
+                pieces.append(Piece(index, suffix[1:], str(path)))
+    return pieces
 
 
-def _decode(path: Path, content: bytes) -> str:
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 16):
+            if block.strip().removeprefix(codecs.BOM_UTF8).strip():
+                return True
+    return False
+
+
+def _jsonl_pieces(source: int, path: Path, target: int) -> list[Piece]:
+    """Byte ranges of about `target` bytes ending at line ends, each with the number of its first line."""
+    size = path.stat().st_size
+    start = _bom_length(path)
+    if size - start <= target:
+        return [Piece(source, "jsonl", str(path), start, size)]
+    pieces: list[Piece] = []
+    line, piece_start, piece_line, position = 1, start, 1, start
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while block := handle.read(SCAN_BLOCK):
+            counted = 0   # newlines of the block before this index are in `line`
+            while (wanted := piece_start + target - position) < len(block):
+                cut = block.find(b"\n", max(counted, wanted))
+                if cut < 0:
+                    break
+                line += block.count(b"\n", counted, cut + 1)
+                counted = cut + 1
+                pieces.append(Piece(source, "jsonl", str(path), piece_start, position + counted, piece_line))
+                piece_start, piece_line = position + counted, line
+            line += block.count(b"\n", counted)
+            position += len(block)
+    if piece_start < size:
+        pieces.append(Piece(source, "jsonl", str(path), piece_start, size, piece_line))
+    return pieces
+
+
+def _bom_length(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return len(codecs.BOM_UTF8) if handle.read(3) == codecs.BOM_UTF8 else 0
+
+
+def _parquet_pieces(source: int, path: Path, target: int) -> list[Piece]:
+    import pyarrow.parquet as pq
+
     try:
-        return content.decode("utf-8")
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    pieces, group, row = [], 0, 0
+    while group < metadata.num_row_groups:
+        first_group, first_row, size = group, row, 0
+        while group < metadata.num_row_groups and (size == 0 or size < target):
+            size += metadata.row_group(group).total_byte_size
+            row += metadata.row_group(group).num_rows
+            group += 1
+        pieces.append(Piece(source, "parquet", str(path), first_group, group, first_row))
+    return pieces
+
+
+def read_piece(piece: Piece) -> Iterator[RawRecord]:
+    """The records of one piece, in order (unreadable ones carry their problem); DataError for an unreadable file."""
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
+               "dataset": _read_dataset}
+    return readers[piece.kind](piece)
+
+
+def iter_records(sources: list[DataSourceConfig], split: str) -> Iterator[tuple[int, RawRecord]]:
+    """(source index, record) for every record of the sources, in order, read in this process."""
+    for piece in plan_pieces(sources, split, processes=1):
+        for record in read_piece(piece):
+            yield piece.source, record
+
+
+def _read_jsonl(piece: Piece) -> Iterator[RawRecord]:
+    with open(piece.name, "rb") as handle:
+        handle.seek(piece.start)
+        content = handle.read((piece.stop or os.path.getsize(piece.name)) - piece.start)
+    for number, raw in enumerate(content.split(b"\n"), start=piece.first_line):
+        if not raw.strip():
+            continue
+        origin = f"{piece.name}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(None, origin, f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(None, origin, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(value, dict):
+            yield RawRecord(None, origin, f"expected a JSON object per line, got {type(value).__name__}")
+            continue
+        yield RawRecord(value, origin)
+
+
+def _decode(path: str, content: bytes) -> str:
+    try:
+        return content.removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError as exc:
         line = content[: exc.start].count(b"\n") + 1
         raise DataError(
@@ -96,39 +237,15 @@ def _decode(path: Path, content: bytes) -> str:
         ) from None
 
 
-def _parse_jsonl(path: Path, content: bytes) -> list[RawRecord]:
-    records: list[RawRecord] = []
-    problems: list[str] = []
-    for number, raw in enumerate(content.split(b"\n"), start=1):
-        if len(problems) >= MAX_LISTED_PROBLEMS:
-            break
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(value, dict):
-            problems.append(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}")
-            continue
-        records.append(RawRecord(value, f"{path}:{number}"))
-    raise_problems(problems, hint="fix or remove the lines named above (one JSON object per line)")
-    return records
-
-
-def _parse_json(path: Path, content: bytes) -> list[RawRecord]:
-    text = _decode(path, content)
+def _read_json(piece: Piece) -> Iterator[RawRecord]:
+    path = piece.name
+    text = _decode(path, Path(path).read_bytes())
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):   # JSON Lines named .json
-            return _parse_jsonl(path, content)
+            yield from _read_jsonl(Piece(piece.source, "jsonl", path, _bom_length(Path(path))))
+            return
         raise DataError(
             f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})",
             hint="a .json file holds one JSON array of records; use .jsonl for one record per line",
@@ -136,49 +253,55 @@ def _parse_json(path: Path, content: bytes) -> list[RawRecord]:
     if isinstance(value, dict):
         lists = [key for key, item in value.items() if isinstance(item, list)]
         if len(lists) != 1:
-            raise DataError(
-                f"{path}: expected a JSON array of records (or an object with one list of records)",
-                hint="write the records as [{...}, {...}]",
-            )
+            raise DataError(f"{path}: expected a JSON array of records (or an object with one list of records)",
+                            hint="write the records as [{...}, {...}]")
         value = value[lists[0]]
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
-    records, problems = [], []
     for index, item in enumerate(value):
+        origin = f"{path} record {index}"
         if isinstance(item, dict):
-            records.append(RawRecord(item, f"{path} record {index}"))
+            yield RawRecord(item, origin)
         else:
-            problems.append(f"{path} record {index}: expected a JSON object, got {type(item).__name__}")
-    raise_problems(problems[:MAX_LISTED_PROBLEMS])
-    return records
+            yield RawRecord(None, origin, f"expected a JSON object, got {type(item).__name__}")
 
 
-def _parse_csv(path: Path, content: bytes) -> list[RawRecord]:
-    text = _decode(path, content)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    records = []
+def _read_csv(piece: Piece) -> Iterator[RawRecord]:
+    path = piece.name
+    reader = csv.DictReader(io.StringIO(_decode(path, Path(path).read_bytes()), newline=""))
+    row_start = 2
     try:
-        row_start = 2
         for row in reader:
             if None in row:
                 raise DataError(f"{path}:{row_start}: more values than header columns "
                                 f"({', '.join(reader.fieldnames or [])})")
-            records.append(RawRecord(dict(row), f"{path}:{row_start}"))
+            yield RawRecord(dict(row), f"{path}:{row_start}")
             row_start = reader.line_num + 1
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
-    return records
 
 
-def _parse_parquet(path: Path, content: bytes) -> list[RawRecord]:
-    import pyarrow as pa
+def _read_parquet(piece: Piece) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(content))
+        batches = pq.ParquetFile(piece.name).iter_batches(batch_size=4096,
+                                                          row_groups=list(range(piece.start, piece.stop)))
+        row = piece.first_line
+        for batch in batches:
+            for fields in batch.to_pylist():
+                yield RawRecord(fields, f"{piece.name} row {row}")
+                row += 1
+    except DataError:
+        raise
     except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    return [RawRecord(row, f"{path} row {index}") for index, row in enumerate(table.to_pylist())]
+        raise DataError(f"{piece.name}: not a readable Parquet file ({exc})") from None
+
+
+def _read_dataset(piece: Piece) -> Iterator[RawRecord]:
+    rows = piece.dataset.select(range(piece.start, piece.stop))
+    for row, fields in enumerate(rows, start=piece.start):
+        yield RawRecord(fields, f"{piece.name} row {row}")
 
 
 def _pick_split(splits: list[str], split: str, where: str) -> str:
@@ -190,35 +313,43 @@ def _pick_split(splits: list[str], split: str, where: str) -> str:
         return splits[0]
     raise DataError(
         f"{where}: no {split} split among {', '.join(splits)}",
-        hint="name the split: save one split per folder, or for a hub dataset write ID:SPLIT",
+        hint="name the split: data.train: {path: ..., split: NAME} (or ID:SPLIT for a hub dataset)",
     )
 
 
-def _read_saved_dataset(path: Path, split: str) -> SourceData:
-    if not any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        raise DataError(
-            f"{path} is a directory, not a data file or a folder saved by datasets' save_to_disk",
-            hint=f"point at a {'/'.join(FILE_SUFFIXES)} file inside it, or list several files in data.train",
-        )
+def open_dataset(source: DataSourceConfig, split: str):
+    """(datasets.Dataset, its name for messages) of a saved dataset folder or a hub dataset (memory-mapped)."""
+    if is_local_path(source.path):
+        return _open_saved(Path(os.path.expanduser(source.path)), source, split)
+    return _open_hub(source, split, streaming=False)
+
+
+def _open_saved(path: Path, source: DataSourceConfig, split: str):
     from datasets import DatasetDict, load_from_disk
 
     try:
         loaded = load_from_disk(str(path))
     except Exception as exc:
         raise DataError(f"{path}: cannot load the saved dataset ({exc})") from None
+    where = str(path)
     if isinstance(loaded, DatasetDict):
-        name = _pick_split(list(loaded), split, str(path))
+        name = source.split or _pick_split(list(loaded), split, str(path))
+        if name not in loaded:
+            raise DataError(f"{path}: no split {name!r} (it has {', '.join(loaded)})", hint="check the split")
         loaded, where = loaded[name], f"{path}[{name}]"
-    else:
-        where = str(path)
-    records = [RawRecord(row, f"{where} row {index}") for index, row in enumerate(loaded)]
-    if not records:
+    if len(loaded) == 0:
         raise DataError(f"{where}: the saved dataset is empty")
-    return SourceData(name=where, records=records, fingerprint=sha256_folder(path))
+    return loaded, where
 
 
-def _read_hub(reference: str, split: str) -> SourceData:
-    dataset_id, _, named_split = reference.partition(":")
+def hub_reference(source: DataSourceConfig) -> tuple[str, str | None]:
+    """(dataset id, split) of a hub source: its split field, else the ID:SPLIT spelling."""
+    dataset_id, _, named_split = source.path.removeprefix("hf:").partition(":")
+    return dataset_id, source.split or named_split or None
+
+
+def _open_hub(source: DataSourceConfig, split: str, *, streaming: bool):
+    dataset_id, named_split = hub_reference(source)
     if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in HUB_OFFLINE_ENV):
         raise NotAvailableError(
             f"hub dataset {dataset_id} is not available offline (HF_HUB_OFFLINE is set)",
@@ -226,22 +357,38 @@ def _read_hub(reference: str, split: str) -> SourceData:
         )
     from datasets import get_dataset_split_names, load_dataset
 
+    options = {"name": source.config, "revision": source.revision}
     try:
-        name = named_split or _pick_split(get_dataset_split_names(dataset_id), split, dataset_id)
-        loaded = load_dataset(dataset_id, split=name)
+        name = named_split or _pick_split(get_dataset_split_names(dataset_id, **options), split, dataset_id)
+        loaded = load_dataset(dataset_id, split=name, streaming=streaming, **options)
     except DataError:
         raise
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NotAvailableError(
             f"hub dataset {dataset_id} is not available: {first_line}",
-            hint="check the id and your connection, or use a local file",
+            hint="check the id, config, split and revision, and your connection; or use a local file",
         ) from None
     where = f"{dataset_id}[{name}]"
-    records = [RawRecord(row, f"{where} row {index}") for index, row in enumerate(loaded)]
-    if not records:
+    if not streaming and len(loaded) == 0:
         raise DataError(f"{where}: the dataset is empty")
-    return SourceData(name=where, records=records, fingerprint=f"hub:{dataset_id}:{name}:{loaded._fingerprint}")
+    return loaded, where
+
+
+def stream_records(source: DataSourceConfig, index: int, split: str) -> Iterator[RawRecord]:
+    """The records of one source read as training reaches them (hub datasets with streaming=True)."""
+    files = source_files(source)
+    if files is not None:
+        for piece in plan_pieces([source], split, processes=1):
+            yield from read_piece(piece)
+        return
+    if is_local_path(source.path):
+        dataset, where = open_dataset(source, split)
+        yield from _read_dataset(Piece(index, "dataset", where, 0, len(dataset), dataset=dataset))
+        return
+    dataset, where = _open_hub(source, split, streaming=True)
+    for row, fields in enumerate(dataset):
+        yield RawRecord(fields, f"{where} row {row}")
 
 
 def raise_problems(problems: list[str], *, hint: str | None = None) -> None:

@@ -22,7 +22,7 @@ _PROBE = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": 
 def resolve_chat_template(data: DataConfig, tokenizer) -> str | None:
     """The template to use: recipe inline/file > tokenizer's own > data.default_chat_template; UsageError otherwise
     (None only for format: text)."""
-    if data.format == "text":
+    if data.formats == {"text"}:
         return None
     if data.chat_template is not None:
         template, key = data.chat_template, "data.chat_template"
@@ -35,7 +35,8 @@ def resolve_chat_template(data: DataConfig, tokenizer) -> str | None:
     else:
         name = getattr(tokenizer, "name_or_path", "") or "the model"
         raise UsageError(
-            f"the tokenizer of {name} has no chat template, which format {data.format} needs",
+            f"the tokenizer of {name} has no chat template, which format "
+            f"{'/'.join(sorted(data.formats - {'text'}))} needs",
             hint="set data.default_chat_template: chatml, or give data.chat_template / data.chat_template_file "
                  "(or use format: text for plain language-model training)",
         )

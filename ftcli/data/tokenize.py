@@ -21,64 +21,29 @@ class TokenizedExample:
 
 def tokenize_examples(conversations: list[Conversation], data: DataConfig, tokenizer,
                       chat_template: str | None, report: DataReport) -> list[TokenizedExample]:
-    """Every conversation tokenized, masked and truncated to data.max_length (report counts prefix mismatches).
-
-    With data.num_proc > 1 the chunks are tokenized in that many forked processes (the order is kept)."""
-    if data.format != "text" and chat_template is None:
-        raise DataError(f"format {data.format} needs a chat template", hint="see data.chat_template")
-    chunks = [conversations[start:start + TOKENIZE_CHUNK] for start in range(0, len(conversations), TOKENIZE_CHUNK)]
-    workers = min(data.num_proc or 1, len(chunks))
-    if workers > 1:
-        results = _tokenize_in_processes(chunks, data, tokenizer, chat_template, workers)
-    else:
-        results = [_tokenize_chunk(chunk, data, tokenizer, chat_template) for chunk in chunks]
+    """Every conversation tokenized, masked and truncated to data.max_length (report counts prefix mismatches)."""
     examples: list[TokenizedExample] = []
-    for chunk_examples, mismatches in results:
-        examples.extend(chunk_examples)
-        report.prefix_mismatches += mismatches
+    for start in range(0, len(conversations), TOKENIZE_CHUNK):
+        chunk_examples, mismatches = tokenize_chunk(conversations[start:start + TOKENIZE_CHUNK], data, tokenizer,
+                                                    chat_template)
+        examples += chunk_examples
+        report.prefix_mismatches += sum(mismatches)
     return examples
 
 
-def _tokenize_chunk(chunk: list[Conversation], data: DataConfig, tokenizer,
-                    chat_template: str | None) -> tuple[list[TokenizedExample], int]:
-    """(the chunk's examples truncated to data.max_length, the prefix mismatches met)."""
-    counts = DataReport()
+def tokenize_chunk(chunk: list[Conversation], data: DataConfig, tokenizer,
+                   chat_template: str | None) -> tuple[list[TokenizedExample], list[int]]:
+    """(the chunk's examples truncated to data.max_length, the prefix mismatches met in each)."""
+    if data.format != "text" and chat_template is None:
+        raise DataError(f"format {data.format} needs a chat template", hint="see data.chat_template")
     if data.format == "text":
-        examples = _tokenize_texts(chunk, tokenizer)
+        examples, mismatches = _tokenize_texts(chunk, tokenizer), [0] * len(chunk)
     else:
-        examples = _tokenize_chats(chunk, data, tokenizer, chat_template, counts)
+        examples, mismatches = _tokenize_chats(chunk, data, tokenizer, chat_template)
     for example in examples:
         example.input_ids = example.input_ids[: data.max_length]
         example.labels = example.labels[: data.max_length]
-    return examples, counts.prefix_mismatches
-
-
-# What forked tokenizing processes inherit instead of receiving it with every chunk (the tokenizer is large).
-_FORKED_STATE: dict = {}
-
-
-def _tokenize_forked(chunk: list[Conversation]) -> tuple[list[TokenizedExample], int]:
-    return _tokenize_chunk(chunk, **_FORKED_STATE)   # a DataError reaches the parent through pool.map
-
-
-def _tokenize_in_processes(chunks, data: DataConfig, tokenizer, chat_template, workers: int):
-    import multiprocessing
-    import os
-
-    # The parent's tokenizer may already have used its own threads; in forked children that can deadlock, and the
-    # processes are the parallelism now.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _FORKED_STATE.update(data=data, tokenizer=tokenizer, chat_template=chat_template)
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return pool.map(_tokenize_forked, chunks, chunksize=1)
-    finally:
-        _FORKED_STATE.clear()
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return examples, mismatches
 
 
 def _tokenize_texts(chunk: list[Conversation], tokenizer) -> list[TokenizedExample]:
@@ -120,16 +85,16 @@ def _turn_boundaries(conversation: Conversation, tokenizer, template: str) -> tu
     return full, spans
 
 
-def _tokenize_chats(chunk: list[Conversation], data: DataConfig, tokenizer, template: str,
-                    report: DataReport) -> list[TokenizedExample]:
+def _tokenize_chats(chunk: list[Conversation], data: DataConfig, tokenizer,
+                    template: str) -> tuple[list[TokenizedExample], list[int]]:
     rendered = [_turn_boundaries(c, tokenizer, template) for c in chunk]
     texts = [full for full, _ in rendered]
     if data.train_on == "completion":
         texts += [text for _, spans in rendered for span in spans for text in span]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     fulls, boundary_ids = encoded[: len(chunk)], iter(encoded[len(chunk):])
-    examples = []
-    for conversation, (full_text, spans), ids in zip(chunk, rendered, fulls):
+    examples, mismatches = [], [0] * len(chunk)
+    for number, (conversation, (full_text, spans), ids) in enumerate(zip(chunk, rendered, fulls)):
         ids = list(ids)
         if data.train_on == "all":
             examples.append(TokenizedExample(ids, list(ids), len(ids)))
@@ -144,13 +109,13 @@ def _tokenize_chats(chunk: list[Conversation], data: DataConfig, tokenizer, temp
                     bounds.append(len(prefix))
                     continue
                 # Tokens merged across the boundary: locate it by character offset in the full tokenization.
-                report.prefix_mismatches += 1
+                mismatches[number] += 1
                 offsets = offsets or _offsets(full_text, tokenizer, conversation)
                 bounds.append(sum(1 for start, _ in offsets if start < len(text)))
             start, end = bounds
             labels[start:end] = ids[start:end]
         examples.append(TokenizedExample(ids, labels, len(ids)))
-    return examples
+    return examples, mismatches
 
 
 def _offsets(text: str, tokenizer, conversation: Conversation) -> list[tuple[int, int]]:

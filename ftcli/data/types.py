@@ -29,6 +29,8 @@ class DataReport:
     fingerprints: dict[str, str] = field(default_factory=dict)     # data file -> sha256
     rows: int = 0                    # rows in the dataset handed to the trainer (packed rows when packing)
     prefix_mismatches: int = 0       # turn boundaries found through character offsets (tokens merged across them)
+    sources: list[dict[str, Any]] = field(default_factory=list)   # per source: examples read and used, shares
+    processes: int = 1               # processes that prepared the data
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

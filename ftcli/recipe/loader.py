@@ -13,6 +13,8 @@ from pydantic import BaseModel, ValidationError
 from ftcli.errors import RecipeError
 from ftcli.paths import is_local_path
 from ftcli.recipe.schema import (
+    DataConfig,
+    DataSourceConfig,
     DoraMethod,
     Ia3Method,
     LoraMethod,
@@ -86,6 +88,8 @@ looks_local = is_local_path
 def _resolve_path_value(value: Any, base_dir: Path) -> Any:
     if isinstance(value, list):
         return [_resolve_path_value(v, base_dir) for v in value]
+    if isinstance(value, dict) and "path" in value:   # a data source with its own settings
+        return {**value, "path": _resolve_path_value(value["path"], base_dir)}
     if not isinstance(value, str) or not value:
         return value
     if is_local_path(value, base_dir):
@@ -252,6 +256,10 @@ def recipe_to_yaml(recipe: Recipe, header: str = "") -> str:
 # ---------------------------------------------------------------------------------------------- error text
 
 
+# The tags of a data source's shapes in error locations (schema.DataSource), not keys of the recipe.
+SOURCE_TAGS = ("source",)
+
+
 def _data_path(loc: tuple, data: Any) -> tuple:
     """Map a pydantic error location onto the recipe's key path, dropping union and tag markers."""
     path: tuple = ()
@@ -263,7 +271,8 @@ def _data_path(loc: tuple, data: Any) -> tuple:
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             path += (part,)
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and part not in METHOD_CLASSES and "[" not in part:
+        elif (isinstance(node, dict) and isinstance(part, str) and part not in METHOD_CLASSES
+              and part not in SOURCE_TAGS and "[" not in part):
             path += (part,)  # a missing key
             node = None
     return path
@@ -275,6 +284,11 @@ def _section_class(path: tuple, data: dict) -> type[BaseModel] | None:
     for part in path:
         if cls is None:
             return None
+        if isinstance(part, int):   # an item of a list of data sources
+            continue
+        if cls is DataConfig and part in ("train", "eval"):
+            cls, node = DataSourceConfig, None
+            continue
         if part == "method" and cls is Recipe:
             kind = node.get("method", {}).get("kind") if isinstance(node, dict) else None
             cls = METHOD_CLASSES.get(kind)
@@ -325,7 +339,7 @@ def describe_validation_errors(exc: ValidationError, data: dict, locations: dict
         ctx = error.get("ctx") or {}
         path = _data_path(tuple(error["loc"]), data)
         if kind == "conflict":
-            path += tuple(ctx["key"].split("."))
+            path += tuple(int(part) if part.isdigit() else part for part in ctx["key"].split("."))
         elif kind == "union_tag_invalid":
             path += ("kind",)
         key = format_path(path)

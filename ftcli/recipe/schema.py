@@ -7,7 +7,16 @@ import re
 import sys
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -88,10 +97,13 @@ def _target_modules(value: object) -> object:
 
 
 def _sources(value: object) -> object:
-    if isinstance(value, list) and (not value or not all(isinstance(v, str) and v for v in value)):
-        raise ValueError(f"must be a path or a non-empty list of paths (got {value!r})")
-    if isinstance(value, str) and not value:
-        raise ValueError("must not be empty")
+    if isinstance(value, list) and not value:
+        raise ValueError("must be a source or a non-empty list of sources")
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and not item:
+            raise ValueError("a data source must not be empty")
+        if not isinstance(item, str | dict | DataSourceConfig):
+            raise ValueError(f"must be a path, a hub id or a {{path: ...}} source, got {type(item).__name__}")
     return value
 
 
@@ -205,19 +217,88 @@ DEFAULT_COLUMNS = {
     "prompt_completion": ("prompt", "completion"),
 }
 
-DataSource = Annotated[str | list[str], BeforeValidator(_sources)]
+DataFormat = Literal["text", "instruction", "chat", "prompt_completion"]
+
+
+def _check_columns(columns: dict[str, str], data_format: str, key: str) -> None:
+    for name, target in columns.items():
+        if not target:
+            raise conflict(key, f"the column mapping for {name!r} is empty")
+    unknown = sorted(set(columns) - set(DEFAULT_COLUMNS[data_format]))
+    if unknown:
+        raise conflict(
+            key,
+            f"data.columns maps {', '.join(unknown)}, which format {data_format} does not use "
+            f"(it uses {', '.join(DEFAULT_COLUMNS[data_format])})",
+        )
+
+
+class DataSourceConfig(Section):
+    """One data source, with its own record format and how much of it a mix uses."""
+
+    path: str = Field(min_length=1)
+    """A file (.jsonl .json .csv .parquet), a glob or folder of them, a saved datasets folder, or a hub dataset id."""
+    format: DataFormat | None = None
+    """This source's record format (default: data.format)."""
+    columns: dict[str, str] | None = None
+    """This source's column mapping (default: data.columns when the source has data.format)."""
+    sharegpt: bool | None = None
+    """This source's chat records are ShareGPT style (default: data.sharegpt)."""
+    system_prompt: str | None = None
+    """System prompt for this source's instruction and prompt_completion examples (default: data.system_prompt)."""
+    split: str | None = None
+    """Split of a hub dataset or saved DatasetDict (default: train; for data.eval validation, eval or test)."""
+    config: str | None = Field(None, min_length=1)
+    """Hub dataset configuration (subset) name."""
+    revision: str | None = Field(None, min_length=1)
+    """Hub dataset revision (branch, tag or commit); pin one so that a recipe reads the same data every time."""
+    weight: float | None = Field(None, gt=0)
+    """Use each example this many times on average: 2 uses the source twice, 0.5 a random half (seeded)."""
+    samples: int | None = Field(None, gt=0)
+    """Use exactly this many examples: a seeded random subset (more than the source holds repeats it)."""
+    fraction: float | None = Field(None, gt=0, le=1)
+    """Use this fraction of the examples: a seeded random subset."""
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DataSourceConfig:
+        given = [name for name in ("weight", "samples", "fraction") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise conflict(given[1], f"give one of weight, samples or fraction per source, not {' and '.join(given)}")
+        return self
+
+    @property
+    def mixes(self) -> bool:
+        """Whether this source uses other than every example once."""
+        return self.weight not in (None, 1) or self.samples is not None or self.fraction is not None
+
+
+def _source_shape(value: object) -> str:
+    if isinstance(value, list):
+        return "list"
+    return "source" if isinstance(value, dict | DataSourceConfig) else "path"
+
+
+# Tagged by shape, so that a wrong source gets the errors of its own shape only (not one per union member).
+OneSource = Annotated[
+    Annotated[str, Tag("path")] | Annotated[DataSourceConfig, Tag("source")], Discriminator(_source_shape)
+]
+DataSource = Annotated[
+    Annotated[str, Tag("path")] | Annotated[DataSourceConfig, Tag("source")]
+    | Annotated[list[OneSource], Tag("list")],
+    Discriminator(_source_shape), BeforeValidator(_sources),
+]
 
 
 class DataConfig(Section):
     """Training and evaluation data."""
 
     train: DataSource
-    """Training data: a file (.jsonl .json .csv .parquet), a datasets folder, a hub dataset id, or a list of them."""
+    """Training data: a file, glob, folder, saved dataset or hub id, a {path, format, weight, ...} source, or a list."""
     eval: DataSource | None = None
-    """Held-out data in the same format (exclusive with val_split)."""
+    """Held-out data, in the same forms as train (exclusive with val_split)."""
     val_split: float | None = Field(None, gt=0, lt=1)
-    """Fraction of the training data held out for eval, seeded by training.seed."""
-    format: Literal["text", "instruction", "chat", "prompt_completion"] = "chat"
+    """Fraction of the training records held out for eval, seeded by data.seed."""
+    format: DataFormat = "chat"
     """Record format: text, instruction (Alpaca), chat (OpenAI messages) or prompt_completion."""
     columns: dict[str, str] = {}
     """Map from this format's column names to the names in your data, e.g. {messages: conversations}."""
@@ -239,8 +320,19 @@ class DataConfig(Section):
     """Loss on completions / assistant turns only, or on all tokens."""
     max_dropped_fraction: float = Field(0.05, ge=0, le=1)
     """Fail when more than this fraction of examples has no trainable token left after truncation."""
-    num_proc: int | None = Field(None, gt=0)
-    """Processes that tokenize in parallel (large datasets on many cores; default one). The result is the same."""
+    num_proc: int | Literal["auto"] = "auto"
+    """Processes that prepare the data: auto uses every core for large data, one for small; the result is the same."""
+    seed: int | None = None
+    """Seed of val_split and of mixing (weight, samples, fraction); default training.seed."""
+    streaming: bool = False
+    """Read the training data as training goes, for sets beyond disk or memory (needs training.max_steps)."""
+
+    @field_validator("num_proc")
+    @classmethod
+    def _positive_processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto or at least 1")
+        return value
 
     @model_validator(mode="after")
     def _exclusive(self) -> DataConfig:
@@ -250,27 +342,70 @@ class DataConfig(Section):
             raise conflict("chat_template_file", "give either data.chat_template or data.chat_template_file, not both")
         return self
 
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, value: dict[str, str], info) -> dict[str, str]:
-        for key, target in value.items():
-            if not target:
-                raise ValueError(f"column mapping for {key!r} is empty")
-        return value
-
     @model_validator(mode="after")
     def _columns_for_format(self) -> DataConfig:
-        allowed = DEFAULT_COLUMNS[self.format]
-        unknown = sorted(set(self.columns) - set(allowed))
-        if unknown:
-            raise conflict(
-                "columns",
-                f"data.columns maps {', '.join(unknown)}, which format {self.format} does not use "
-                f"(it uses {', '.join(allowed)})",
-            )
-        if self.sharegpt and self.format != "chat":
+        _check_columns(self.columns, self.format, "columns")
+        if self.sharegpt and self.format != "chat" and not self._sources_with_format("chat"):
             raise conflict("sharegpt", "data.sharegpt applies only to format: chat")
+        for split in ("train", "eval"):
+            for index, source in enumerate(self._given_sources(split)):
+                if isinstance(source, str):
+                    continue
+                where = f"{split}.{index}." if isinstance(getattr(self, split), list) else f"{split}."
+                resolved = self.resolve_source(source)
+                if source.columns is not None:
+                    _check_columns(source.columns, resolved.format, f"{where}columns")
+                if source.sharegpt and resolved.format != "chat":
+                    raise conflict(f"{where}sharegpt", "sharegpt applies only to format: chat")
         return self
+
+    @model_validator(mode="after")
+    def _streaming_limits(self) -> DataConfig:
+        if not self.streaming:
+            return self
+        if self.val_split is not None:
+            raise conflict("val_split", "data.streaming reads the data once, as training goes: it cannot hold out "
+                                        "a fraction first; give data.eval instead")
+        if self.packing:
+            raise conflict("packing", "data.packing needs the whole data set prepared; not with data.streaming")
+        for index, source in enumerate(self._given_sources("train")):
+            if not isinstance(source, str) and source.mixes:
+                raise conflict("train", f"data.train source {index} sets weight, samples or fraction, which need "
+                                        "the sources' sizes; not with data.streaming")
+        return self
+
+    def _given_sources(self, split: str) -> list[str | DataSourceConfig]:
+        value = getattr(self, split)
+        if value is None:
+            return []
+        return list(value) if isinstance(value, list) else [value]
+
+    def _sources_with_format(self, data_format: str) -> bool:
+        return any(not isinstance(s, str) and s.format == data_format
+                   for split in ("train", "eval") for s in self._given_sources(split))
+
+    def resolve_source(self, source: str | DataSourceConfig) -> DataSourceConfig:
+        """`source` with every setting it leaves open taken from this section (format, columns, ...)."""
+        if isinstance(source, str):
+            source = DataSourceConfig(path=source)
+        data_format = source.format or self.format
+        columns = source.columns
+        if columns is None:
+            columns = dict(self.columns) if data_format == self.format else {}
+        return source.model_copy(update={
+            "format": data_format, "columns": columns,
+            "sharegpt": self.sharegpt if source.sharegpt is None else source.sharegpt,
+            "system_prompt": self.system_prompt if source.system_prompt is None else source.system_prompt,
+        })
+
+    def sources(self, split: str) -> list[DataSourceConfig]:
+        """The sources of `split` (train | eval), each with its settings resolved."""
+        return [self.resolve_source(source) for source in self._given_sources(split)]
+
+    @property
+    def formats(self) -> set[str]:
+        """The record formats of every source."""
+        return {source.format for split in ("train", "eval") for source in self.sources(split)}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -402,6 +537,13 @@ class Recipe(Section):
             raise conflict(
                 "quantization", f"quantization applies only to method.kind qlora (this recipe uses {self.method.kind})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_needs_max_steps(self) -> Recipe:
+        if self.data.streaming and self.training.max_steps is None:
+            raise conflict("data.streaming", "data.streaming trains from data of unknown size: set "
+                                             "training.max_steps (epochs cannot be counted)")
         return self
 
     @property

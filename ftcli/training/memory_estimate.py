@@ -78,8 +78,17 @@ def _available_bytes(device: str) -> int | None:
 
 def labelled_tokens_per_batch(label_rows, batch_size: int) -> int:
     """The most labelled positions one batch can hold: those of the batch_size rows that have the most."""
-    counts = sorted((sum(1 for label in labels if label != IGNORE_INDEX) for labels in label_rows), reverse=True)
-    return sum(counts[:batch_size])
+    return largest_sum([sum(1 for label in labels if label != IGNORE_INDEX) for labels in label_rows], batch_size)
+
+
+def largest_sum(counts, how_many: int) -> int:
+    """The sum of the `how_many` largest of `counts` (a sequence or numpy array)."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=np.int64)
+    if len(counts) <= how_many:
+        return int(counts.sum())
+    return int(np.partition(counts, len(counts) - how_many)[-how_many:].sum())
 
 
 def estimate_peak_memory(recipe, model_config, device: str, *, trainable_parameters: int | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftcli.training.memory_estimate import estimate_peak_memory, labelled_tokens_per_batch
+from ftcli.training.memory_estimate import estimate_peak_memory, largest_sum
 
 __all__ = ["run_preflight", "render_preflight", "estimate_peak_memory"]
 SAMPLE_COUNT = 3
@@ -17,22 +17,21 @@ def _load_tokenizer(recipe, trust_remote_code: bool):
 
 def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
     """Load tokenizer and data, never a run dir; return the report (JSON-serialisable)."""
-    from ftcli.data.pipeline import load_conversations, prepare_data
+    from ftcli.data.pipeline import first_conversations, prepare_data
     from ftcli.models import load as models
 
-    # The data first: a broken file is reported before any model or library is loaded.
-    conversations = load_conversations(recipe.data, "train", seed=recipe.training.seed)
+    # The first records first: a file that is broken from its start is reported before any model is loaded.
+    conversations = first_conversations(recipe.data, SAMPLE_COUNT)
     tokenizer = _load_tokenizer(recipe, trust_remote_code)
     resolved = models.resolve_model(recipe.model, trust_remote_code=trust_remote_code)
     device = models.resolve_device(recipe.model.device)
     prepared = prepare_data(recipe, tokenizer)
     train = prepared.train_report
-    samples = _samples(conversations[:SAMPLE_COUNT], recipe, tokenizer, prepared.chat_template)
+    samples = _samples(conversations, recipe, tokenizer, prepared.chat_template)
     model_config = _model_config(resolved.local_dir, trust_remote_code)
     parameters = count_parameters(recipe, model_config, tokenizer)
     memory = estimate_peak_memory(recipe, model_config, device, trainable_parameters=parameters["trainable"],
-                                  labelled_tokens=labelled_tokens_per_batch(prepared.train["labels"],
-                                                                            recipe.training.batch_size))
+                                  labelled_tokens=_labelled_tokens_per_batch(prepared, recipe.training.batch_size))
     return {
         "recipe": recipe.name,
         "model": {"reference": resolved.reference, "kind": resolved.kind, "local_dir": str(resolved.local_dir),
@@ -42,6 +41,9 @@ def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
         "chat_template": prepared.chat_template,
         "data": {
             "format": recipe.data.format,
+            "formats": sorted(recipe.data.formats),
+            "streaming": recipe.data.streaming,
+            "sources": train.sources,
             "max_length": recipe.data.max_length,
             "train_on": recipe.data.train_on,
             "packing": recipe.data.packing,
@@ -55,6 +57,13 @@ def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
         "memory": memory,
         "warnings": _warnings(recipe, tokenizer, prepared),
     }
+
+
+def _labelled_tokens_per_batch(prepared, batch_size: int) -> int | None:
+    """From the prepared rows' trained-token counts (a column read without Python objects); None when streaming."""
+    if "trained" not in (getattr(prepared.train, "column_names", None) or []):
+        return None
+    return largest_sum(prepared.train.data.column("trained").to_numpy(), batch_size)
 
 
 def _model_config(local_dir, trust_remote_code: bool):
@@ -95,7 +104,9 @@ def _samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
     from ftcli.data.tokenize import tokenize_examples
     from ftcli.data.types import IGNORE_INDEX, DataReport
 
-    examples = tokenize_examples(conversations, recipe.data, tokenizer, chat_template, DataReport())
+    examples = [tokenize_examples([c], recipe.data.model_copy(update={"format": "text" if c.messages is None
+                                                                       else "chat"}),
+                                  tokenizer, chat_template, DataReport())[0] for c in conversations]
     samples = []
     for conversation, example in zip(conversations, examples):
         segments: list[dict] = []
@@ -120,7 +131,7 @@ def _warnings(recipe, tokenizer, prepared) -> list[str]:
 
     warnings = []
     template = prepared.chat_template
-    if template is not None and recipe.data.format != "text":
+    if template is not None:
         probe = render([{"role": "user", "content": "ping"}], tokenizer, template)
         if "system" in probe.lower():
             warnings.append("the chat template inserts a default system prompt into every example without one"

@@ -10,7 +10,7 @@ from typing import Any
 
 from ftcli.atomic import raise_if_disk_full
 from ftcli.console import note
-from ftcli.errors import FtcliError, Interrupted, NotAvailableError, RunStateError, UsageError
+from ftcli.errors import DataError, FtcliError, Interrupted, NotAvailableError, RunStateError, UsageError
 from ftcli.paths import runs_root
 from ftcli.recipe.loader import LoadedRecipe
 from ftcli.recipe.schema import Recipe
@@ -116,7 +116,8 @@ class TrainingSession:
         self.resolved = models.resolve_model(recipe.model, trust_remote_code=self.trust_remote_code)
         self.tokenizer = models.load_tokenizer(recipe.model, trust_remote_code=self.trust_remote_code)
         self.prepared = data.prepare_data(recipe, self.tokenizer)
-        self.data_fingerprints = self.prepared.train_report.fingerprints
+        # A streaming run may resume after its bad record was fixed: its data is not pinned by content.
+        self.data_fingerprints = None if recipe.data.streaming else self.prepared.train_report.fingerprints
         self.timings["data_s"] = round(time.perf_counter() - started, 2)
 
         started = time.perf_counter()
@@ -132,8 +133,12 @@ class TrainingSession:
                   f"{counts['trainable']:,} trainable of {counts['total']:,} parameters "
                   f"({100 * counts['trainable'] / max(counts['total'], 1):.3f}%)")
         report = self.prepared.train_report
-        self._log(f"data: {report.examples} training examples, {report.truncated} truncated, "
-                  f"{report.dropped} dropped (no trainable token left)")
+        if recipe.data.streaming:
+            self._log("data: streaming the training data (validated and tokenized as training reaches it)")
+        else:
+            self._log(f"data: {report.examples} training examples, {report.truncated} truncated, "
+                      f"{report.dropped} dropped (no trainable token left), prepared by {report.processes} "
+                      f"process{'es' if report.processes > 1 else ''}")
 
     def training_arguments(self):
         from trl import SFTConfig
@@ -295,6 +300,14 @@ class TrainingSession:
             return metrics
         except Interrupted:
             raise
+        except DataError as exc:
+            # A bad record reached while streaming: keep what was trained, so that the run resumes once it is fixed.
+            step = trainer.state.global_step
+            if step > 0:
+                trainer._save_checkpoint(trainer.model, trial=None)
+            self._mark_quietly("failed", error=str(exc), step=step)
+            where = f"; a checkpoint at step {step} was saved" if step > 0 else ""
+            raise DataError(exc.message + where, hint=exc.hint) from None
         except KeyboardInterrupt:
             self._mark_quietly("interrupted", error="interrupted before a checkpoint could be saved")
             raise Interrupted(f"run {run.name!r} interrupted", hint="continue with --resume") from None
@@ -332,7 +345,8 @@ class TrainingSession:
             "cpu_bf16": models.cpu_bf16_facts() if self.device == "cpu" else None,
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
-            "data": {"fingerprints": report.fingerprints, "train": _report_dict(report),
+            "data": {"fingerprints": self.data_fingerprints, "streaming": self.recipe.data.streaming,
+                     "train": None if self.recipe.data.streaming else _report_dict(report),
                      "eval": _report_dict(eval_report) if eval_report else None},
         }
 

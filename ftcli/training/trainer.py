@@ -31,7 +31,9 @@ class FtcliSFTTrainer(SFTTrainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or dataset is None:
             return super()._get_train_sampler(train_dataset)
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy()
         return LengthBatchedSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -64,7 +64,7 @@ def test_directory_instead_of_file(cli_inproc, tiny_recipe, tmp_path):
     (tmp_path / "folder").mkdir()
     result = cli_inproc("train", tiny_recipe, "--dry-run", "--set", f"data.train={tmp_path / 'folder'}")
     assert result.exit_code == 3, result
-    assert "is a directory, not a data file" in result.stderr
+    assert "is a folder with no data files" in result.stderr
 
 
 def test_hub_dataset_offline(cli_inproc, tiny_recipe):

@@ -326,14 +326,14 @@ def test_padding_collator_keeps_eos_label_although_pad_is_eos(tmp_path, tokenize
 
 
 def test_cache_hit_and_one_byte_change_retokenizes(tmp_path, tokenizer, monkeypatch):
-    from ftcli.data import tokenize as data_tokenize
+    from ftcli.data import build
 
     path = write_jsonl(tmp_path / "d.jsonl", [HI_HELLO])
     recipe = make_recipe(path)
     first = data.prepare_data(recipe, tokenizer)
     calls = []
-    original = data_tokenize.tokenize_examples
-    monkeypatch.setattr(data_tokenize, "tokenize_examples", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = build.tokenize_chunk
+    monkeypatch.setattr(build, "tokenize_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = data.prepare_data(recipe, tokenizer)
     assert calls == [] and again.train["labels"] == first.train["labels"]
     assert again.chat_template == first.chat_template and again.train_report == first.train_report
@@ -346,45 +346,49 @@ def test_cache_hit_and_one_byte_change_retokenizes(tmp_path, tokenizer, monkeypa
     assert calls == [1, 1]   # a data setting is part of the key too
 
 
-def test_num_proc_tokenizes_in_processes_with_the_same_result(tmp_path, tokenizer, monkeypatch):
-    """Three chunks in two processes: the same rows in the same order, counts summed, and an error still named."""
+def test_num_proc_prepares_in_processes_with_the_same_result(tmp_path, tokenizer, monkeypatch):
+    """A file cut into pieces prepared by two processes: the same rows in the same order, counts summed, and an
+    error in a later piece still named with its true line."""
     import os
 
-    from ftcli.data import tokenize as data_tokenize
-    from ftcli.data.tokenize import TOKENIZE_CHUNK
+    from ftcli.data import build, sources
 
     pid_log = tmp_path / "pids"
-    tokenize_chunk = data_tokenize._tokenize_chunk
+    build_piece = build.build_piece
 
     def spy(*args, **kwargs):   # runs in the forked workers too: they append to a file
         with open(pid_log, "a", encoding="ascii") as log:
             log.write(f"{os.getpid()}\n")
-        return tokenize_chunk(*args, **kwargs)
+        return build_piece(*args, **kwargs)
 
-    monkeypatch.setattr(data_tokenize, "_tokenize_chunk", spy)
+    monkeypatch.setattr(build, "build_piece", spy)
+    monkeypatch.setattr(sources, "MIN_PIECE_BYTES", 4096)   # several pieces from a small file
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # restored after the test
 
     template = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}{% endif %}"
                 "{% if m['role'] == 'user' %}Q:{{ m['content'] }}\n"
                 "{% else %}A:{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}A:{% endif %}")
-    records = memorisable_chat(2 * TOKENIZE_CHUNK + 50)
+    records = memorisable_chat(1200)
     records[7]["messages"][1]["content"] = "::yes"   # tokens merge across the answer boundary: counted
     path = write_jsonl(tmp_path / "d.jsonl", records)
     results = {}
     for workers in (1, 2):
-        recipe = make_recipe(path, chat_template=template, num_proc=workers)
-        conversations = data.load_conversations(recipe.data)
-        results[workers] = data.tokenize_conversations(conversations, recipe, tokenizer, template)
+        monkeypatch.setenv("FTCLI_CACHE_DIR", str(tmp_path / f"cache-{workers}"))   # num_proc is not in the key
+        results[workers] = data.prepare_data(make_recipe(path, chat_template=template, num_proc=workers,
+                                                         val_split=0.1), tokenizer)
     worker_pids = set(pid_log.read_text().split())
-    assert str(os.getpid()) in worker_pids and len(worker_pids) >= 2   # the chunks really ran in other processes
-    (single, single_report), (forked, forked_report) = results[1], results[2]
-    assert single["input_ids"] == forked["input_ids"] and single["labels"] == forked["labels"]
-    assert single_report == forked_report and forked_report.prefix_mismatches >= 1
+    assert str(os.getpid()) in worker_pids and len(worker_pids) >= 3   # the pieces really ran in other processes
+    single, forked = results[1], results[2]
+    assert forked.train_report.processes == 2 and single.train_report.processes == 1
+    assert single.train["input_ids"] == forked.train["input_ids"] and single.train["labels"] == forked.train["labels"]
+    assert single.eval["input_ids"] == forked.eval["input_ids"]
+    assert single.train_report.to_dict() | {"processes": 2} == forked.train_report.to_dict()
+    assert forked.train_report.prefix_mismatches >= 1
+    assert forked.train_report.examples + forked.eval_report.examples == 1200
 
-    records[2 * TOKENIZE_CHUNK + 10]["messages"][0]["content"] = "boom"   # in the last chunk, a worker's
+    records[1100]["messages"][0]["content"] = "boom"   # in a late piece, a worker's
     write_jsonl(path, records)
-    recipe = make_recipe(path, chat_template=template, num_proc=2)
-    with pytest.raises(DataError, match=f"d.jsonl:{2 * TOKENIZE_CHUNK + 11}") as failure:
-        data.tokenize_conversations(data.load_conversations(recipe.data), recipe, tokenizer, template)
+    with pytest.raises(DataError, match="d.jsonl:1101") as failure:
+        data.prepare_data(make_recipe(path, chat_template=template, num_proc=2), tokenizer)
     assert "no boom" in str(failure.value)

@@ -1,0 +1,223 @@
+"""Turn a split's sources into one Arrow table, in parallel: every record read, validated, rendered, tokenized and
+masked once, by one process writing its own Arrow file; no process holds more than one piece of the data."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftcli.data.formats import RecordConverter, RecordProblem
+from ftcli.data.sources import MAX_LISTED_PROBLEMS, Piece, plan_pieces, raise_problems, read_piece
+from ftcli.data.tokenize import TOKENIZE_CHUNK, tokenize_chunk
+from ftcli.data.types import IGNORE_INDEX, Conversation
+from ftcli.errors import DataError
+from ftcli.recipe.schema import DataConfig, DataSourceConfig
+
+# Below this much data one process is faster than starting several.
+PARALLEL_MIN_BYTES = 8 << 20
+PARALLEL_MIN_ROWS = 20_000
+MAX_LISTED_DROPS = 5
+READ_HINT = "fix or remove the records named above"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_processes(num_proc: int | str, pieces: list[Piece]) -> int:
+    """data.num_proc as a number of processes: auto uses every core for large data, one process for small data."""
+    if num_proc != "auto":
+        return max(1, min(int(num_proc), len(pieces)))
+    size = sum((piece.stop or 0) - piece.start for piece in pieces if piece.kind == "jsonl")
+    rows = sum(piece.stop - piece.start for piece in pieces if piece.kind == "dataset")
+    if size < PARALLEL_MIN_BYTES and rows < PARALLEL_MIN_ROWS:
+        return 1
+    return max(1, min(available_cores(), len(pieces)))
+
+
+@dataclass
+class PieceResult:
+    """What one piece produced: its Arrow file and counts, or the problems that stop the preparation."""
+
+    path: str | None = None
+    records: int = 0
+    problems: list[str] = field(default_factory=list)
+    read_problem: bool = False               # the first problem is in reading (not in the record's content)
+    fatal: tuple[str, str | None] | None = None
+    dropped: list[tuple[int, str]] = field(default_factory=list)   # (record in the piece, origin), the first ones
+    hint: str | None = None
+
+
+def arrow_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("length", pa.int32()),        # tokens before truncation
+        ("trained", pa.int32()),       # labelled tokens after truncation (0: the example is dropped)
+        ("record", pa.int64()),        # the record's index in its piece
+        ("mismatches", pa.int16()),    # turn boundaries found through character offsets
+    ])
+
+
+def split_configs(data: DataConfig, sources: list[DataSourceConfig]) -> list[DataConfig]:
+    """Per source, the data section with that source's format, columns, sharegpt and system prompt."""
+    return [data.model_copy(update={"format": s.format, "columns": s.columns, "sharegpt": s.sharegpt,
+                                    "system_prompt": s.system_prompt}) for s in sources]
+
+
+def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_template: str | None,
+                path: Path) -> PieceResult:
+    """Read, validate, tokenize and write one piece; problems are collected, not raised (they cross processes)."""
+    import pyarrow as pa
+
+    config = configs[piece.source]
+    converter = RecordConverter(config)
+    result = PieceResult(path=str(path), hint=converter.hint)
+    schema = arrow_schema()
+    chunk: list[tuple[int, Conversation]] = []
+
+    def flush(writer) -> None:
+        examples, mismatches = tokenize_chunk([c for _, c in chunk], config, tokenizer, chat_template)
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        for (record, conversation), example, mismatch in zip(chunk, examples, mismatches):
+            trained = sum(1 for label in example.labels if label != IGNORE_INDEX)
+            if not trained and len(result.dropped) < MAX_LISTED_DROPS:
+                result.dropped.append((record, conversation.origin))
+            for name, value in (("input_ids", example.input_ids), ("labels", example.labels),
+                                ("length", example.full_length), ("trained", trained), ("record", record),
+                                ("mismatches", mismatch)):
+                columns[name].append(value)
+        writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type) for n in schema.names],
+                                           schema=schema))
+        chunk.clear()
+
+    try:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for record in read_piece(piece):
+                try:
+                    conversation = converter(record)
+                except RecordProblem as exc:
+                    result.read_problem = result.read_problem or (not result.problems and record.problem is not None)
+                    result.problems.append(f"{record.origin}: {exc}")
+                    if len(result.problems) >= MAX_LISTED_PROBLEMS:
+                        break
+                    continue
+                finally:
+                    result.records += 1
+                if result.problems:
+                    continue   # keep validating, stop tokenizing: this preparation will not be used
+                chunk.append((result.records - 1, conversation))
+                if len(chunk) >= TOKENIZE_CHUNK:
+                    flush(writer)
+            if chunk and not result.problems:
+                flush(writer)
+    except DataError as exc:
+        result.fatal = (exc.message, exc.hint)
+    return result
+
+
+# What forked processes inherit instead of receiving it with every piece (the tokenizer and datasets are large).
+_FORKED_STATE: dict = {}
+
+
+def _build_forked(index: int) -> PieceResult:
+    state = _FORKED_STATE
+    return build_piece(state["pieces"][index], state["configs"], state["tokenizer"], state["chat_template"],
+                       state["folder"] / f"part-{index:05d}.arrow")
+
+
+@dataclass
+class BuiltSplit:
+    """The Arrow table of a split (a datasets.Dataset over the pieces' files) and what is known of its rows."""
+
+    dataset: object
+    row_source: object               # numpy: the source index of each row
+    row_record: object               # numpy: the record's index over all sources of the split
+    records_per_source: list[int]
+    dropped: list[tuple[int, str]]   # (record over the split, origin) of the first dropped examples
+    processes: int
+
+
+def build_split(data: DataConfig, sources: list[DataSourceConfig], split: str, tokenizer,
+                chat_template: str | None, folder: Path) -> BuiltSplit:
+    """Every record of `sources` prepared into Arrow files under `folder`; DataError naming the first problems."""
+    import numpy as np
+
+    pieces = plan_pieces(sources, split, processes=max(1, available_cores()))
+    processes = resolve_processes(data.num_proc, pieces)
+    configs = split_configs(data, sources)
+    folder.mkdir(parents=True, exist_ok=True)
+    if processes > 1:
+        results = _build_in_processes(pieces, configs, tokenizer, chat_template, folder, processes)
+    else:
+        results = []
+        for index, piece in enumerate(pieces):
+            results.append(build_piece(piece, configs, tokenizer, chat_template, folder / f"part-{index:05d}.arrow"))
+            if results[-1].problems or results[-1].fatal:
+                break
+    _raise_first_problems(results)
+
+    from datasets import Dataset, concatenate_datasets
+
+    parts = [Dataset.from_file(result.path) for result in results]
+    records = np.array([result.records for result in results], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(records)[:-1]])
+    rows = np.array([len(part) for part in parts], dtype=np.int64)
+    records_per_source = [0] * len(sources)
+    for piece, count in zip(pieces, records):
+        records_per_source[piece.source] += int(count)
+    for index, count in enumerate(records_per_source):
+        if count == 0:
+            raise DataError(f"{sources[index].path}: no records", hint="add at least one record")
+    dataset = concatenate_datasets(parts)
+    row_record = np.repeat(offsets, rows) + dataset.data.column("record").to_numpy()
+    dropped = [(int(offset) + record, origin) for result, offset in zip(results, offsets)
+               for record, origin in result.dropped]
+    return BuiltSplit(dataset, np.repeat([piece.source for piece in pieces], rows), row_record, records_per_source,
+                      dropped, processes)
+
+
+def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path, processes: int):
+    import multiprocessing
+
+    # The parent's tokenizer may already have used its own threads; in forked children that can deadlock, and the
+    # processes are the parallelism now.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _FORKED_STATE.update(pieces=pieces, configs=configs, tokenizer=tokenizer, chat_template=chat_template,
+                         folder=folder)
+    results = []
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            for result in pool.imap(_build_forked, range(len(pieces))):
+                results.append(result)
+                if sum(len(r.problems) for r in results) >= MAX_LISTED_PROBLEMS or result.fatal:
+                    break   # leaving the with block stops the other processes
+    finally:
+        _FORKED_STATE.clear()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return results
+
+
+def _raise_first_problems(results: list[PieceResult]) -> None:
+    problems: list[str] = []
+    hint = None
+    for result in results:
+        if result.fatal and not problems:
+            message, fatal_hint = result.fatal
+            raise DataError(message, hint=fatal_hint)
+        if result.problems and hint is None:
+            hint = READ_HINT if result.read_problem else result.hint
+        problems += result.problems
+        if result.fatal or len(problems) >= MAX_LISTED_PROBLEMS:
+            break
+    raise_problems(problems[:MAX_LISTED_PROBLEMS], hint=hint)
