@@ -304,7 +304,8 @@ class TrainingSession:
             # A bad record reached while streaming: keep what was trained, so that the run resumes once it is fixed.
             step = trainer.state.global_step
             if step > 0:
-                trainer._save_checkpoint(trainer.model, trial=None)
+                trainer._save_checkpoint(trainer.model, trial=None)   # what the loop does at a save step
+                trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
             self._mark_quietly("failed", error=str(exc), step=step)
             where = f"; a checkpoint at step {step} was saved" if step > 0 else ""
             raise DataError(exc.message + where, hint=exc.hint) from None
