@@ -35,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.measure import (
@@ -656,11 +656,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
     parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md and results.json go")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--data-sizes", type=lambda text: tuple(int(n) for n in text.split(",")), default=None,
+                        help="the data section's sizes, e.g. 20000,200000 (one run each; the cached dry run at the "
+                             "largest of them up to 200,000)")
     args = parser.parse_args(argv)
 
     from bench.report import render_markdown
 
     plan = QUICK if args.quick else FULL
+    if args.data_sizes:
+        plan = replace(plan, data_sizes=args.data_sizes, data_repeats=(1,) * len(args.data_sizes),
+                       data_cached_size=max([n for n in args.data_sizes if n <= 200_000] or [min(args.data_sizes)]))
     work = args.work or Path(tempfile.mkdtemp(prefix="ftcli-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(plan, work)

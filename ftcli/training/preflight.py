@@ -73,7 +73,31 @@ def _model_config(local_dir, trust_remote_code: bool):
 
 
 def count_parameters(recipe, model_config, tokenizer=None) -> dict:
-    """Trainable and total parameters of the recipe's PEFT model, built on the meta device (no weights loaded)."""
+    """Trainable and total parameters of the recipe's PEFT model, built on the meta device (no weights loaded);
+    remembered in the cache folder by model config, method and vocabulary size, so that a second dry run of a recipe
+    does not import peft."""
+    import hashlib
+    import json
+
+    from ftcli.atomic import atomic_write_json
+    from ftcli.paths import cache_dir
+
+    key = hashlib.sha256(json.dumps([model_config.to_json_string(use_diff=False), recipe.method.model_dump(mode="json"),
+                                     len(tokenizer) if tokenizer is not None else None]).encode()).hexdigest()[:32]
+    remembered = cache_dir() / "parameters" / f"{key}.json"
+    try:
+        return json.loads(remembered.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    counts = _count_parameters(recipe, model_config, tokenizer)
+    try:
+        atomic_write_json(remembered, counts)
+    except OSError:   # a read-only cache only costs the count next time
+        pass
+    return counts
+
+
+def _count_parameters(recipe, model_config, tokenizer) -> dict:
     import warnings
 
     from ftcli.models.quiet import quiet_libraries
