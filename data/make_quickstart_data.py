@@ -1,4 +1,6 @@
-"""Write the quickstart task data (sort numbers, reverse words, add numbers) deterministically.
+"""Write the quickstart task data (sort numbers, reverse words, add numbers) deterministically, and preference pairs
+for the same tasks (chosen: the bare correct answer; rejected: a wrong one, or the right one wrapped in an
+explanation).
 
 The embedded SmolLM2-135M-Instruct answers these with explanations instead of the bare answer, so exact match
 starts near 0% and a few minutes of LoRA on the CPU lifts it measurably. Run: python data/make_quickstart_data.py
@@ -42,6 +44,28 @@ def make(count: int, seed: int) -> list[dict]:
     return records
 
 
+def wrong_answer(question: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: a sum off by a little, a list with two items swapped."""
+    if question.startswith("Add"):
+        return str(int(answer) + rng.choice((-10, -2, -1, 1, 2, 10)))
+    separator = ", " if question.startswith("Sort") else " "
+    items = answer.split(separator)
+    i, j = rng.sample(range(len(items)), 2)
+    items[i], items[j] = items[j], items[i]
+    return separator.join(items)
+
+
+def preference_pairs(records: list[dict], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    for record in records:
+        question, answer = (m["content"] for m in record["messages"])
+        rejected = (wrong_answer(question, answer, rng) if rng.random() < 0.5
+                    else f"Sure! Let me work through this step by step. The answer is {answer}.")
+        pairs.append({"prompt": question, "chosen": answer, "rejected": rejected})
+    return pairs
+
+
 def write(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
@@ -53,4 +77,7 @@ if __name__ == "__main__":
     held_out = [r for r in held_out if r["messages"][0]["content"] not in seen]
     write(HERE / "train.jsonl", train)
     write(HERE / "val.jsonl", held_out)
-    print(f"wrote {len(train)} training and {len(held_out)} held-out examples to {HERE}")
+    write(HERE / "preference_train.jsonl", preference_pairs(train, seed=3))
+    write(HERE / "preference_val.jsonl", preference_pairs(held_out, seed=4))
+    print(f"wrote {len(train)} training and {len(held_out)} held-out examples (and as many preference pairs) to "
+          f"{HERE}")

@@ -9,16 +9,18 @@ from pathlib import Path
 
 from ftcli.data.formats import RecordConverter, RecordProblem
 from ftcli.data.sources import MAX_LISTED_PROBLEMS, Piece, plan_pieces, raise_problems, read_piece
-from ftcli.data.tokenize import TOKENIZE_CHUNK, tokenize_chunk
+from ftcli.data.tokenize import TOKENIZE_CHUNK, tokenize_chunk, tokenize_preference_chunk
 from ftcli.data.types import IGNORE_INDEX, Conversation
 from ftcli.errors import DataError
-from ftcli.recipe.schema import DataConfig, DataSourceConfig
+from ftcli.recipe.schema import PREFERENCE_FORMATS, DataConfig, DataSourceConfig
 
 # Below this much data one process is faster than starting several.
 PARALLEL_MIN_BYTES = 8 << 20
 PARALLEL_MIN_ROWS = 20_000
 MAX_LISTED_DROPS = 5
 READ_HINT = "fix or remove the records named above"
+SEQUENCE_COLUMNS = ("input_ids", "labels")
+PREFERENCE_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def available_cores() -> int:
@@ -52,17 +54,35 @@ class PieceResult:
     hint: str | None = None
 
 
-def arrow_schema():
+def example_columns(data_format: str) -> tuple[str, ...]:
+    """The token columns of one example: a sequence and its labels, or a preference pair's three parts."""
+    return PREFERENCE_COLUMNS if data_format in PREFERENCE_FORMATS else SEQUENCE_COLUMNS
+
+
+def arrow_schema(data_format: str):
     import pyarrow as pa
 
-    return pa.schema([
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
+    return pa.schema([(name, pa.list_(pa.int32())) for name in example_columns(data_format)] + [
         ("length", pa.int32()),        # tokens before truncation
         ("trained", pa.int32()),       # labelled tokens after truncation (0: the example is dropped)
         ("record", pa.int64()),        # the record's index in its piece
         ("mismatches", pa.int16()),    # turn boundaries found through character offsets
     ])
+
+
+def tokenize_rows(chunk: list[Conversation], config: DataConfig, tokenizer, chat_template: str | None) -> dict:
+    """The chunk's rows: its token columns, length, trained (the example's trained tokens) and mismatches."""
+    if config.format in PREFERENCE_FORMATS:
+        pairs, mismatches = tokenize_preference_chunk(chunk, config, tokenizer, chat_template)
+        return {"prompt_ids": [p.prompt_ids for p in pairs], "chosen_ids": [p.chosen_ids for p in pairs],
+                "rejected_ids": [p.rejected_ids for p in pairs], "length": [p.full_length for p in pairs],
+                # a pair trains only while both answers keep a token
+                "trained": [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], "mismatches": mismatches}
+    examples, mismatches = tokenize_chunk(chunk, config, tokenizer, chat_template)
+    return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+            "length": [e.full_length for e in examples],
+            "trained": [sum(1 for label in e.labels if label != IGNORE_INDEX) for e in examples],
+            "mismatches": mismatches}
 
 
 def split_configs(data: DataConfig, sources: list[DataSourceConfig]) -> list[DataConfig]:
@@ -79,20 +99,15 @@ def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_templat
     config = configs[piece.source]
     converter = RecordConverter(config)
     result = PieceResult(path=str(path), hint=converter.hint)
-    schema = arrow_schema()
+    schema = arrow_schema(config.format)
     chunk: list[tuple[int, Conversation]] = []
 
     def flush(writer) -> None:
-        examples, mismatches = tokenize_chunk([c for _, c in chunk], config, tokenizer, chat_template)
-        columns: dict[str, list] = {name: [] for name in schema.names}
-        for (record, conversation), example, mismatch in zip(chunk, examples, mismatches):
-            trained = sum(1 for label in example.labels if label != IGNORE_INDEX)
+        columns = tokenize_rows([c for _, c in chunk], config, tokenizer, chat_template)
+        columns["record"] = [record for record, _ in chunk]
+        for (record, conversation), trained in zip(chunk, columns["trained"]):
             if not trained and len(result.dropped) < MAX_LISTED_DROPS:
                 result.dropped.append((record, conversation.origin))
-            for name, value in (("input_ids", example.input_ids), ("labels", example.labels),
-                                ("length", example.full_length), ("trained", trained), ("record", record),
-                                ("mismatches", mismatch)):
-                columns[name].append(value)
         writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type) for n in schema.names],
                                            schema=schema))
         chunk.clear()

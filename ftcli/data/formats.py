@@ -12,7 +12,7 @@ from ftcli.recipe.schema import DEFAULT_COLUMNS, DataConfig
 
 CHAT_ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-OPTIONAL_COLUMNS = {"input"}
+OPTIONAL_COLUMNS = {"input", "prompt"}   # preference records may leave the prompt implicit in both answers
 
 
 class RecordProblem(ValueError):
@@ -162,9 +162,41 @@ def _messages(turns: list, *, sharegpt: bool, name: str) -> list[dict[str, str]]
     return messages
 
 
+def _answer(value: Any, name: str) -> list[dict[str, str]]:
+    """One side of a preference pair: a string (one assistant turn) or a list of messages."""
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        return [{"role": "assistant", "content": _text(value, name)}]
+    return _messages(_as_list(value, name), sharegpt=False, name=name)
+
+
+def _preference_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    chosen, rejected = _answer(fields["chosen"], "chosen"), _answer(fields["rejected"], "rejected")
+    if "prompt" in fields and fields["prompt"] is not None:
+        prompt = fields["prompt"]
+        messages = ([{"role": "user", "content": _text(prompt, "prompt")}] if isinstance(prompt, str)
+                    and not prompt.lstrip().startswith("[") else _messages(_as_list(prompt, "prompt"),
+                                                                           sharegpt=False, name="prompt"))
+    else:   # TRL's implicit prompt: both sides are whole conversations sharing their first turns
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        messages, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not messages:
+            raise RecordProblem("no prompt column, and chosen and rejected share no first turn to be the prompt")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer:
+            raise RecordProblem(f"{name} adds nothing after the prompt")
+        if answer[0]["role"] != "assistant":
+            raise RecordProblem(f"{name} must start with an assistant turn after the prompt, not {answer[0]['role']}")
+    if chosen == rejected:
+        raise RecordProblem("chosen and rejected are identical (nothing to prefer)")
+    return Conversation(messages=_with_system(messages, data), chosen=chosen, rejected=rejected, origin=origin)
+
+
 _CONVERTERS: dict[str, Callable[[dict[str, Any], DataConfig, str], Conversation]] = {
     "text": _text_record,
     "instruction": _instruction_record,
     "chat": _chat_record,
     "prompt_completion": _prompt_completion_record,
+    "preference": _preference_record,
 }

@@ -307,6 +307,7 @@ def _finish(recipe: Recipe, built, rows, split: str, staging: Path, seed: int, *
     """The rows of one split checked, mixed and packed: (datasets.Dataset, DataReport)."""
     import numpy as np
 
+    from ftcli.data.build import example_columns
     from ftcli.data.packing import pack_dataset
 
     data = recipe.data
@@ -329,7 +330,8 @@ def _finish(recipe: Recipe, built, rows, split: str, staging: Path, seed: int, *
     chosen = np.concatenate(selected) if selected else np.array([], dtype=np.int64)
     report.total_tokens = int(tokens[chosen].sum())
     report.trained_tokens = int(all_trained[chosen].sum())
-    dataset = built.dataset.select(chosen).select_columns(["input_ids", "labels", "trained"])
+    columns = example_columns(sources[0].format)
+    dataset = built.dataset.select(chosen).select_columns([*columns, "trained"])
     if data.packing:
         dataset = pack_dataset(dataset, tokens[chosen], data.max_length, staging / "parts" / f"{split}-packed.arrow")
         report.trained_tokens = int(np.asarray(dataset.data.column("trained").to_numpy()).sum())

@@ -138,3 +138,56 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
 
     return {"min": float(ordered[0]), "p50": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99),
             "max": float(ordered[-1]), "mean": round(sum(ordered) / len(ordered), 2)}
+
+
+@dataclass
+class PreferenceExample:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    full_length: int                 # prompt and the longer answer, before truncation
+
+
+def tokenize_preference_chunk(chunk: list[Conversation], data: DataConfig, tokenizer,
+                              chat_template: str) -> tuple[list[PreferenceExample], list[int]]:
+    """Preference pairs as prompt, chosen and rejected token ids through the chat template: the prompt rendered with
+    the generation prompt, each answer as the rest of the whole conversation's rendering (its end-of-turn token
+    included); the prompt keeps its last data.max_prompt_length tokens, the answers what data.max_length leaves."""
+    texts = []
+    for conversation in chunk:
+        try:
+            prompt = render(conversation.messages or [], tokenizer, chat_template, add_generation_prompt=True)
+            sides = [render((conversation.messages or []) + answer, tokenizer, chat_template).rstrip()
+                     for answer in (conversation.chosen, conversation.rejected)]
+        except Exception as exc:  # the template's own raise_exception or a Jinja error
+            raise DataError(f"{conversation.origin}: the chat template cannot render this pair: {exc}",
+                            hint="fix the example or choose another template (data.chat_template)") from None
+        for side in sides:
+            if not side.startswith(prompt):
+                raise DataError(f"{conversation.origin}: the chat template renders the prompt differently inside "
+                                "the whole conversation, so the answer cannot be separated from it",
+                                hint="use a template that renders earlier turns the same way (data.chat_template)")
+        texts += [prompt, *sides]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompt_limit = data.max_prompt_length or data.max_length // 2
+    examples, mismatches = [], []
+    for index in range(len(chunk)):
+        prompt_ids, chosen_full, rejected_full = (list(ids) for ids in encoded[3 * index: 3 * index + 3])
+        shared = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
+        mismatches.append(int(shared < len(prompt_ids)))   # a token merged across the boundary: cut before it
+        prompt_ids = prompt_ids[:shared]
+        chosen_ids, rejected_ids = chosen_full[shared:], rejected_full[shared:]
+        full_length = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+        prompt_ids = prompt_ids[-prompt_limit:] if len(prompt_ids) > prompt_limit else prompt_ids
+        room = max(0, data.max_length - len(prompt_ids))
+        examples.append(PreferenceExample(prompt_ids, chosen_ids[:room], rejected_ids[:room], full_length))
+    return examples, mismatches
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length

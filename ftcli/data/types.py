@@ -10,10 +10,13 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Conversation:
-    """One normalised example: chat messages [{role, content}], or plain text for format: text."""
+    """One normalised example: chat messages [{role, content}], or plain text for format: text; for a preference
+    pair, messages is the prompt and chosen / rejected the two answers (assistant turns)."""
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     origin: str | None = None        # file:line (or row) it came from, for error messages
+    chosen: list[dict[str, str]] | None = None
+    rejected: list[dict[str, str]] | None = None
 
 
 @dataclass

@@ -147,8 +147,13 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
 def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
     """The conversations to score and a description of where they came from (fails before any model loads)."""
     from ftcli.data.pipeline import load_conversations, with_eval_source
+    from ftcli.recipe.schema import PREFERENCE_FORMATS
 
     data_config = recipe.data
+    if data_config.formats & set(PREFERENCE_FORMATS):
+        raise UsageError(f"run {run.name!r} trained on preference pairs; ftcli eval does not score preference data "
+                         "yet (preference accuracy is planned)",
+                         hint=f"try the run with: ftcli generate {run.name} --prompt TEXT")
     if data is not None:
         source = str(data)
         if is_local_path(source):   # else a hub dataset id, read as the data module reads data.eval

@@ -6,6 +6,7 @@ import difflib
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftcli.errors import UsageError
 
@@ -205,13 +206,13 @@ def gradient_checkpointing_enabled(setting, device: str) -> bool:
     return bool(setting)
 
 
-def apply_method(model, recipe, tokenizer=None):
-    """Wrap the loaded base model in a PeftModel for the recipe's method (kbit preparation for qlora);
-    returns (peft_model, {"trainable": int, "total": int})."""
+def apply_method(model, recipe, tokenizer=None, *, starting_adapter: Path | None = None):
+    """Wrap the loaded base model in a PeftModel for the recipe's method (kbit preparation for qlora), a new adapter
+    or, with `starting_adapter`, that adapter's weights trained on; returns (peft_model, {"trainable", "total"})."""
     from ftcli.models.quiet import quiet_libraries
 
     quiet_libraries()
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     method = recipe.method
     traits = METHOD_TRAITS[method.kind]
@@ -226,6 +227,9 @@ def apply_method(model, recipe, tokenizer=None):
                 model, use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
             )
-        peft_model = get_peft_model(model, config)
+        if starting_adapter is not None:
+            peft_model = PeftModel.from_pretrained(model, str(starting_adapter), is_trainable=True)
+        else:
+            peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return peft_model, {"trainable": int(trainable), "total": int(total)}

@@ -16,12 +16,14 @@ from ftcli.recipe.schema import (
     DataConfig,
     DataSourceConfig,
     DoraMethod,
+    DpoObjective,
     Ia3Method,
     LoraMethod,
     PrefixMethod,
     PromptMethod,
     QloraMethod,
     Recipe,
+    SftObjective,
     check_run_name,
 )
 from ftcli.recipe.yamlsource import (
@@ -42,7 +44,8 @@ METHOD_CLASSES: dict[str, type[BaseModel]] = {
     "ia3": Ia3Method,
 }
 # Values that name files: a relative path means "relative to the recipe file that wrote it".
-PATH_KEYS = {("model", "path"), ("data", "train"), ("data", "eval"), ("data", "chat_template_file")}
+PATH_KEYS = {("model", "path"), ("model", "adapter"), ("data", "train"), ("data", "eval"),
+             ("data", "chat_template_file")}
 
 
 @dataclass
@@ -256,8 +259,9 @@ def recipe_to_yaml(recipe: Recipe, header: str = "") -> str:
 # ---------------------------------------------------------------------------------------------- error text
 
 
-# The tags of a data source's shapes in error locations (schema.DataSource), not keys of the recipe.
+# The tags of a data source's shapes and of the objectives in error locations, not keys of the recipe.
 SOURCE_TAGS = ("source",)
+OBJECTIVE_CLASSES: dict[str, type[BaseModel]] = {"sft": SftObjective, "dpo": DpoObjective}
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:
@@ -272,7 +276,7 @@ def _data_path(loc: tuple, data: Any) -> tuple:
             path += (part,)
             node = node[part]
         elif (isinstance(node, dict) and isinstance(part, str) and part not in METHOD_CLASSES
-              and part not in SOURCE_TAGS and "[" not in part):
+              and part not in SOURCE_TAGS and part not in OBJECTIVE_CLASSES and "[" not in part):
             path += (part,)  # a missing key
             node = None
     return path
@@ -288,6 +292,11 @@ def _section_class(path: tuple, data: dict) -> type[BaseModel] | None:
             continue
         if cls is DataConfig and part in ("train", "eval"):
             cls, node = DataSourceConfig, None
+            continue
+        if part == "objective" and cls is Recipe:
+            objective = node.get("objective") if isinstance(node, dict) else None
+            cls = OBJECTIVE_CLASSES.get(objective.get("kind") if isinstance(objective, dict) else objective)
+            node = objective
             continue
         if part == "method" and cls is Recipe:
             kind = node.get("method", {}).get("kind") if isinstance(node, dict) else None

@@ -82,6 +82,8 @@ class ModelConfig(Section):
     """Attention kernel; auto lets ftcli pick per device."""
     trust_remote_code: bool = False
     """Run code shipped with the model; honoured only together with the --trust-remote-code flag."""
+    adapter: str | None = Field(None, min_length=1)
+    """Start from this adapter instead of a new one: run:NAME (a finished run), a PEFT adapter folder, or a hub id."""
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -209,15 +211,17 @@ class QuantizationConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- data
 
-DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion")
+DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion", "preference")
+PREFERENCE_FORMATS = ("preference",)
 DEFAULT_COLUMNS = {
     "text": ("text",),
     "instruction": ("instruction", "input", "output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 
-DataFormat = Literal["text", "instruction", "chat", "prompt_completion"]
+DataFormat = Literal["text", "instruction", "chat", "prompt_completion", "preference"]
 
 
 def _check_columns(columns: dict[str, str], data_format: str, key: str) -> None:
@@ -299,7 +303,7 @@ class DataConfig(Section):
     val_split: float | None = Field(None, gt=0, lt=1)
     """Fraction of the training records held out for eval, seeded by data.seed."""
     format: DataFormat = "chat"
-    """Record format: text, instruction (Alpaca), chat (OpenAI messages) or prompt_completion."""
+    """Record format: text, instruction (Alpaca), chat (OpenAI messages), prompt_completion, or preference pairs."""
     columns: dict[str, str] = {}
     """Map from this format's column names to the names in your data, e.g. {messages: conversations}."""
     sharegpt: bool = False
@@ -314,6 +318,8 @@ class DataConfig(Section):
     """Template used only when the tokenizer has none."""
     max_length: int = Field(512, gt=0)
     """Maximum tokens per example; longer examples are truncated (and reported)."""
+    max_prompt_length: int | None = Field(None, gt=0)
+    """Preference pairs: keep at most this many prompt tokens (its end); default half of max_length."""
     packing: bool = False
     """Pack several examples per row without attention across example boundaries."""
     train_on: Literal["completion", "all"] = "completion"
@@ -406,6 +412,41 @@ class DataConfig(Section):
     def formats(self) -> set[str]:
         """The record formats of every source."""
         return {source.format for split in ("train", "eval") for source in self.sources(split)}
+
+
+# ---------------------------------------------------------------------------------------------- objective
+
+
+class SftObjective(Section):
+    """Supervised fine-tuning: next-token loss on the completions (data.train_on)."""
+
+    kind: Literal["sft"]
+    """The training objective."""
+
+
+class DpoObjective(Section):
+    """Direct preference optimisation through TRL's DPOTrainer, on preference pairs; the reference model is the
+    starting policy (the base, or the base with model.adapter)."""
+
+    kind: Literal["dpo"]
+    """The training objective."""
+    beta: float = Field(0.1, gt=0)
+    """How strongly the policy is held to the reference (higher: closer)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                       "aot", "apo_zero", "apo_down", "sigmoid_norm"] = "sigmoid"
+    """DPO's loss: sigmoid (the paper's), hinge, ipo, robust, or another of TRL's variants."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed fraction of wrongly labelled pairs (robust and conservative DPO)."""
+
+
+def _objective_shorthand(value: object) -> object:
+    return {"kind": value} if isinstance(value, str) else value
+
+
+Objective = Annotated[SftObjective | DpoObjective, Field(discriminator="kind"), BeforeValidator(_objective_shorthand)]
+OBJECTIVE_KINDS = ("sft", "dpo")
+PREFERENCE_OBJECTIVES = ("dpo",)
+PREFERENCE_METHODS = ("lora", "qlora", "dora")   # the reference pass needs an adapter that can be copied or disabled
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -517,6 +558,8 @@ class Recipe(Section):
     """Base-model quantization (qlora only; qlora defaults to 4-bit nf4 with double quantization)."""
     data: DataConfig
     """Training and evaluation data."""
+    objective: Objective = SftObjective(kind="sft")
+    """What training optimises: sft (default) or dpo; a string or {kind: ..., settings}."""
     training: TrainingConfig = TrainingConfig()
     """Optimisation and checkpointing."""
     eval: EvalConfig = EvalConfig()
@@ -537,6 +580,23 @@ class Recipe(Section):
             raise conflict(
                 "quantization", f"quantization applies only to method.kind qlora (this recipe uses {self.method.kind})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_data_and_method(self) -> Recipe:
+        kind = self.objective.kind
+        preference = kind in PREFERENCE_OBJECTIVES
+        for data_format in sorted(self.data.formats):
+            if preference != (data_format in PREFERENCE_FORMATS):
+                wanted = "format: preference (prompt, chosen, rejected)" if preference else "a non-preference format"
+                raise conflict("data.format", f"objective {kind} trains on {wanted}, not format {data_format}")
+        if preference and self.method.kind not in PREFERENCE_METHODS:
+            raise conflict("objective", f"objective {kind} needs method lora, qlora or dora (its reference pass "
+                                        f"copies or disables the adapter), not {self.method.kind}")
+        if preference and self.data.packing:
+            raise conflict("data.packing", f"objective {kind} compares two answers per row; packing does not apply")
+        if preference and self.data.streaming:
+            raise conflict("data.streaming", f"objective {kind} is not supported with data.streaming yet")
         return self
 
     @model_validator(mode="after")

@@ -159,8 +159,12 @@ def render_run(details: dict, console) -> None:
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     base = info.get("base_model") or {}
+    parent = info.get("parent") or {}
     rows = [("status", info.get("status")), ("path", details["path"]), ("method", info.get("method")),
-            ("base model", base.get("reference")), ("created", info.get("created_at")),
+            ("objective", info.get("objective")), ("base model", base.get("reference")),
+            ("started from", parent.get("adapter") and f"{parent['adapter']} (adapter sha256 "
+                                                       f"{str(parent.get('fingerprint'))[:12]})"),
+            ("created", info.get("created_at")),
             ("finished", info.get("finished_at")), ("steps", info.get("step")), ("error", info.get("error"))]
     rows += [(name, value) for name, value in (info.get("metrics") or {}).items()]
     rows += [(f"artifact {name}", value or "-") for name, value in details["artifacts"].items() if name != "exports"]

@@ -124,15 +124,29 @@ def _count_parameters(recipe, model_config, tokenizer) -> dict:
 
 
 def _samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
-    """The first examples as text segments marked trained or not, exactly as tokenized for training."""
-    from ftcli.data.tokenize import tokenize_examples
+    """The first examples as text segments marked trained or not, exactly as tokenized for training (a preference
+    pair: the prompt, then the chosen answer as trained, and the rejected answer beside it)."""
+    from ftcli.data.tokenize import tokenize_examples, tokenize_preference_chunk
     from ftcli.data.types import IGNORE_INDEX, DataReport
 
-    examples = [tokenize_examples([c], recipe.data.model_copy(update={"format": "text" if c.messages is None
-                                                                       else "chat"}),
-                                  tokenizer, chat_template, DataReport())[0] for c in conversations]
     samples = []
-    for conversation, example in zip(conversations, examples):
+    for conversation in conversations:
+        if conversation.chosen is not None:
+            [pair], _ = tokenize_preference_chunk([conversation], recipe.data, tokenizer, chat_template)
+            samples.append({
+                "origin": conversation.origin,
+                "tokens": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)),
+                "prompt_tokens": len(pair.prompt_ids), "chosen_tokens": len(pair.chosen_ids),
+                "rejected_tokens": len(pair.rejected_ids),
+                "trained_tokens": min(len(pair.chosen_ids), len(pair.rejected_ids)),
+                "truncated": pair.full_length > recipe.data.max_length,
+                "segments": [{"trained": False, "text": tokenizer.decode(pair.prompt_ids)},
+                             {"trained": True, "text": tokenizer.decode(pair.chosen_ids)}],
+                "rejected": tokenizer.decode(pair.rejected_ids),
+            })
+            continue
+        config = recipe.data.model_copy(update={"format": "text" if conversation.messages is None else "chat"})
+        [example] = tokenize_examples([conversation], config, tokenizer, chat_template, DataReport())
         segments: list[dict] = []
         for token, label in zip(example.input_ids, example.labels):
             trained = label != IGNORE_INDEX
@@ -197,8 +211,20 @@ def render_preflight(report: dict, console) -> None:
             text.append(piece, style="bold green" if segment["trained"] else "")
             remaining -= len(piece)
         console.print(text)
+        if "rejected" in sample:
+            console.print(Text(f"rejected ({sample['rejected_tokens']} tokens): ", style="dim")
+                          + Text(sample["rejected"][:SAMPLE_CHARS], style="red"))
     data = report["data"]
     train = data["train"]
+    if data.get("streaming"):
+        console.print(Text("data: streaming; records are validated and counted as training reads them",
+                           style="bold"))
+    if len(data.get("sources") or []) > 1:
+        shares = Table("source", "format", "records", "used", "share of examples", "share of tokens", title="mix")
+        for source in data["sources"]:
+            shares.add_row(source["source"], source["format"], f"{source['records']:,}", f"{source['used']:,}",
+                           f"{source['share_examples']:.1%}", f"{source['share_tokens']:.1%}")
+        console.print(shares)
     table = Table(title="data", show_header=False)
     stats = train["length_stats"]
     table.add_row("examples (train)", str(train["examples"]))

@@ -114,6 +114,12 @@ class TrainingSession:
 
         started = time.perf_counter()
         self.resolved = models.resolve_model(recipe.model, trust_remote_code=self.trust_remote_code)
+        self.starting_adapter = None
+        if recipe.model.adapter is not None:
+            from ftcli.models.adapters import check_adapter_fits, resolve_adapter
+
+            self.starting_adapter = resolve_adapter(recipe.model.adapter, self.run.path.parent)
+            check_adapter_fits(self.starting_adapter, recipe.method, self.resolved.fingerprint)
         self.tokenizer = models.load_tokenizer(recipe.model, trust_remote_code=self.trust_remote_code)
         self.prepared = data.prepare_data(recipe, self.tokenizer)
         # A streaming run may resume after its bad record was fixed: its data is not pinned by content.
@@ -126,7 +132,9 @@ class TrainingSession:
         set_seed(t.seed)
         base = models.load_model(recipe.model, quantization=recipe.effective_quantization,
                                  trust_remote_code=self.trust_remote_code)
-        self.model, self.parameter_counts = methods.apply_method(base, recipe, self.tokenizer)
+        self.model, self.parameter_counts = methods.apply_method(
+            base, recipe, self.tokenizer,
+            starting_adapter=self.starting_adapter.path if self.starting_adapter else None)
         self.timings["model_s"] = round(time.perf_counter() - started, 2)
         counts = self.parameter_counts
         self._log(f"model {recipe.model.path} ({self.resolved.kind}), method {recipe.method.kind}: "
@@ -141,12 +149,33 @@ class TrainingSession:
                       f"process{'es' if report.processes > 1 else ''}")
 
     def training_arguments(self):
-        from trl import SFTConfig
+        """The TRL config of the recipe's objective: the same training settings, and the objective's own."""
+        from trl import DPOConfig, SFTConfig
 
-        recipe, t = self.recipe, self.recipe.training
+        recipe, objective = self.recipe, self.recipe.objective
+        common = self._common_arguments()
+        if objective.kind == "dpo":
+            return DPOConfig(
+                **common,
+                beta=objective.beta,
+                loss_type=[objective.loss_type],
+                label_smoothing=objective.label_smoothing,
+                max_length=None,   # the data pipeline truncated prompts and answers (data.max_prompt_length)
+                precompute_ref_log_probs=False,
+            )
+        return SFTConfig(
+            **common,
+            max_length=recipe.data.max_length,
+            packing=False,  # ftcli packs in its data pipeline (see ftcli/data/pipeline.py)
+            dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, masked and truncated already
+        )
+
+    def _common_arguments(self) -> dict[str, Any]:
+        """Transformers' TrainingArguments from the recipe's training section, for every objective's TRL config."""
+        t = self.recipe.training
         has_eval = self.prepared.eval is not None
         warmup = t.warmup_steps if t.warmup_steps else t.warmup_ratio  # below 1 is read as a ratio
-        return SFTConfig(
+        return dict(
             **self.strategy_arguments,
             output_dir=str(self.run.checkpoints_dir),
             max_steps=t.max_steps if t.max_steps else -1,
@@ -178,23 +207,34 @@ class TrainingSession:
             report_to=list(t.report_to) or "none",
             disable_tqdm=True,
             train_sampling_strategy="random",  # group_by_length is ftcli's own sampler (ftcli/training/samplers.py)
-            max_length=recipe.data.max_length,
-            packing=False,  # ftcli packs in its data pipeline (see ftcli/data/pipeline.py)
-            dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, masked and truncated already
             remove_unused_columns=False,
             dataloader_num_workers=0,
             save_only_model=False,
         )
 
     def make_trainer(self, real_tokens, callbacks: list):
-        """ftcli's SFTTrainer over the prepared model and data, reporting through `callbacks` only."""
+        """The objective's TRL trainer (ftcli's subclass) over the prepared model and data, reporting through
+        `callbacks` only."""
         from transformers.trainer_callback import PrinterCallback
         from transformers.trainer_callback import ProgressCallback as HFProgress
 
         from ftcli.data import pipeline as data
-        from ftcli.training.trainer import FtcliSFTTrainer
+        from ftcli.training.trainer import FtcliDPOTrainer, FtcliSFTTrainer
 
         recipe = self.recipe
+        if recipe.objective.kind == "dpo":
+            trainer = FtcliDPOTrainer(
+                real_tokens=real_tokens,
+                model=self.model,
+                args=self.training_arguments(),
+                train_dataset=self.prepared.train,
+                eval_dataset=self.prepared.eval,
+                processing_class=self.tokenizer,
+                callbacks=callbacks,
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(HFProgress)
+            return trainer
         trainer = FtcliSFTTrainer(
             real_tokens=real_tokens,
             group_by_length=recipe.training.group_by_length and not recipe.data.packing,
@@ -335,6 +375,8 @@ class TrainingSession:
         report = self.prepared.train_report
         eval_report = self.prepared.eval_report
         return {
+            "objective": self.recipe.objective.kind,
+            "parent": self.starting_adapter.lineage() if self.starting_adapter else None,
             "base_model": {"reference": self.resolved.reference, "kind": self.resolved.kind,
                            "local_dir": str(self.resolved.local_dir), "fingerprint": self.resolved.fingerprint},
             "method": self.recipe.method.kind,
@@ -372,7 +414,8 @@ class TrainingSession:
         if template is not None:
             self.tokenizer.chat_template = template
         with staged_dir(run.adapter_dir) as staging:
-            self.model.save_pretrained(staging)
+            # Only the trained adapter: DPO adds a frozen copy named "ref" as its reference model.
+            self.model.save_pretrained(staging, selected_adapters=["default"])
             self.tokenizer.save_pretrained(staging)
             if template is not None:
                 atomic_write_text(staging / CHAT_TEMPLATE_FILE, template)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ftcli.recipe.loader import PATH_KEYS, load_recipe, looks_local
+from ftcli.recipe.schema import DataSourceConfig
 from ftcli.recipe.yamlsource import read_yaml_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +47,8 @@ def test_recipe_validates(recipe, monkeypatch):
     # Local files a recipe names must ship with it (hub ids and builtin: names are checked at train time).
     for section, key in PATH_KEYS:
         value = getattr(getattr(loaded.recipe, section), key, None)
-        for item in [value] if isinstance(value, str) else value or []:
+        for item in [value] if isinstance(value, str | DataSourceConfig) else value or []:
+            item = getattr(item, "path", item)   # a data source with its own settings
             if looks_local(item) and not item.startswith(("builtin:", "hf:")):
                 assert Path(item).exists(), f"{short(recipe)}: {section}.{key} names {item}, which does not exist"
 
