@@ -3,6 +3,7 @@ masked once, by one process writing its own Arrow file; no process holds more th
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,9 @@ def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path,
     _FORKED_STATE.update(pieces=pieces, configs=configs, tokenizer=tokenizer, chat_template=chat_template,
                          folder=folder)
     results = []
+    # Objects alive now stay out of the collector's reach in the children, so that collecting does not copy every
+    # page of the parent's heap into each of them.
+    gc.freeze()
     try:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             for result in pool.imap(_build_forked, range(len(pieces))):
@@ -215,6 +219,7 @@ def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path,
                 if sum(len(r.problems) for r in results) >= MAX_LISTED_PROBLEMS or result.fatal:
                     break   # leaving the with block stops the other processes
     finally:
+        gc.unfreeze()
         _FORKED_STATE.clear()
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)

@@ -202,11 +202,22 @@ def iter_records(sources: list[DataSourceConfig], split: str) -> Iterator[tuple[
             yield piece.source, record
 
 
-def _read_jsonl(piece: Piece) -> Iterator[RawRecord]:
+def _lines(piece: Piece) -> Iterator[bytes]:
+    """The lines of a byte range of a file, read a buffer at a time (never the whole range at once)."""
+    stop = piece.stop if piece.stop is not None else os.path.getsize(piece.name)
     with open(piece.name, "rb") as handle:
         handle.seek(piece.start)
-        content = handle.read((piece.stop or os.path.getsize(piece.name)) - piece.start)
-    for number, raw in enumerate(content.split(b"\n"), start=piece.first_line):
+        position = piece.start
+        while position < stop:
+            raw = handle.readline()
+            if not raw:
+                return
+            position += len(raw)
+            yield raw
+
+
+def _read_jsonl(piece: Piece) -> Iterator[RawRecord]:
+    for number, raw in enumerate(_lines(piece), start=piece.first_line):
         if not raw.strip():
             continue
         origin = f"{piece.name}:{number}"
