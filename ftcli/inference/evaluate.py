@@ -9,6 +9,7 @@ from typing import Any
 from ftcli.console import note
 from ftcli.errors import NotAvailableError, QualityGateError, UsageError
 from ftcli.inference.metrics import HIGHER_IS_BETTER
+from ftcli.inference.preference import answer_log_probs, as_chosen_conversations, preference_scores, reference_model
 from ftcli.paths import is_local_path
 from ftcli.runs.rundir import now_iso, now_stamp
 
@@ -115,16 +116,26 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
     conversations, source = _eval_conversations(run, recipe, data, settings["max_samples"])
     note(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
     loaded = load_run_model(run, action="evaluate")
-    tokenized = _tokenize(conversations, loaded)
-    prompts, references = _generation_pairs(conversations, loaded)
+    # Preference pairs are scored as the conversations that end with their chosen answers, and ranked.
+    pairs = conversations if conversations and conversations[0].chosen is not None else None
+    scored = as_chosen_conversations(pairs) if pairs else conversations
+    tokenized = _tokenize(scored, loaded)
+    prompts, references = _generation_pairs(scored, loaded)
+    parent = _parent_adapter(run) if pairs else None
 
     note(console, "measuring the run (base + adapter)")
     metrics, predictions = _measure(loaded, tokenized, prompts, references, settings)
+    ranking = _Ranking(loaded, pairs, recipe, settings["batch_size"]) if pairs else None
+    if ranking:
+        metrics.update(ranking.scores(ranking.policy(), ranking.reference(parent)))
     base_metrics = base_predictions = None
     if compare_base:
-        note(console, "measuring the base model (adapter disabled)")
-        with loaded.base_only():
+        compared = f"the run it started from ({parent})" if parent else "the base model (adapter disabled)"
+        note(console, f"measuring {compared}")
+        with reference_model(loaded, parent) if parent else loaded.base_only():
             base_metrics, base_predictions = _measure(loaded, tokenized, prompts, references, settings)
+        if ranking and parent:   # the parent ranked against its own reference, the base
+            base_metrics.update(ranking.scores(ranking.reference(parent), ranking.reference(None)))
 
     result = {
         "run": run.name,
@@ -147,13 +158,8 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
 def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
     """The conversations to score and a description of where they came from (fails before any model loads)."""
     from ftcli.data.pipeline import load_conversations, with_eval_source
-    from ftcli.recipe.schema import PREFERENCE_FORMATS
 
     data_config = recipe.data
-    if data_config.formats & set(PREFERENCE_FORMATS):
-        raise UsageError(f"run {run.name!r} trained on preference pairs; ftcli eval does not score preference data "
-                         "yet (preference accuracy is planned)",
-                         hint=f"try the run with: ftcli generate {run.name} --prompt TEXT")
     if data is not None:
         source = str(data)
         if is_local_path(source):   # else a hub dataset id, read as the data module reads data.eval
@@ -172,6 +178,43 @@ def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None)
                               f"(format {recipe.data.format}, as in training)")
     conversations = load_conversations(data_config, "eval", seed=recipe.training.seed)
     return conversations[:max_samples] if max_samples else conversations, source
+
+
+def _parent_adapter(run) -> Path | None:
+    """The adapter a continued run started from (its reference model), None for a run that started fresh."""
+    parent = run.read().get("parent") or {}
+    if not parent.get("path"):
+        return None
+    path = Path(parent["path"])
+    if not path.is_dir():
+        raise NotAvailableError(f"run {run.name!r} started from {parent.get('adapter')}, whose adapter ({path}) is "
+                                "gone: it is this run's reference model",
+                                hint="restore it to score preference pairs, or evaluate on other data with --data")
+    return path
+
+
+class _Ranking:
+    """Log-probabilities of each pair's answers, under the run and under a reference, cached per reference."""
+
+    def __init__(self, loaded, pairs, recipe, batch_size: int):
+        from ftcli.data.tokenize import tokenize_preference_chunk
+
+        self.loaded, self.batch_size = loaded, batch_size
+        self.beta = getattr(recipe.objective, "beta", 0.1)
+        self.examples, _ = tokenize_preference_chunk(pairs, recipe.data, loaded.tokenizer, loaded.chat_template)
+        self._references: dict = {}
+
+    def policy(self):
+        return answer_log_probs(self.loaded, self.examples, self.batch_size)
+
+    def reference(self, parent):
+        if parent not in self._references:
+            with reference_model(self.loaded, parent):
+                self._references[parent] = answer_log_probs(self.loaded, self.examples, self.batch_size)
+        return self._references[parent]
+
+    def scores(self, policy, reference) -> dict[str, float]:
+        return preference_scores(policy, reference, self.beta)
 
 
 def _tokenize(conversations, loaded) -> dict[str, Any]:

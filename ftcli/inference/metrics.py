@@ -8,6 +8,8 @@ from collections import Counter
 
 # Metric name -> True when a higher value is better. loss and perplexity are the only lower-is-better metrics.
 HIGHER_IS_BETTER = {
+    "preference_accuracy": True,   # preference data: see ftcli/inference/preference.py
+    "reward_margin": True,
     "loss": False,
     "perplexity": False,
     "exact_match": True,

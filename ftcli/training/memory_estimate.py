@@ -110,7 +110,7 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     precision = resolve_precision(recipe.training.precision, device)
     checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
     trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
-    tokens = recipe.training.batch_size * recipe.data.max_length
+    tokens = recipe.training.batch_size * recipe.data.max_length * sequences_per_example(recipe)
     scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens)
 
     weights, checkpoint_pages = _weight_bytes(recipe, model_config, dtype, device_kind)
@@ -120,7 +120,9 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         "weights": int(weights),
         "adapter_and_optimizer": int(trainable * ADAMW_BYTES_PER_TRAINABLE),
         "activations": int(activations),
-        "logits": int(_logit_bytes(scored, d["vocab"], device_kind)),
+        "logits": int(_logit_bytes(scored, d["vocab"], device_kind) if recipe.objective.kind == "sft"
+                      # DPO scores every position of both answers' sequences: fp32 logits and their log-softmax
+                      else tokens * d["vocab"] * 4 * 2),
         "framework": FRAMEWORK_OVERHEAD[device_kind],
     }
     if checkpoint_pages:
@@ -157,6 +159,12 @@ def _weight_bytes(recipe, model_config, dtype: str, device_kind: str) -> tuple[f
     return weights, pages
 
 
+def sequences_per_example(recipe) -> int:
+    """Sequences one example puts through the model: two for a preference pair (prompt + chosen, prompt +
+    rejected; DPO's reference pass keeps no activations), one otherwise."""
+    return 2 if recipe.objective.kind == "dpo" else 1
+
+
 def _activation_bytes(recipe, model_config, *, dtype: str, precision: str, device_kind: str,
                       checkpointing: bool) -> tuple[float, int]:
     """(what autograd keeps for the backward pass, the bf16 copies of the linear weights CPU autocast makes)."""
@@ -166,7 +174,7 @@ def _activation_bytes(recipe, model_config, *, dtype: str, precision: str, devic
     cpu_autocast = device_kind == "cpu" and half and weight_bytes == 4
     act_bytes = 2 if half and not cpu_autocast else 4
     length = recipe.data.max_length
-    tokens = recipe.training.batch_size * length
+    tokens = recipe.training.batch_size * length * sequences_per_example(recipe)
     # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
     # 10 hidden-sized vectors) and gate, up, activation, product and down input (5 intermediate-sized ones).
     # bench/RESULTS.md measured these against peak RSS on the CPU (within 15% for lora/qlora at lengths 128 and 256).

@@ -99,6 +99,17 @@ def test_a_continued_dpo_run_uses_its_parent_as_reference(cli_inproc, tiny_recip
     shown = cli_inproc("runs", "show", "child")
     assert "run:sft" in shown.stdout
 
+    # eval ranks the pairs by the implicit reward against the reference: the parent run, and the parent's own
+    # ranking (against the base) beside it; a gate on the accuracy fails with exit 6.
+    scored = cli_inproc("eval", "child", "--compare-base", "--json", "--data", preference_data)
+    assert scored.exit_code == 0, scored
+    result = json.loads(scored.stdout)
+    assert 0 <= result["metrics"]["preference_accuracy"] <= 1 and "reward_margin" in result["metrics"]
+    assert "exact_match" in result["metrics"] and "preference_accuracy" in result["base_metrics"]
+    gated = cli_inproc("eval", "child", "--json", "--data", preference_data, "--fail-under",
+                       "preference_accuracy=1.01")
+    assert gated.exit_code == 6, gated
+
 
 def test_a_starting_adapter_must_match_the_method(cli_inproc, tiny_recipe, runs_dir, preference_data):
     sft = cli_inproc("train", tiny_recipe, "--name", "sft-r8")
@@ -139,3 +150,13 @@ def test_objective_data_and_method_must_fit(cli_inproc, tiny_recipe, overrides, 
     result = cli_inproc("train", tiny_recipe, "--dry-run", *overrides)
     assert result.exit_code == 2, result
     assert message in result.stderr
+
+
+def test_preference_scores_follow_the_implicit_reward():
+    from ftcli.inference.preference import preference_scores
+
+    # policy and reference (chosen, rejected) log-probabilities: the first pair moved towards chosen, the second
+    # towards rejected; beta scales the margin.
+    scores = preference_scores([(-1.0, -5.0), (-4.0, -1.0)], [(-2.0, -4.0), (-2.0, -2.0)], beta=0.5)
+    assert scores["preference_accuracy"] == 0.5
+    assert scores["reward_margin"] == pytest.approx(0.5 * ((1 - -1) + (-2 - 1)) / 2)

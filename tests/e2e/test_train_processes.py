@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import losses, run_cli
+from helpers import losses, run_cli, write_jsonl
 
 
 def _start(recipe: Path, *args: str) -> subprocess.Popen:
@@ -50,8 +50,14 @@ def test_kill_9_then_resume_reaches_the_same_losses(tiny_recipe, runs_dir):
         assert killed[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-5), step
 
 
-def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, runs_dir, tiny_model_dir):
-    proc = _start(tiny_recipe, "--set", "training.max_steps=200", "--set", "training.save_steps=2")
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, runs_dir, tiny_model_dir, tmp_path, objective):
+    extra = []
+    if objective == "dpo":   # the same graceful stop through TRL's DPOTrainer
+        pairs = [{"prompt": f"Say {w}", "chosen": w, "rejected": f"{w} {w} no"} for w in ("red", "blue", "sun")] * 4
+        data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+        extra = ["--set", "objective=dpo", "--set", "data.format=preference", "--set", f"data.train={data}"]
+    proc = _start(tiny_recipe, "--set", "training.max_steps=200", "--set", "training.save_steps=2", *extra)
     _wait_for(runs_dir / "tiny" / "checkpoints" / "checkpoint-2" / "COMPLETE", proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -71,7 +77,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, runs_dir, tiny_mod
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), scan.newest_complete)
     resumed = run_cli("train", tiny_recipe, "--resume", "--set", "training.max_steps=200", "--set",
-                      "training.save_steps=2", "--set", f"training.max_steps={step + 2}")
+                      "training.save_steps=2", "--set", f"training.max_steps={step + 2}", *extra)
     assert resumed.exit_code == 0, resumed
 
 
