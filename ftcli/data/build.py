@@ -158,6 +158,35 @@ class BuiltSplit:
     records_per_source: list[int]
     dropped: list[tuple[int, str]]   # (record over the split, origin) of the first dropped examples
     processes: int
+    part_paths: list[str] = field(default_factory=list)
+
+    def write_rows(self, rows, columns: list[str], path: Path):
+        """The rows `rows` (indices into the split, repeats allowed) with `columns`, written to the Arrow file
+        `path` a record batch at a time, read without memory-mapping (so the pages do not stay in this process's
+        memory); rows come out in file order, each as many times as `rows` names it. Returns the memory-mapped
+        datasets.Dataset of that file."""
+        import numpy as np
+        import pyarrow as pa
+        from datasets import Dataset
+
+        copies = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.row_record))
+        start = 0
+        writer = None
+        with pa.OSFile(str(path), "wb") as sink:
+            for part in self.part_paths:
+                with pa.OSFile(part, "rb") as source, pa.ipc.open_stream(source) as reader:
+                    for batch in reader:
+                        wanted = np.repeat(np.arange(batch.num_rows), copies[start:start + batch.num_rows])
+                        start += batch.num_rows
+                        if writer is None:
+                            writer = pa.ipc.new_stream(sink, batch.select(columns).schema)
+                        if len(wanted):
+                            writer.write_batch(batch.select(columns).take(pa.array(wanted)))
+            if writer is None:
+                schema = arrow_schema(PREFERENCE_FORMATS[0] if "prompt_ids" in columns else "chat")
+                writer = pa.ipc.new_stream(sink, pa.schema([schema.field(name) for name in columns]))
+            writer.close()
+        return Dataset.from_file(str(path))
 
 
 def build_split(data: DataConfig, sources: list[DataSourceConfig], split: str, tokenizer,
@@ -196,7 +225,7 @@ def build_split(data: DataConfig, sources: list[DataSourceConfig], split: str, t
     dropped = [(int(offset) + record, origin) for result, offset in zip(results, offsets)
                for record, origin in result.dropped]
     return BuiltSplit(dataset, np.repeat([piece.source for piece in pieces], rows), row_record, records_per_source,
-                      dropped, processes)
+                      dropped, processes, [result.path for result in results])
 
 
 def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path, processes: int):

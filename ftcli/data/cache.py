@@ -13,8 +13,10 @@ from ftcli.data.types import DataReport
 from ftcli.hashing import sha256_file
 from ftcli.paths import cache_dir
 
-CACHE_FORMAT_VERSION = 2   # bump when tokenization or masking logic changes
+CACHE_FORMAT_VERSION = 3   # bump when tokenization, masking or the entry's layout changes
 META_FILE = "meta.json"
+TRAIN_FILE, EVAL_FILE = "train.arrow", "eval.arrow"   # Arrow streams, memory-mapped when read
+SPLIT_FILES = {"train": TRAIN_FILE, "eval": EVAL_FILE}
 FILE_HASHES = "file-hashes.json"
 
 
@@ -77,34 +79,32 @@ def load_cached(key: str):
     meta_path = entry / META_FILE
     if not meta_path.is_file():
         return None
-    from datasets import load_from_disk
+    from datasets import Dataset
 
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        train = load_from_disk(str(entry / "train"))
-        evaluation = load_from_disk(str(entry / "eval")) if meta["eval_report"] is not None else None
+        train = Dataset.from_file(str(entry / TRAIN_FILE))
+        evaluation = Dataset.from_file(str(entry / EVAL_FILE)) if meta["eval_report"] is not None else None
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
     eval_report = DataReport.from_dict(meta["eval_report"]) if meta["eval_report"] is not None else None
     return train, evaluation, meta["chat_template"], DataReport.from_dict(meta["train_report"]), eval_report
 
 
-def write_entry(staging: Path, train, evaluation, chat_template: str | None, train_report: DataReport,
+def write_entry(staging: Path, chat_template: str | None, train_report: DataReport,
                 eval_report: DataReport | None) -> None:
-    """Save the datasets and their reports into a staging folder (cache entry or temporary folder)."""
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+    """The entry's description beside its split files (written into `staging` by the pipeline)."""
+    atomic_write_json(staging / META_FILE, {
+        "chat_template": chat_template,
+        "train_report": train_report.to_dict(),
+        "eval_report": eval_report.to_dict() if eval_report is not None else None,
+    })
 
-    was_enabled = is_progress_bar_enabled()
-    disable_progress_bar()
-    try:
-        train.save_to_disk(str(staging / "train"), max_shard_size="200MB")
-        if evaluation is not None:
-            evaluation.save_to_disk(str(staging / "eval"), max_shard_size="200MB")
-        atomic_write_json(staging / META_FILE, {
-            "chat_template": chat_template,
-            "train_report": train_report.to_dict(),
-            "eval_report": eval_report.to_dict() if eval_report is not None else None,
-        })
-    finally:
-        if was_enabled:
-            enable_progress_bar()
+
+def write_empty_split(path: Path) -> None:
+    """An Arrow file with the sequence columns and no rows (the train split of an eval-only entry)."""
+    import pyarrow as pa
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema):
+        pass

@@ -261,11 +261,10 @@ def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: 
             if report is not None:
                 report.fingerprints = fingerprints
         if train_data is None:   # only the eval set (streaming runs): an empty train table keeps one layout
-            from datasets import Dataset
-
-            train_data, train_report = Dataset.from_dict({"input_ids": [], "labels": []}), DataReport()
-        data_cache.write_entry(staging, train_data, evaluation, template, train_report, eval_report)
-        del train_data, evaluation   # the staged parts are memory-mapped by these
+            train_report = DataReport()
+            data_cache.write_empty_split(staging / data_cache.TRAIN_FILE)
+        data_cache.write_entry(staging, template, train_report, eval_report)
+        del train_data, evaluation   # memory-mapped files of the staging folder
         shutil.rmtree(staging / "parts", ignore_errors=True)
         if data_fingerprints(data, splits) != fingerprints:
             raise DataError("a data file changed while it was being prepared", hint="run the command again")
@@ -308,6 +307,7 @@ def _finish(recipe: Recipe, built, rows, split: str, staging: Path, seed: int, *
     import numpy as np
 
     from ftcli.data.build import example_columns
+    from ftcli.data.cache import SPLIT_FILES
     from ftcli.data.packing import pack_dataset
 
     data = recipe.data
@@ -330,10 +330,16 @@ def _finish(recipe: Recipe, built, rows, split: str, staging: Path, seed: int, *
     chosen = np.concatenate(selected) if selected else np.array([], dtype=np.int64)
     report.total_tokens = int(tokens[chosen].sum())
     report.trained_tokens = int(all_trained[chosen].sum())
-    columns = example_columns(sources[0].format)
-    dataset = built.dataset.select(chosen).select_columns([*columns, "trained"])
+    columns = [*example_columns(sources[0].format), "trained"]
     if data.packing:
-        dataset = pack_dataset(dataset, tokens[chosen], data.max_length, staging / "parts" / f"{split}-packed.arrow")
+        import pyarrow.compute as pc
+
+        unpacked = built.write_rows(chosen, columns, staging / "parts" / f"{split}-rows.arrow")
+        lengths = pc.list_value_length(unpacked.data.column("input_ids")).to_numpy()
+        dataset = pack_dataset(unpacked, lengths, data.max_length, staging / SPLIT_FILES[split])
+    else:
+        dataset = built.write_rows(chosen, columns, staging / SPLIT_FILES[split])
+    if data.packing:
         report.trained_tokens = int(np.asarray(dataset.data.column("trained").to_numpy()).sum())
         report.packing_efficiency = round(report.total_tokens / (len(dataset) * data.max_length), 4)
     report.rows = len(dataset)

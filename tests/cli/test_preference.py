@@ -43,6 +43,7 @@ def test_dpo_trains_logs_rewards_and_saves_one_adapter(cli_inproc, tiny_recipe, 
     assert not (run / "adapter" / "ref").exists()   # DPO's frozen reference copy is not part of the result
 
 
+@pytest.mark.slow
 def test_dpo_resumes_from_its_checkpoint(cli_inproc, tiny_recipe, runs_dir, preference_data):
     first = cli_inproc("train", tiny_recipe, "--name", "dpo-resume", *dpo_options(preference_data))
     assert first.exit_code == 0, first
@@ -53,6 +54,7 @@ def test_dpo_resumes_from_its_checkpoint(cli_inproc, tiny_recipe, runs_dir, pref
     assert json.loads((runs_dir / "dpo-resume" / "run.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_a_continued_dpo_run_uses_its_parent_as_reference(cli_inproc, tiny_recipe, runs_dir, preference_data,
                                                           tiny_model_dir):
     """The reference pass of a run that starts from run:sft gives the SFT run's log-probabilities, not the base's."""

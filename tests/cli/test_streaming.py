@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import memorisable_chat, write_jsonl
 
 from ftcli.data.streaming import SHUFFLE_BUFFER
@@ -11,6 +12,7 @@ from ftcli.data.streaming import SHUFFLE_BUFFER
 BAD_LINE = SHUFFLE_BUFFER + 60   # read once the shuffle buffer is full and training has taken some steps
 
 
+@pytest.mark.slow   # a thousand tiny steps
 def test_streaming_stops_at_a_bad_record_with_its_line_and_resumes_once_fixed(cli_inproc, tiny_recipe, runs_dir,
                                                                            tmp_path):
     records = memorisable_chat(BAD_LINE + 200)
