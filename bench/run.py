@@ -419,16 +419,9 @@ class Bench(Session):
             arms = {"ftcli": lambda label, recipe=recipe, cached=cached: self.ftcli_prepare(label, recipe, converted,
                                                                                         cached=cached),
                     "trl": lambda label, path=path: self.trl_prepare(label, path)}
-            runs: dict[str, list[dict]] = {name: [] for name in arms}
-            for repeat, name in interleaved(list(arms), repeats):
-                label = f"data-{size}-{name}-{repeat + 1}"
-                self.log(f"data @{size:,}: {name} (repeat {repeat + 1}/{repeats})")
-                run = arms[name](label)
-                run["repeat"] = repeat + 1
-                runs[name].append(run)
-                self.log(f"  {name}: {_seconds(run['wall_s'])} s, peak RSS {gib(run['peak_rss_bytes'])} GiB"
-                         + (f"; again on its warm cache {_seconds(run['cached']['wall_s'])} s" if run.get("cached")
-                            else ""))
+            runs = self.interleaved_runs(f"data-{size}", arms, repeats, describe=lambda run: (
+                f"{_seconds(run['wall_s'])} s, peak RSS {gib(run['peak_rss_bytes'])} GiB"
+                + (f"; again on its warm cache {_seconds(run['cached']['wall_s'])} s" if run.get("cached") else "")))
             sizes[str(size)] = data_row(size, path.stat().st_size, repeats, runs)
             path.unlink()   # up to 1 GB (2M examples); each size has its own file
         from ftcli.recipe.schema import DataConfig

@@ -192,6 +192,13 @@ class Session:
 
     def compare(self, key: str, arms: dict, repeats: int) -> dict:
         """Run every arm `repeats` times, interleaved; arms maps a name to a function(label) -> run summary."""
+        runs = self.interleaved_runs(key, arms, repeats, describe=lambda summary: (
+            f"{summary['tokens_per_s']} tokens/s, peak RSS {gib(summary['peak_rss_bytes'])} GiB, "
+            f"{summary['wall_s']:.0f} s, other processes used {summary['others_cpu_share']} of the CPU"))
+        return {name: arm_summary(items) for name, items in runs.items()}
+
+    def interleaved_runs(self, key: str, arms: dict, repeats: int, describe) -> dict[str, list[dict]]:
+        """Every arm's runs, `repeats` each, interleaved (A B, B A, ...); `describe(run)` words one for the log."""
         runs: dict[str, list[dict]] = {name: [] for name in arms}
         for repeat, name in interleaved(list(arms), repeats):
             label = f"{key}-{name}-{repeat + 1}"
@@ -199,10 +206,8 @@ class Session:
             summary = arms[name](label)
             summary["repeat"] = repeat + 1
             runs[name].append(summary)
-            self.log(f"  {name}: {summary['tokens_per_s']} tokens/s, peak RSS "
-                     f"{gib(summary['peak_rss_bytes'])} GiB, {summary['wall_s']:.0f} s, other processes used "
-                     f"{summary['others_cpu_share']} of the CPU")
-        return {name: arm_summary(items) for name, items in runs.items()}
+            self.log(f"  {name}: {describe(summary)}")
+        return runs
 
 
 def run_summary(result, records: list[dict], skip: int, *, min_steps: int = 2) -> dict:

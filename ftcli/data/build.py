@@ -18,9 +18,11 @@ from ftcli.recipe.schema import PREFERENCE_FORMATS, DataConfig, DataSourceConfig
 # Below this much data one process is faster than starting several.
 PARALLEL_MIN_BYTES = 8 << 20
 PARALLEL_MIN_ROWS = 20_000
+WRITE_BATCH_ROWS = 8192   # rows per record batch of a split's file: few batch headers to read when it is opened
 MAX_LISTED_DROPS = 5
 READ_HINT = "fix or remove the records named above"
 SEQUENCE_COLUMNS = ("input_ids", "labels")
+ROW_FIGURES = ("length", "trained", "record", "mismatches")
 PREFERENCE_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -53,6 +55,9 @@ class PieceResult:
     fatal: tuple[str, str | None] | None = None
     dropped: list[tuple[int, str]] = field(default_factory=list)   # (record in the piece, origin), the first ones
     hint: str | None = None
+    # Per written row, as numpy arrays once the piece is done: what the parent needs to split, mix and report
+    # without opening the piece's Arrow file.
+    columns: dict = field(default_factory=lambda: {name: [] for name in ROW_FIGURES})
 
 
 def example_columns(data_format: str) -> tuple[str, ...]:
@@ -106,6 +111,8 @@ def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_templat
     def flush(writer) -> None:
         columns = tokenize_rows([c for _, c in chunk], config, tokenizer, chat_template)
         columns["record"] = [record for record, _ in chunk]
+        for name in ROW_FIGURES:
+            result.columns[name] += columns[name]
         for (record, conversation), trained in zip(chunk, columns["trained"]):
             if not trained and len(result.dropped) < MAX_LISTED_DROPS:
                 result.dropped.append((record, conversation.origin))
@@ -135,6 +142,9 @@ def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_templat
                 flush(writer)
     except DataError as exc:
         result.fatal = (exc.message, exc.hint)
+    import numpy as np
+
+    result.columns = {name: np.asarray(values, dtype=np.int64) for name, values in result.columns.items()}
     return result
 
 
@@ -150,41 +160,54 @@ def _build_forked(index: int) -> PieceResult:
 
 @dataclass
 class BuiltSplit:
-    """The Arrow table of a split (a datasets.Dataset over the pieces' files) and what is known of its rows."""
+    """A split prepared into the pieces' Arrow files, and per row (numpy arrays, in file order) what the pipeline
+    needs to split, mix and report without reading the token columns."""
 
-    dataset: object
-    row_source: object               # numpy: the source index of each row
-    row_record: object               # numpy: the record's index over all sources of the split
+    part_paths: list[str]
+    length: object                   # tokens before truncation
+    trained: object                  # trained tokens after truncation (0: dropped)
+    mismatches: object
+    row_source: object               # the source index of each row
+    row_record: object               # the record's index over all sources of the split
     records_per_source: list[int]
     dropped: list[tuple[int, str]]   # (record over the split, origin) of the first dropped examples
     processes: int
-    part_paths: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_record)
 
     def write_rows(self, rows, columns: list[str], path: Path):
         """The rows `rows` (indices into the split, repeats allowed) with `columns`, written to the Arrow file
-        `path` a record batch at a time, read without memory-mapping (so the pages do not stay in this process's
-        memory); rows come out in file order, each as many times as `rows` names it. Returns the memory-mapped
-        datasets.Dataset of that file."""
+        `path` in batches of WRITE_BATCH_ROWS, from the pieces' files read without memory-mapping (so that their
+        pages do not stay in this process's memory); rows come out in file order, each as many times as `rows`
+        names it. Returns the memory-mapped datasets.Dataset of that file."""
         import numpy as np
         import pyarrow as pa
         from datasets import Dataset
 
-        copies = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.row_record))
-        start = 0
-        writer = None
+        copies = np.bincount(np.asarray(rows, dtype=np.int64), minlength=self.rows)
+        start, pending, writer = 0, [], None
         with pa.OSFile(str(path), "wb") as sink:
             for part in self.part_paths:
                 with pa.OSFile(part, "rb") as source, pa.ipc.open_stream(source) as reader:
                     for batch in reader:
                         wanted = np.repeat(np.arange(batch.num_rows), copies[start:start + batch.num_rows])
                         start += batch.num_rows
-                        if writer is None:
-                            writer = pa.ipc.new_stream(sink, batch.select(columns).schema)
+                        selected = batch.select(columns)
+                        writer = writer or pa.ipc.new_stream(sink, selected.schema)
                         if len(wanted):
-                            writer.write_batch(batch.select(columns).take(pa.array(wanted)))
-            if writer is None:
+                            pending.append(selected.take(pa.array(wanted)))
+                        if sum(b.num_rows for b in pending) >= WRITE_BATCH_ROWS:
+                            # One batch of the pending rows: opening a file reads every batch's header, and
+                            # thousands of small batches left hundreds of MB of its pages in memory at 2M rows.
+                            writer.write_table(pa.Table.from_batches(pending).combine_chunks())
+                            pending = []
+            if writer is None:   # no rows at all: the columns' schema, empty
                 schema = arrow_schema(PREFERENCE_FORMATS[0] if "prompt_ids" in columns else "chat")
                 writer = pa.ipc.new_stream(sink, pa.schema([schema.field(name) for name in columns]))
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending).combine_chunks())
             writer.close()
         return Dataset.from_file(str(path))
 
@@ -208,24 +231,24 @@ def build_split(data: DataConfig, sources: list[DataSourceConfig], split: str, t
                 break
     _raise_first_problems(results)
 
-    from datasets import Dataset, concatenate_datasets
-
-    parts = [Dataset.from_file(result.path) for result in results]
     records = np.array([result.records for result in results], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(records)[:-1]])
-    rows = np.array([len(part) for part in parts], dtype=np.int64)
+    rows = np.array([len(result.columns["record"]) for result in results], dtype=np.int64)
     records_per_source = [0] * len(sources)
     for piece, count in zip(pieces, records):
         records_per_source[piece.source] += int(count)
     for index, count in enumerate(records_per_source):
         if count == 0:
             raise DataError(f"{sources[index].path}: no records", hint="add at least one record")
-    dataset = concatenate_datasets(parts)
-    row_record = np.repeat(offsets, rows) + dataset.data.column("record").to_numpy()
+
+    def joined(name: str):
+        return np.concatenate([result.columns[name] for result in results])
+
     dropped = [(int(offset) + record, origin) for result, offset in zip(results, offsets)
                for record, origin in result.dropped]
-    return BuiltSplit(dataset, np.repeat([piece.source for piece in pieces], rows), row_record, records_per_source,
-                      dropped, processes, [result.path for result in results])
+    return BuiltSplit([result.path for result in results], joined("length"), joined("trained"),
+                      joined("mismatches"), np.repeat([piece.source for piece in pieces], rows),
+                      np.repeat(offsets, rows) + joined("record"), records_per_source, dropped, processes)
 
 
 def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path, processes: int):

@@ -290,7 +290,7 @@ def _prepare(recipe: Recipe, tokenizer, template: str | None, seed: int, staging
                                      staging / "parts" / "eval")
     results = {}
     for name, built in splits.items():
-        rows = np.arange(len(built.dataset))
+        rows = np.arange(built.rows)
         if name == "train" and data.val_split is not None:
             held_out = np.isin(built.row_record, held_out_records(sum(built.records_per_source), data.val_split, seed))
             results["train"] = _finish(recipe, built, rows[~held_out], "train", staging, seed)
@@ -311,18 +311,16 @@ def _finish(recipe: Recipe, built, rows, split: str, staging: Path, seed: int, *
     from ftcli.data.packing import pack_dataset
 
     data = recipe.data
-    table = built.dataset.data
-    lengths = table.column("length").to_numpy()[rows]
-    trained = table.column("trained").to_numpy()[rows]
-    report = split_report(lengths, trained, table.column("mismatches").to_numpy()[rows], data.max_length)
+    lengths, trained = built.length[rows], built.trained[rows]
+    report = split_report(lengths, trained, built.mismatches[rows], data.max_length)
     report.processes = built.processes
     dropped_here = np.isin([record for record, _ in built.dropped], built.row_record[rows])
     first_dropped = next((origin for (_, origin), here in zip(built.dropped, dropped_here) if here), None)
     _check_dropped(report, data, split, first_dropped)
     kept = rows[trained > 0]
     sources = data.sources(split if split == "eval" and data.eval is not None else "train")
-    tokens = np.minimum(table.column("length").to_numpy(), data.max_length)
-    all_trained = table.column("trained").to_numpy()
+    tokens = np.minimum(built.length, data.max_length)
+    all_trained = built.trained
     by_source = [kept[built.row_source[kept] == index] for index in range(len(sources))]
     selected = mix_rows(by_source, sources if mix else [None] * len(sources), seed)
     if mix:   # (a val_split's eval rows are a sample of the train sources, not a mix)
