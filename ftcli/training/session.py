@@ -222,30 +222,14 @@ class TrainingSession:
         from ftcli.training.trainer import FtcliDPOTrainer, FtcliSFTTrainer
 
         recipe = self.recipe
-        if recipe.objective.kind == "dpo":
-            trainer = FtcliDPOTrainer(
-                real_tokens=real_tokens,
-                model=self.model,
-                args=self.training_arguments(),
-                train_dataset=self.prepared.train,
-                eval_dataset=self.prepared.eval,
-                processing_class=self.tokenizer,
-                callbacks=callbacks,
-            )
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(HFProgress)
-            return trainer
-        trainer = FtcliSFTTrainer(
-            real_tokens=real_tokens,
-            group_by_length=recipe.training.group_by_length and not recipe.data.packing,
-            model=self.model,
-            args=self.training_arguments(),
-            train_dataset=self.prepared.train,
-            eval_dataset=self.prepared.eval,
-            processing_class=self.tokenizer,
-            data_collator=data.make_collator(recipe, self.tokenizer),
-            callbacks=callbacks,
-        )
+        shared = dict(model=self.model, args=self.training_arguments(), train_dataset=self.prepared.train,
+                      eval_dataset=self.prepared.eval, processing_class=self.tokenizer, callbacks=callbacks)
+        if recipe.objective.kind == "dpo":   # TRL's preference collator: chosen and rejected rows of each pair
+            trainer = FtcliDPOTrainer(real_tokens=real_tokens, **shared)
+        else:
+            trainer = FtcliSFTTrainer(real_tokens=real_tokens,
+                                      group_by_length=recipe.training.group_by_length and not recipe.data.packing,
+                                      data_collator=data.make_collator(recipe, self.tokenizer), **shared)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(HFProgress)
         return trainer
