@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftcli-installed
 RUNS_DIR ?= runs
 
-.PHONY: setup quickstart test test-fast lint bench bench-quick clean
+.PHONY: setup quickstart quickstart-dpo test test-fast lint bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,13 @@ quickstart: setup
 	$(BIN)/ftcli eval quickstart --runs-dir $(RUNS_DIR) --compare-base
 	$(BIN)/ftcli merge quickstart --runs-dir $(RUNS_DIR)
 	$(BIN)/ftcli export quickstart --runs-dir $(RUNS_DIR) --format gguf
+
+# DPO on the quickstart run's adapter (trained first when that run is not there yet), scored against it.
+quickstart-dpo: setup
+	@test -f $(RUNS_DIR)/quickstart/adapter/adapter_model.safetensors || \
+		$(BIN)/ftcli train recipes/quickstart.yaml --runs-dir $(RUNS_DIR) --overwrite
+	$(BIN)/ftcli train recipes/dpo.yaml --runs-dir $(RUNS_DIR) --overwrite
+	$(BIN)/ftcli eval quickstart-dpo --runs-dir $(RUNS_DIR) --compare-base
 
 test: setup
 	$(BIN)/python -m pytest -q
