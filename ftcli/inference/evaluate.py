@@ -147,6 +147,8 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         "settings": settings,
         "metrics": metrics,
         "base_metrics": base_metrics,
+        # what base_metrics measured: the base, or for a continued run on preference pairs the run it started from
+        "compared_with": None if base_metrics is None else ("parent" if parent else "base"),
         "delta": _delta(metrics, base_metrics) if base_metrics else None,
         "samples": _samples(prompts, references, predictions, base_predictions),
     }
@@ -318,8 +320,9 @@ def render_eval(result: dict, console) -> None:
     table.add_column("metric")
     table.add_column("run", justify="right")
     if base:
-        table.add_column("base", justify="right")
-        table.add_column("Δ (run - base)", justify="right")
+        compared = result.get("compared_with") or "base"
+        table.add_column(compared, justify="right")
+        table.add_column(f"Δ (run - {compared})", justify="right")
     for name, value in result["metrics"].items():
         arrow = "↑" if HIGHER_IS_BETTER.get(name, True) else "↓"
         row = [f"{name} {arrow}", _fmt(value)]

@@ -108,6 +108,7 @@ def test_a_continued_dpo_run_uses_its_parent_as_reference(cli_inproc, tiny_recip
     result = json.loads(scored.stdout)
     assert 0 <= result["metrics"]["preference_accuracy"] <= 1 and "reward_margin" in result["metrics"]
     assert "exact_match" in result["metrics"] and "preference_accuracy" in result["base_metrics"]
+    assert result["compared_with"] == "parent"
     gated = cli_inproc("eval", "child", "--json", "--data", preference_data, "--fail-under",
                        "preference_accuracy=1.01")
     assert gated.exit_code == 6, gated
