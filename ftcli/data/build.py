@@ -65,15 +65,21 @@ def example_columns(data_format: str) -> tuple[str, ...]:
     return PREFERENCE_COLUMNS if data_format in PREFERENCE_FORMATS else SEQUENCE_COLUMNS
 
 
-def arrow_schema(data_format: str):
+def columns_schema(names):
+    """The Arrow schema of these columns: token ids as lists of int32, and the per-row figures."""
     import pyarrow as pa
 
-    return pa.schema([(name, pa.list_(pa.int32())) for name in example_columns(data_format)] + [
-        ("length", pa.int32()),        # tokens before truncation
-        ("trained", pa.int32()),       # labelled tokens after truncation (0: the example is dropped)
-        ("record", pa.int64()),        # the record's index in its piece
-        ("mismatches", pa.int16()),    # turn boundaries found through character offsets
-    ])
+    figures = {
+        "length": pa.int32(),        # tokens before truncation
+        "trained": pa.int32(),       # labelled tokens after truncation (0: the example is dropped)
+        "record": pa.int64(),        # the record's index in its piece
+        "mismatches": pa.int16(),    # turn boundaries found through character offsets
+    }
+    return pa.schema([(name, figures.get(name, pa.list_(pa.int32()))) for name in names])
+
+
+def arrow_schema(data_format: str):
+    return columns_schema([*example_columns(data_format), *ROW_FIGURES])
 
 
 def tokenize_rows(chunk: list[Conversation], config: DataConfig, tokenizer, chat_template: str | None) -> dict:
@@ -204,8 +210,7 @@ class BuiltSplit:
                             writer.write_table(pa.Table.from_batches(pending).combine_chunks())
                             pending = []
             if writer is None:   # no rows at all: the columns' schema, empty
-                schema = arrow_schema(PREFERENCE_FORMATS[0] if "prompt_ids" in columns else "chat")
-                writer = pa.ipc.new_stream(sink, pa.schema([schema.field(name) for name in columns]))
+                writer = pa.ipc.new_stream(sink, columns_schema(columns))
             if pending:
                 writer.write_table(pa.Table.from_batches(pending).combine_chunks())
             writer.close()

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from ftcli.data.formats import RecordConverter, RecordProblem
 from ftcli.data.mixing import held_out_records, mix_rows
-from ftcli.data.sources import hub_reference, iter_records, open_dataset, raise_problems, source_files
+from ftcli.data.sources import (
+    MAX_LISTED_PROBLEMS,
+    hub_reference,
+    iter_records,
+    open_dataset,
+    raise_problems,
+    source_files,
+)
 from ftcli.data.templates import CHATML_TEMPLATE, resolve_chat_template, split_for_generation
 from ftcli.data.types import IGNORE_INDEX, Conversation, DataReport, PreparedData
 from ftcli.errors import DataError, UsageError
@@ -22,7 +29,7 @@ from ftcli.recipe.schema import DataConfig, DataSourceConfig, Recipe
 __all__ = [
     "IGNORE_INDEX", "CHATML_TEMPLATE", "Conversation", "DataReport", "PreparedData", "resolve_chat_template",
     "load_conversations", "first_conversations", "prepare_data", "tokenize_conversations", "make_collator",
-    "split_for_generation", "with_eval_source", "data_fingerprints", "data_seed",
+    "split_for_generation", "with_eval_source", "data_fingerprints",
 ]
 PACKING_UNSUPPORTED = ("prefix", "prompt")   # their virtual tokens shift positions and bypass the packed mask
 SETTINGS_NOT_IN_KEY = {"num_proc", "streaming"}   # how fast, never what
@@ -31,10 +38,6 @@ SETTINGS_NOT_IN_KEY = {"num_proc", "streaming"}   # how fast, never what
 def with_eval_source(data: DataConfig, source: str) -> DataConfig:
     """`data` with its eval split read from `source` (eval --data FILE), in any supported format."""
     return data.model_copy(update={"eval": str(source), "val_split": None})
-
-
-def data_seed(recipe: Recipe) -> int:
-    return recipe.data.seed if recipe.data.seed is not None else recipe.training.seed
 
 
 # ---------------------------------------------------------------------------------------------- conversations
@@ -55,7 +58,7 @@ def _convert(sources: list[DataSourceConfig], data: DataConfig, split: str, want
         except RecordProblem as exc:
             hint = hint or (READ_HINT if record.problem else converters[source].hint)
             problems.append(f"{record.origin}: {exc}")
-            if len(problems) >= 5:
+            if len(problems) >= MAX_LISTED_PROBLEMS:
                 break
         if limit is not None and len(conversations) >= limit:
             break
@@ -186,33 +189,33 @@ def tokenize_conversations(conversations: list[Conversation], recipe: Recipe, to
     counted; DataError when none remain or when more than data.max_dropped_fraction are dropped."""
     from datasets import Dataset
 
+    from ftcli.data.build import tokenize_rows
     from ftcli.data.packing import pack_examples
-    from ftcli.data.tokenize import tokenize_chunk
+    from ftcli.data.tokenize import TOKENIZE_CHUNK
 
     data = recipe.data
     packing = data.packing if packing is None else packing
     if not conversations:
         raise DataError(f"no {split} examples", hint="check data.train / data.eval")
-    examples, mismatches = [], []
-    for start in range(0, len(conversations), 512):
-        chunk = conversations[start:start + 512]
+    rows: dict[str, list] = {}
+    for start in range(0, len(conversations), TOKENIZE_CHUNK):
+        chunk = conversations[start:start + TOKENIZE_CHUNK]
         config = data.model_copy(update={"format": "text" if chunk[0].messages is None else "chat"})
-        chunk_examples, chunk_mismatches = tokenize_chunk(chunk, config, tokenizer, chat_template)
-        examples += chunk_examples
-        mismatches += chunk_mismatches
-    trained = [sum(1 for label in e.labels if label != IGNORE_INDEX) for e in examples]
-    report = split_report([e.full_length for e in examples], trained, mismatches, data.max_length)
+        for name, values in tokenize_rows(chunk, config, tokenizer, chat_template).items():
+            rows.setdefault(name, []).extend(values)
+    trained = rows["trained"]
+    report = split_report(rows["length"], trained, rows["mismatches"], data.max_length)
     first_dropped = next((c.origin for c, t in zip(conversations, trained) if not t), None)
     _check_dropped(report, data, split, first_dropped)
-    kept = [e for e, t in zip(examples, trained) if t]
+    kept = [(ids, labels) for ids, labels, t in zip(rows["input_ids"], rows["labels"], trained) if t]
     if packing:
-        rows = pack_examples([(e.input_ids, e.labels) for e in kept], data.max_length)
-        report.trained_tokens = sum(sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows)
-        report.packing_efficiency = round(report.total_tokens / (len(rows) * data.max_length), 4)
-        columns = {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows],
-                   "seq_lengths": [r.seq_lengths for r in rows]}
+        packed = pack_examples(kept, data.max_length)
+        report.trained_tokens = sum(sum(1 for t in r.labels if t != IGNORE_INDEX) for r in packed)
+        report.packing_efficiency = round(report.total_tokens / (len(packed) * data.max_length), 4)
+        columns = {"input_ids": [r.input_ids for r in packed], "labels": [r.labels for r in packed],
+                   "seq_lengths": [r.seq_lengths for r in packed]}
     else:
-        columns = {"input_ids": [e.input_ids for e in kept], "labels": [e.labels for e in kept]}
+        columns = {"input_ids": [ids for ids, _ in kept], "labels": [labels for _, labels in kept]}
     report.rows = len(columns["input_ids"])
     return Dataset.from_dict(columns), report
 
@@ -242,7 +245,7 @@ def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: 
     from ftcli.data import cache as data_cache
 
     data = recipe.data
-    seed = data_seed(recipe)
+    seed = recipe.data_seed
     splits = ("train", "eval") if train else ("eval",)
     fingerprints = data_fingerprints(data, splits)
     key = data_cache.cache_key({

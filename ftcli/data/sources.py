@@ -104,10 +104,12 @@ def _check_suffix(path: Path) -> None:
 
 
 def plan_pieces(sources: list[DataSourceConfig], split: str, processes: int) -> list[Piece]:
-    """Every source of a split cut into pieces, in record order; about four pieces per process for big files."""
+    """Every source of a split cut into pieces, in record order; about four pieces per process for big files, and
+    one piece per file for a single process (no scan for line boundaries: it reads a file in order anyway)."""
     pieces: list[Piece] = []
     total = sum(path.stat().st_size for s in sources for path in (source_files(s) or []))
-    target = min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, total // max(1, 4 * processes)))
+    target = (min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, total // (4 * processes))) if processes > 1
+              else max(total, 1))
     for index, source in enumerate(sources):
         files = source_files(source)
         if files is None:

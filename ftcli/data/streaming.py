@@ -74,7 +74,6 @@ def prepare_streaming(recipe, tokenizer, chat_template, prepare_eval) -> Prepare
         source_files(source)   # a missing file fails now, not at the first step
     train = IterableDataset.from_generator(
         stream_examples, gen_kwargs={"recipe": recipe, "tokenizer": tokenizer, "chat_template": chat_template})
-    seed = recipe.data.seed if recipe.data.seed is not None else recipe.training.seed
-    train = train.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    train = train.shuffle(seed=recipe.data_seed, buffer_size=SHUFFLE_BUFFER)
     evaluation, eval_report = prepare_eval(recipe, tokenizer, chat_template) if recipe.data.eval else (None, None)
     return PreparedData(train, evaluation, chat_template, DataReport(), eval_report)

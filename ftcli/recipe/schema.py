@@ -607,6 +607,11 @@ class Recipe(Section):
         return self
 
     @property
+    def data_seed(self) -> int:
+        """The seed of val_split and mixing: data.seed, else training.seed."""
+        return self.data.seed if self.data.seed is not None else self.training.seed
+
+    @property
     def effective_quantization(self) -> QuantizationConfig | None:
         if self.method.kind != "qlora":
             return None
