@@ -23,7 +23,8 @@ MAX_LISTED_DROPS = 5
 READ_HINT = "fix or remove the records named above"
 SEQUENCE_COLUMNS = ("input_ids", "labels")
 ROW_FIGURES = ("length", "trained", "record", "mismatches")
-PREFERENCE_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")
 
 
 def available_cores() -> int:
@@ -61,21 +62,23 @@ class PieceResult:
 
 
 def example_columns(data_format: str) -> tuple[str, ...]:
-    """The token columns of one example: a sequence and its labels, or a preference pair's three parts."""
-    return PREFERENCE_COLUMNS if data_format in PREFERENCE_FORMATS else SEQUENCE_COLUMNS
+    """The columns of one example: a sequence and its labels, a preference pair's three parts, or an unpaired
+    answer's prompt, completion and label."""
+    return {"preference": PAIR_COLUMNS, "unpaired_preference": UNPAIRED_COLUMNS}.get(data_format, SEQUENCE_COLUMNS)
 
 
 def columns_schema(names):
-    """The Arrow schema of these columns: token ids as lists of int32, and the per-row figures."""
+    """The Arrow schema of these columns: token ids as lists of int32, labels and the per-row figures."""
     import pyarrow as pa
 
-    figures = {
+    types = {
+        "label": pa.bool_(),         # an unpaired answer is desirable
         "length": pa.int32(),        # tokens before truncation
         "trained": pa.int32(),       # labelled tokens after truncation (0: the example is dropped)
         "record": pa.int64(),        # the record's index in its piece
         "mismatches": pa.int16(),    # turn boundaries found through character offsets
     }
-    return pa.schema([(name, figures.get(name, pa.list_(pa.int32()))) for name in names])
+    return pa.schema([(name, types.get(name, pa.list_(pa.int32()))) for name in names])
 
 
 def arrow_schema(data_format: str):
@@ -85,11 +88,18 @@ def arrow_schema(data_format: str):
 def tokenize_rows(chunk: list[Conversation], config: DataConfig, tokenizer, chat_template: str | None) -> dict:
     """The chunk's rows: its token columns, length, trained (the example's trained tokens) and mismatches."""
     if config.format in PREFERENCE_FORMATS:
-        pairs, mismatches = tokenize_preference_chunk(chunk, config, tokenizer, chat_template)
-        return {"prompt_ids": [p.prompt_ids for p in pairs], "chosen_ids": [p.chosen_ids for p in pairs],
-                "rejected_ids": [p.rejected_ids for p in pairs], "length": [p.full_length for p in pairs],
-                # a pair trains only while both answers keep a token
-                "trained": [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], "mismatches": mismatches}
+        examples, mismatches = tokenize_preference_chunk(chunk, config, tokenizer, chat_template)
+        rows = {"prompt_ids": [e.prompt_ids for e in examples], "length": [e.full_length for e in examples],
+                # an example trains only while every answer keeps a token
+                "trained": [min(len(answer) for answer in e.answer_ids) for e in examples],
+                "mismatches": mismatches}
+        if config.format == "preference":
+            rows["chosen_ids"] = [e.answer_ids[0] for e in examples]
+            rows["rejected_ids"] = [e.answer_ids[1] for e in examples]
+        else:
+            rows["completion_ids"] = [e.answer_ids[0] for e in examples]
+            rows["label"] = [c.chosen is not None for c in chunk]
+        return rows
     examples, mismatches = tokenize_chunk(chunk, config, tokenizer, chat_template)
     return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
             "length": [e.full_length for e in examples],

@@ -1,4 +1,5 @@
-"""Turn raw records of each record format (text, instruction, chat, prompt_completion) into validated Conversations."""
+"""Turn raw records of each record format (text, instruction, chat, prompt_completion, preference,
+unpaired_preference) into validated Conversations."""
 
 from __future__ import annotations
 
@@ -169,13 +170,24 @@ def _answer(value: Any, name: str) -> list[dict[str, str]]:
     return _messages(_as_list(value, name), sharegpt=False, name=name)
 
 
+def _prompt(value: Any) -> list[dict[str, str]]:
+    """A preference record's prompt: a string (one user turn) or a list of messages."""
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        return [{"role": "user", "content": _text(value, "prompt")}]
+    return _messages(_as_list(value, "prompt"), sharegpt=False, name="prompt")
+
+
+def _check_answer(name: str, answer: list[dict[str, str]]) -> None:
+    if not answer:
+        raise RecordProblem(f"{name} adds nothing after the prompt")
+    if answer[0]["role"] != "assistant":
+        raise RecordProblem(f"{name} must start with an assistant turn after the prompt, not {answer[0]['role']}")
+
+
 def _preference_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
     chosen, rejected = _answer(fields["chosen"], "chosen"), _answer(fields["rejected"], "rejected")
     if "prompt" in fields and fields["prompt"] is not None:
-        prompt = fields["prompt"]
-        messages = ([{"role": "user", "content": _text(prompt, "prompt")}] if isinstance(prompt, str)
-                    and not prompt.lstrip().startswith("[") else _messages(_as_list(prompt, "prompt"),
-                                                                           sharegpt=False, name="prompt"))
+        messages = _prompt(fields["prompt"])
     else:   # TRL's implicit prompt: both sides are whole conversations sharing their first turns
         shared = 0
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
@@ -183,14 +195,33 @@ def _preference_record(fields: dict[str, Any], data: DataConfig, origin: str) ->
         messages, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not messages:
             raise RecordProblem("no prompt column, and chosen and rejected share no first turn to be the prompt")
-    for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        if not answer:
-            raise RecordProblem(f"{name} adds nothing after the prompt")
-        if answer[0]["role"] != "assistant":
-            raise RecordProblem(f"{name} must start with an assistant turn after the prompt, not {answer[0]['role']}")
+    _check_answer("chosen", chosen)
+    _check_answer("rejected", rejected)
     if chosen == rejected:
         raise RecordProblem("chosen and rejected are identical (nothing to prefer)")
     return Conversation(messages=_with_system(messages, data), chosen=chosen, rejected=rejected, origin=origin)
+
+
+def _label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):   # CSV cells are text
+        return value.strip().lower() == "true"
+    shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+    raise RecordProblem(f"label must be true (desirable) or false (undesirable), got {shown}")
+
+
+def _unpaired_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    if "prompt" not in fields:
+        raise RecordProblem("missing the prompt column: an unpaired answer needs its prompt (map it with "
+                            "data.columns)")
+    if fields["prompt"] is None:
+        raise RecordProblem("prompt is null")
+    messages, completion = _prompt(fields["prompt"]), _answer(fields["completion"], "completion")
+    _check_answer("completion", completion)
+    desirable = _label(fields["label"])
+    return Conversation(messages=_with_system(messages, data), chosen=completion if desirable else None,
+                        rejected=None if desirable else completion, origin=origin)
 
 
 _CONVERTERS: dict[str, Callable[[dict[str, Any], DataConfig, str], Conversation]] = {
@@ -199,4 +230,5 @@ _CONVERTERS: dict[str, Callable[[dict[str, Any], DataConfig, str], Conversation]
     "chat": _chat_record,
     "prompt_completion": _prompt_completion_record,
     "preference": _preference_record,
+    "unpaired_preference": _unpaired_record,
 }

@@ -143,24 +143,24 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
 @dataclass
 class PreferenceExample:
     prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    full_length: int                 # prompt and the longer answer, before truncation
+    answer_ids: list[list[int]]      # chosen then rejected, or an unpaired example's one answer
+    full_length: int                 # prompt and the longest answer, before truncation
 
 
 def tokenize_preference_chunk(chunk: list[Conversation], data: DataConfig, tokenizer,
                               chat_template: str) -> tuple[list[PreferenceExample], list[int]]:
-    """Preference pairs as prompt, chosen and rejected token ids through the chat template: the prompt rendered with
-    the generation prompt, each answer as the rest of the whole conversation's rendering (its end-of-turn token
+    """Preference data as prompt and answer token ids through the chat template: the prompt rendered with the
+    generation prompt, each answer as the rest of the whole conversation's rendering (its end-of-turn token
     included); the prompt keeps its last data.max_prompt_length tokens, the answers what data.max_length leaves."""
-    texts = []
+    texts, counts = [], []
     for conversation in chunk:
+        answers = conversation.answers
         try:
             prompt = render(conversation.messages or [], tokenizer, chat_template, add_generation_prompt=True)
             sides = [render((conversation.messages or []) + answer, tokenizer, chat_template).rstrip()
-                     for answer in (conversation.chosen, conversation.rejected)]
+                     for answer in answers]
         except Exception as exc:  # the template's own raise_exception or a Jinja error
-            raise DataError(f"{conversation.origin}: the chat template cannot render this pair: {exc}",
+            raise DataError(f"{conversation.origin}: the chat template cannot render this example: {exc}",
                             hint="fix the example or choose another template (data.chat_template)") from None
         for side in sides:
             if not side.startswith(prompt):
@@ -168,19 +168,20 @@ def tokenize_preference_chunk(chunk: list[Conversation], data: DataConfig, token
                                 "the whole conversation, so the answer cannot be separated from it",
                                 hint="use a template that renders earlier turns the same way (data.chat_template)")
         texts += [prompt, *sides]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        counts.append(len(sides))
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
     prompt_limit = data.max_prompt_length or data.max_length // 2
     examples, mismatches = [], []
-    for index in range(len(chunk)):
-        prompt_ids, chosen_full, rejected_full = (list(ids) for ids in encoded[3 * index: 3 * index + 3])
-        shared = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
+    for count in counts:
+        prompt_ids = list(next(encoded))
+        fulls = [list(next(encoded)) for _ in range(count)]
+        shared = min(_common_prefix(prompt_ids, full) for full in fulls)
         mismatches.append(int(shared < len(prompt_ids)))   # a token merged across the boundary: cut before it
-        prompt_ids = prompt_ids[:shared]
-        chosen_ids, rejected_ids = chosen_full[shared:], rejected_full[shared:]
-        full_length = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+        prompt_ids, answers = prompt_ids[:shared], [full[shared:] for full in fulls]
+        full_length = len(prompt_ids) + max(len(answer) for answer in answers)
         prompt_ids = prompt_ids[-prompt_limit:] if len(prompt_ids) > prompt_limit else prompt_ids
         room = max(0, data.max_length - len(prompt_ids))
-        examples.append(PreferenceExample(prompt_ids, chosen_ids[:room], rejected_ids[:room], full_length))
+        examples.append(PreferenceExample(prompt_ids, [answer[:room] for answer in answers], full_length))
     return examples, mismatches
 
 

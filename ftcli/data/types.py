@@ -11,12 +11,18 @@ IGNORE_INDEX = -100
 @dataclass
 class Conversation:
     """One normalised example: chat messages [{role, content}], or plain text for format: text; for a preference
-    pair, messages is the prompt and chosen / rejected the two answers (assistant turns)."""
+    pair, messages is the prompt and chosen / rejected the two answers (assistant turns); an unpaired answer is half
+    a pair: chosen when labelled desirable, rejected when not."""
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     origin: str | None = None        # file:line (or row) it came from, for error messages
     chosen: list[dict[str, str]] | None = None
     rejected: list[dict[str, str]] | None = None
+
+    @property
+    def answers(self) -> list[list[dict[str, str]]]:
+        """The judged answers: chosen then rejected, or the one answer of an unpaired example."""
+        return [answer for answer in (self.chosen, self.rejected) if answer is not None]
 
 
 @dataclass

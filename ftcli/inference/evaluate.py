@@ -117,7 +117,7 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
     note(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
     loaded = load_run_model(run, action="evaluate")
     # Preference pairs are scored as the conversations that end with their chosen answers, and ranked.
-    pairs = conversations if conversations and conversations[0].chosen is not None else None
+    pairs = conversations if conversations and conversations[0].answers else None   # preference data
     scored = as_chosen_conversations(pairs) if pairs else conversations
     tokenized = _tokenize(scored, loaded)
     prompts, references = _generation_pairs(scored, loaded)
@@ -196,7 +196,7 @@ def _parent_adapter(run) -> Path | None:
 
 
 class _Ranking:
-    """Log-probabilities of each pair's answers, under the run and under a reference, cached per reference."""
+    """Log-probabilities of each example's answers, under the run and under a reference, cached per reference."""
 
     def __init__(self, loaded, pairs, recipe, batch_size: int):
         from ftcli.data.tokenize import tokenize_preference_chunk
@@ -204,6 +204,7 @@ class _Ranking:
         self.loaded, self.batch_size = loaded, batch_size
         self.beta = getattr(recipe.objective, "beta", 0.1)
         self.examples, _ = tokenize_preference_chunk(pairs, recipe.data, loaded.tokenizer, loaded.chat_template)
+        self.desirable = [None if len(p.answers) == 2 else p.chosen is not None for p in pairs]
         self._references: dict = {}
 
     def policy(self):
@@ -216,7 +217,7 @@ class _Ranking:
         return self._references[parent]
 
     def scores(self, policy, reference) -> dict[str, float]:
-        return preference_scores(policy, reference, self.beta)
+        return preference_scores(policy, reference, self.desirable, self.beta)
 
 
 def _tokenize(conversations, loaded) -> dict[str, Any]:

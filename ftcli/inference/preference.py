@@ -1,5 +1,5 @@
-"""How a run ranks preference pairs: the accuracy and mean margin of its implicit reward against its reference model
-(the run it started from, or the base), as DPO defines the reward."""
+"""How a run judges preference data: the accuracy and mean margin of its implicit reward against its reference model
+(the run it started from, or the base), as DPO and KTO define the reward."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from ftcli.data.types import Conversation
 REFERENCE_ADAPTER = "reference"
 
 
-def as_chosen_conversations(pairs: list[Conversation]) -> list[Conversation]:
-    """Each pair as the conversation that ends with its chosen answer (for loss and generation metrics)."""
-    return [Conversation(messages=(pair.messages or []) + (pair.chosen or []), origin=pair.origin) for pair in pairs]
+def as_chosen_conversations(examples: list[Conversation]) -> list[Conversation]:
+    """Each pair, and each desirable unpaired answer, as the conversation that ends with its chosen answer (for loss
+    and generation metrics)."""
+    return [Conversation(messages=(example.messages or []) + example.chosen, origin=example.origin)
+            for example in examples if example.chosen is not None]
 
 
 @contextlib.contextmanager
@@ -35,42 +37,51 @@ def reference_model(loaded, parent_adapter) -> Iterator[None]:
         model.set_adapter(active)
 
 
-def answer_log_probs(loaded, pairs, batch_size: int) -> list[tuple[float, float]]:
-    """(chosen, rejected) summed log-probabilities of each pair's answer tokens under loaded.model as it is now."""
+def answer_log_probs(loaded, examples, batch_size: int) -> list[list[float]]:
+    """Per example (PreferenceExample), the summed log-probabilities of each answer's tokens under loaded.model as it
+    is now."""
     import torch
 
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    scores = []
-    for side in ("chosen_ids", "rejected_ids"):
-        sums = []
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
-            sequences = [pair.prompt_ids + getattr(pair, side) for pair in batch]
-            width = max(len(s) for s in sequences)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, sequence in enumerate(sequences):
-                input_ids[row, :len(sequence)] = torch.tensor(sequence)
-                attention[row, :len(sequence)] = 1
-            with torch.inference_mode():
-                logits = loaded.model(input_ids=input_ids.to(loaded.device),
-                                      attention_mask=attention.to(loaded.device)).logits.float()
-            token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
-                -1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
-            for row, pair in enumerate(batch):
-                first = len(pair.prompt_ids) - 1           # the position that predicts the answer's first token
-                last = len(sequences[row]) - 1
-                sums.append(float(token_logps[row, first:last].double().sum()))
-        scores.append(sums)
-    return list(zip(*scores))
+    answers = [(index, example.prompt_ids, answer) for index, example in enumerate(examples)
+               for answer in example.answer_ids]
+    sums: list[list[float]] = [[] for _ in examples]
+    for start in range(0, len(answers), batch_size):
+        batch = answers[start:start + batch_size]
+        sequences = [prompt + answer for _, prompt, answer in batch]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, :len(sequence)] = torch.tensor(sequence)
+            attention[row, :len(sequence)] = 1
+        with torch.inference_mode():
+            logits = loaded.model(input_ids=input_ids.to(loaded.device),
+                                  attention_mask=attention.to(loaded.device)).logits.float()
+        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+            -1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
+        for row, (index, prompt, _) in enumerate(batch):
+            first = len(prompt) - 1                    # the position that predicts the answer's first token
+            last = len(sequences[row]) - 1
+            sums[index].append(float(token_logps[row, first:last].double().sum()))
+    return sums
 
 
-def preference_scores(policy: list[tuple[float, float]], reference: list[tuple[float, float]],
+def preference_scores(policy: list[list[float]], reference: list[list[float]], desirable: list[bool | None],
                       beta: float) -> dict[str, float]:
-    """preference_accuracy: the share of pairs whose chosen answer gets the higher implicit reward
-    beta * (log pi - log ref); reward_margin: the mean reward of chosen minus rejected."""
-    margins = [beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(policy, reference)]
-    if not margins:
+    """From each answer's implicit reward beta * (log pi - log ref): for pairs (desirable None),
+    preference_accuracy is the share whose chosen answer gets the higher reward and reward_margin the mean reward of
+    chosen minus rejected; for unpaired answers, the share whose reward has the sign of its label, and the mean
+    reward of the desirable answers minus that of the undesirable ones."""
+    rewards = [[beta * (p - r) for p, r in zip(ps, rs)] for ps, rs in zip(policy, reference)]
+    if not rewards:
         return {}
-    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "reward_margin": sum(margins) / len(margins)}
+    if desirable[0] is None:
+        margins = [chosen - rejected for chosen, rejected in rewards]
+        return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+                "reward_margin": sum(margins) / len(margins)}
+    judged = [(reward, label) for (reward,), label in zip(rewards, desirable)]
+    good = [reward for reward, label in judged if label]
+    bad = [reward for reward, label in judged if not label]
+    return {"preference_accuracy": sum((reward > 0) == label for reward, label in judged) / len(judged),
+            "reward_margin": (sum(good) / len(good) if good else 0.0) - (sum(bad) / len(bad) if bad else 0.0)}

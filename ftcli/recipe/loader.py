@@ -18,12 +18,15 @@ from ftcli.recipe.schema import (
     DoraMethod,
     DpoObjective,
     Ia3Method,
+    KtoObjective,
     LoraMethod,
+    OrpoObjective,
     PrefixMethod,
     PromptMethod,
     QloraMethod,
     Recipe,
     SftObjective,
+    SimpoObjective,
     check_run_name,
 )
 from ftcli.recipe.yamlsource import (
@@ -261,7 +264,8 @@ def recipe_to_yaml(recipe: Recipe, header: str = "") -> str:
 
 # The tags of a data source's shapes and of the objectives in error locations, not keys of the recipe.
 SOURCE_TAGS = ("source",)
-OBJECTIVE_CLASSES: dict[str, type[BaseModel]] = {"sft": SftObjective, "dpo": DpoObjective}
+OBJECTIVE_CLASSES: dict[str, type[BaseModel]] = {
+    "sft": SftObjective, "dpo": DpoObjective, "kto": KtoObjective, "orpo": OrpoObjective, "simpo": SimpoObjective}
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:

@@ -211,17 +211,18 @@ class QuantizationConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- data
 
-DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion", "preference")
-PREFERENCE_FORMATS = ("preference",)
+DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion", "preference", "unpaired_preference")
+PREFERENCE_FORMATS = ("preference", "unpaired_preference")   # records of a prompt and judged answers
 DEFAULT_COLUMNS = {
     "text": ("text",),
     "instruction": ("instruction", "input", "output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
 
-DataFormat = Literal["text", "instruction", "chat", "prompt_completion", "preference"]
+DataFormat = Literal["text", "instruction", "chat", "prompt_completion", "preference", "unpaired_preference"]
 
 
 def _check_columns(columns: dict[str, str], data_format: str, key: str) -> None:
@@ -303,7 +304,8 @@ class DataConfig(Section):
     val_split: float | None = Field(None, gt=0, lt=1)
     """Fraction of the training records held out for eval, seeded by data.seed."""
     format: DataFormat = "chat"
-    """Record format: text, instruction (Alpaca), chat (OpenAI messages), prompt_completion, or preference pairs."""
+    """Record format: text, instruction (Alpaca), chat (OpenAI messages), prompt_completion, preference (pairs), or
+    unpaired_preference (one answer labelled desirable or not)."""
     columns: dict[str, str] = {}
     """Map from this format's column names to the names in your data, e.g. {messages: conversations}."""
     sharegpt: bool = False
@@ -319,7 +321,7 @@ class DataConfig(Section):
     max_length: int = Field(512, gt=0)
     """Maximum tokens per example; longer examples are truncated (and reported)."""
     max_prompt_length: int | None = Field(None, gt=0)
-    """Preference pairs: keep at most this many prompt tokens (its end); default half of max_length."""
+    """Preference data: keep at most this many prompt tokens (its end); default half of max_length."""
     packing: bool = False
     """Pack several examples per row without attention across example boundaries."""
     train_on: Literal["completion", "all"] = "completion"
@@ -439,13 +441,62 @@ class DpoObjective(Section):
     """Assumed fraction of wrongly labelled pairs (robust and conservative DPO)."""
 
 
+class KtoObjective(Section):
+    """Kahneman-Tversky optimisation through TRL's KTOTrainer, on answers labelled desirable or undesirable
+    (format unpaired_preference; preference pairs count as one of each); the reference is the starting policy."""
+
+    kind: Literal["kto"]
+    """The training objective."""
+    beta: float = Field(0.1, gt=0)
+    """How strongly the policy is held to the reference (higher: closer)."""
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """KTO's loss (the paper's, estimating the KL term from mismatched answers in each batch), or unpaired APO-zero."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """Weight of the desirable answers' loss; raise it when desirable answers are fewer (the paper's ratio)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """Weight of the undesirable answers' loss."""
+
+
+class OrpoObjective(Section):
+    """Odds-ratio preference optimisation through TRL's ORPOTrainer, on preference pairs: supervised loss on the
+    chosen answer plus an odds-ratio penalty against the rejected one; no reference model."""
+
+    kind: Literal["orpo"]
+    """The training objective."""
+    beta: float = Field(0.1, gt=0)
+    """Weight of the odds-ratio term against the supervised loss (the paper's lambda)."""
+
+
+class SimpoObjective(Section):
+    """Simple preference optimisation through TRL's CPOTrainer (loss simpo), on preference pairs: the length-normalised
+    log-probability is the reward, with a target margin; no reference model."""
+
+    kind: Literal["simpo"]
+    """The training objective."""
+    beta: float = Field(2.0, gt=0)
+    """Scale of the reward (the paper uses 2 to 10)."""
+    gamma: float = Field(0.5, ge=0)
+    """The target reward margin, as a fraction of beta (TRL's simpo_gamma)."""
+    nll_weight: float = Field(0.0, ge=0)
+    """Weight of a supervised loss on the chosen answer (TRL's cpo_alpha; 0 is plain SimPO)."""
+
+
 def _objective_shorthand(value: object) -> object:
     return {"kind": value} if isinstance(value, str) else value
 
 
-Objective = Annotated[SftObjective | DpoObjective, Field(discriminator="kind"), BeforeValidator(_objective_shorthand)]
-OBJECTIVE_KINDS = ("sft", "dpo")
-PREFERENCE_OBJECTIVES = ("dpo",)
+Objective = Annotated[SftObjective | DpoObjective | KtoObjective | OrpoObjective | SimpoObjective,
+                      Field(discriminator="kind"), BeforeValidator(_objective_shorthand)]
+OBJECTIVE_KINDS = ("sft", "dpo", "kto", "orpo", "simpo")
+# The record formats each objective trains on.
+OBJECTIVE_FORMATS = {
+    "dpo": ("preference",),
+    "kto": ("unpaired_preference", "preference"),
+    "orpo": ("preference",),
+    "simpo": ("preference",),
+}
+PREFERENCE_OBJECTIVES = tuple(OBJECTIVE_FORMATS)
+REFERENCE_OBJECTIVES = ("dpo", "kto")   # a reference model: the starting policy
 PREFERENCE_METHODS = ("lora", "qlora", "dora")   # the reference pass needs an adapter that can be copied or disabled
 
 
@@ -587,12 +638,21 @@ class Recipe(Section):
         kind = self.objective.kind
         preference = kind in PREFERENCE_OBJECTIVES
         for data_format in sorted(self.data.formats):
-            if preference != (data_format in PREFERENCE_FORMATS):
-                wanted = "format: preference (prompt, chosen, rejected)" if preference else "a non-preference format"
+            if preference and data_format not in OBJECTIVE_FORMATS[kind]:
+                wanted = " or ".join(f"format {name} ({', '.join(DEFAULT_COLUMNS[name])})"
+                                     for name in OBJECTIVE_FORMATS[kind])
                 raise conflict("data.format", f"objective {kind} trains on {wanted}, not format {data_format}")
+            if not preference and data_format in PREFERENCE_FORMATS:
+                raise conflict("data.format", f"format {data_format} holds judged answers for a preference "
+                                              f"objective (objective: {', '.join(PREFERENCE_OBJECTIVES)}), "
+                                              f"not for {kind}")
         if preference and self.method.kind not in PREFERENCE_METHODS:
-            raise conflict("objective", f"objective {kind} needs method lora, qlora or dora (its reference pass "
-                                        f"copies or disables the adapter), not {self.method.kind}")
+            raise conflict("objective", f"objective {kind} needs method lora, qlora or dora (preference tuning "
+                                        f"trains an adapter, copied or disabled as the reference), "
+                                        f"not {self.method.kind}")
+        if kind == "kto" and self.objective.loss_type == "kto" and self.training.batch_size < 2:
+            raise conflict("training.batch_size", "objective kto estimates its KL term from the other answers of "
+                                                  "each batch: set training.batch_size to 2 or more")
         if preference and self.data.packing:
             raise conflict("data.packing", f"objective {kind} compares two answers per row; packing does not apply")
         if preference and self.data.streaming:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ftcli.data.types import IGNORE_INDEX
 from ftcli.models.load import DTYPE_BYTES
+from ftcli.recipe.schema import PREFERENCE_OBJECTIVES
 
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 / 4 + 4 / (64 * 256)   # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 INT8_BYTES_PER_WEIGHT = 1.0 + 4 / 4096                    # row-wise scales
@@ -110,8 +111,10 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     precision = resolve_precision(recipe.training.precision, device)
     checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
     trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
-    tokens = recipe.training.batch_size * recipe.data.max_length * sequences_per_example(recipe)
-    scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens)
+    sequences = sequences_per_example(recipe)
+    tokens = recipe.training.batch_size * recipe.data.max_length * sequences
+    # (a pair's trained figure counts its shorter answer once: about half its scored positions)
+    scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens * sequences)
 
     weights, checkpoint_pages = _weight_bytes(recipe, model_config, dtype, device_kind)
     activations, autocast_weight_copies = _activation_bytes(recipe, model_config, dtype=dtype, precision=precision,
@@ -120,9 +123,8 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
         "weights": int(weights),
         "adapter_and_optimizer": int(trainable * ADAMW_BYTES_PER_TRAINABLE),
         "activations": int(activations),
-        "logits": int(_logit_bytes(scored, d["vocab"], device_kind) if recipe.objective.kind == "sft"
-                      # DPO scores every position of both answers' sequences: fp32 logits and their log-softmax
-                      else tokens * d["vocab"] * 4 * 2),
+        "logits": int(tokens * d["vocab"] * 4 * 2 if _full_logits(recipe)
+                      else _logit_bytes(scored, d["vocab"], device_kind)),
         "framework": FRAMEWORK_OVERHEAD[device_kind],
     }
     if checkpoint_pages:
@@ -160,9 +162,17 @@ def _weight_bytes(recipe, model_config, dtype: str, device_kind: str) -> tuple[f
 
 
 def sequences_per_example(recipe) -> int:
-    """Sequences one example puts through the model: two for a preference pair (prompt + chosen, prompt +
-    rejected; DPO's reference pass keeps no activations), one otherwise."""
-    return 2 if recipe.objective.kind == "dpo" else 1
+    """Sequences whose activations one example keeps for the backward pass: two for a preference pair (prompt +
+    chosen, prompt + rejected), one otherwise (the reference and KTO's KL passes keep none)."""
+    if recipe.objective.kind in PREFERENCE_OBJECTIVES and "preference" in recipe.data.formats:
+        return 2
+    return 1
+
+
+def _full_logits(recipe) -> bool:
+    """TRL's ORPO and CPO (SimPO) trainers score every position of both answers through full fp32 logits and their
+    log-softmax; the other objectives go through the fused LM head."""
+    return recipe.objective.kind in ("orpo", "simpo")
 
 
 def _activation_bytes(recipe, model_config, *, dtype: str, precision: str, device_kind: str,

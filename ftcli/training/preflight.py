@@ -125,25 +125,32 @@ def _count_parameters(recipe, model_config, tokenizer) -> dict:
 
 def _samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
     """The first examples as text segments marked trained or not, exactly as tokenized for training (a preference
-    pair: the prompt, then the chosen answer as trained, and the rejected answer beside it)."""
+    pair: the prompt, then the chosen answer as trained, and the rejected answer beside it; an unpaired answer with
+    its label)."""
     from ftcli.data.tokenize import tokenize_examples, tokenize_preference_chunk
     from ftcli.data.types import IGNORE_INDEX, DataReport
 
     samples = []
     for conversation in conversations:
-        if conversation.chosen is not None:
-            [pair], _ = tokenize_preference_chunk([conversation], recipe.data, tokenizer, chat_template)
-            samples.append({
+        if conversation.answers:
+            [example], _ = tokenize_preference_chunk([conversation], recipe.data, tokenizer, chat_template)
+            answer = example.answer_ids[0]
+            sample = {
                 "origin": conversation.origin,
-                "tokens": len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)),
-                "prompt_tokens": len(pair.prompt_ids), "chosen_tokens": len(pair.chosen_ids),
-                "rejected_tokens": len(pair.rejected_ids),
-                "trained_tokens": min(len(pair.chosen_ids), len(pair.rejected_ids)),
-                "truncated": pair.full_length > recipe.data.max_length,
-                "segments": [{"trained": False, "text": tokenizer.decode(pair.prompt_ids)},
-                             {"trained": True, "text": tokenizer.decode(pair.chosen_ids)}],
-                "rejected": tokenizer.decode(pair.rejected_ids),
-            })
+                "tokens": len(example.prompt_ids) + max(len(ids) for ids in example.answer_ids),
+                "prompt_tokens": len(example.prompt_ids),
+                "trained_tokens": min(len(ids) for ids in example.answer_ids),
+                "truncated": example.full_length > recipe.data.max_length,
+                "segments": [{"trained": False, "text": tokenizer.decode(example.prompt_ids)},
+                             {"trained": True, "text": tokenizer.decode(answer)}],
+            }
+            if len(example.answer_ids) == 2:
+                sample.update(chosen_tokens=len(answer), rejected_tokens=len(example.answer_ids[1]),
+                              rejected=tokenizer.decode(example.answer_ids[1]))
+            else:
+                sample.update(completion_tokens=len(answer),
+                              label="desirable" if conversation.chosen is not None else "undesirable")
+            samples.append(sample)
             continue
         config = recipe.data.model_copy(update={"format": "text" if conversation.messages is None else "chat"})
         [example] = tokenize_examples([conversation], config, tokenizer, chat_template, DataReport())
@@ -202,8 +209,10 @@ def render_preflight(report: dict, console) -> None:
     console.print(Text(f"preflight: {report['recipe'] or 'recipe'} ({report['method']} on "
                        f"{report['model']['reference']}, {report['device']}); nothing was trained", style="bold"))
     for sample in report["samples"]:
+        label = f", labelled {sample['label']}" if "label" in sample else ""
         console.print(Text(f"\n{sample['origin']}: {sample['tokens']} tokens, {sample['trained_tokens']} trained"
-                           f"{', truncated' if sample['truncated'] else ''} (trained tokens in green)", style="dim"))
+                           f"{', truncated' if sample['truncated'] else ''}{label} (trained tokens in green)",
+                           style="dim"))
         text = Text()
         remaining = SAMPLE_CHARS
         for segment in sample["segments"]:

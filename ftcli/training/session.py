@@ -150,7 +150,7 @@ class TrainingSession:
 
     def training_arguments(self):
         """The TRL config of the recipe's objective: the same training settings, and the objective's own."""
-        from trl import DPOConfig, SFTConfig
+        from trl import DPOConfig, KTOConfig, SFTConfig
 
         recipe, objective = self.recipe, self.recipe.objective
         common = self._common_arguments()
@@ -163,6 +163,25 @@ class TrainingSession:
                 max_length=None,   # the data pipeline truncated prompts and answers (data.max_prompt_length)
                 precompute_ref_log_probs=False,
             )
+        if objective.kind == "kto":
+            return KTOConfig(
+                **common,
+                beta=objective.beta,
+                loss_type=objective.loss_type,
+                desirable_weight=objective.desirable_weight,
+                undesirable_weight=objective.undesirable_weight,
+                max_length=None,
+                precompute_ref_log_probs=False,
+            )
+        if objective.kind == "orpo":
+            from trl.experimental.orpo import ORPOConfig
+
+            return ORPOConfig(**common, beta=objective.beta, max_length=recipe.data.max_length)
+        if objective.kind == "simpo":
+            from trl.experimental.cpo import CPOConfig
+
+            return CPOConfig(**common, loss_type="simpo", beta=objective.beta, simpo_gamma=objective.gamma,
+                             cpo_alpha=objective.nll_weight, max_length=recipe.data.max_length)
         return SFTConfig(
             **common,
             max_length=recipe.data.max_length,
@@ -219,13 +238,18 @@ class TrainingSession:
         from transformers.trainer_callback import ProgressCallback as HFProgress
 
         from ftcli.data import pipeline as data
-        from ftcli.training.trainer import FtcliDPOTrainer, FtcliSFTTrainer
+        from ftcli.training.trainer import FtcliDPOTrainer, FtcliKTOTrainer, FtcliSFTTrainer, make_pair_trainer
 
         recipe = self.recipe
+        kind = recipe.objective.kind
         shared = dict(model=self.model, args=self.training_arguments(), train_dataset=self.prepared.train,
                       eval_dataset=self.prepared.eval, processing_class=self.tokenizer, callbacks=callbacks)
-        if recipe.objective.kind == "dpo":   # TRL's preference collator: chosen and rejected rows of each pair
+        if kind == "dpo":   # TRL's preference collator: chosen and rejected rows of each pair
             trainer = FtcliDPOTrainer(real_tokens=real_tokens, **shared)
+        elif kind == "kto":
+            trainer = FtcliKTOTrainer(real_tokens=real_tokens, **shared)
+        elif kind in ("orpo", "simpo"):
+            trainer = make_pair_trainer(kind, real_tokens=real_tokens, **shared)
         else:
             trainer = FtcliSFTTrainer(real_tokens=real_tokens,
                                       group_by_length=recipe.training.group_by_length and not recipe.data.packing,

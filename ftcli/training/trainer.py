@@ -1,9 +1,13 @@
-"""TRL's trainers with ftcli's changes: a real-token count for every objective; for SFT length-grouped batches in random
-order and TRL's fused LM head made fast on the CPU (ftcli/models/fused_head.py); for DPO, data tokenized by ftcli."""
+"""TRL's trainers with ftcli's changes: a real-token count for every objective, data tokenized by ftcli's pipeline,
+TRL's fused LM head made fast on the CPU (ftcli/models/fused_head.py); for SFT length-grouped batches in random
+order; for KTO the KL answers drawn within each batch, so that batches can be shuffled."""
 
 from __future__ import annotations
 
-from trl import DPOTrainer, SFTTrainer
+import contextlib
+from collections.abc import Iterator
+
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 from ftcli.data.packing import REAL_TOKENS_KEY
 from ftcli.models.fused_head import prepare_fused_head
@@ -31,12 +35,21 @@ class CountsRealTokens:
         counted = inputs.pop(REAL_TOKENS_KEY, None)
         if model.training:
             if counted is None:
-                mask = inputs.get("attention_mask")
-                counted = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-            counted = torch.as_tensor(counted, device=inputs["input_ids"].device).reshape(1)
+                counted = _attended_tokens(inputs)
+            counted = torch.as_tensor(counted, device=self.accelerator.device).reshape(1)
             self.real_tokens.total += int(self.accelerator.gather_for_metrics(counted).sum().item())
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+
+def _attended_tokens(inputs: dict):
+    """The batch's non-padding tokens: its attention mask, or a pair's two (chosen_, rejected_attention_mask)."""
+    import torch
+
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    masks = [inputs[f"{side}_attention_mask"] for side in ("chosen", "rejected") if f"{side}_attention_mask" in inputs]
+    return sum(mask.sum() for mask in masks) if masks else torch.tensor(inputs["input_ids"].numel())
 
 
 class FtcliSFTTrainer(CountsRealTokens, SFTTrainer):
@@ -61,7 +74,101 @@ class FtcliDPOTrainer(CountsRealTokens, DPOTrainer):
 
     def __init__(self, *args, real_tokens: RealTokenCount, **kwargs):
         self.real_tokens = real_tokens
+        prepare_fused_head()
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset   # prompt_ids, chosen_ids, rejected_ids: what TRL's own preparation would produce
+
+
+class FtcliKTOTrainer(CountsRealTokens, KTOTrainer):
+    """KTO over answers ftcli's data pipeline already tokenized: unpaired (prompt_ids, completion_ids, label) or
+    pairs, each pair counting as a desirable and an undesirable answer."""
+
+    def __init__(self, *, real_tokens: RealTokenCount, args, processing_class, **kwargs):
+        self.real_tokens = real_tokens
+        prepare_fused_head()
+        # TRL pairs each answer with another's prompt (the KL estimate) in a fixed order of the dataset, so it asks
+        # for sequential sampling; UnpairedAnswers draws them within each batch instead, so the order may be random.
+        sampling = args.train_sampling_strategy
+        args.train_sampling_strategy = "sequential"
+        super().__init__(args=args, processing_class=processing_class,
+                         data_collator=UnpairedAnswers(processing_class, kl=args.loss_type == "kto"), **kwargs)
+        self.args.train_sampling_strategy = sampling
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+class UnpairedAnswers:
+    """Batches KTO's collator expects from ftcli's rows: pairs split into their two answers, and each answer's KL
+    answer (TRL's KL_completion_ids) the answer of another prompt in the same batch."""
+
+    def __init__(self, tokenizer, *, kl: bool):
+        from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+        self.kl = kl
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.collate = DataCollatorForUnpairedPreference(pad_token_id=pad)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        answers = [{"prompt_ids": row["prompt_ids"], "completion_ids": row["completion_ids"], "label": row["label"]}
+                   for row in rows if "completion_ids" in row]
+        paired = [row for row in rows if "chosen_ids" in row]
+        # Every chosen answer first, then every rejected one: the neighbour before each answer is always another
+        # pair's (for two pairs or more).
+        answers += [{"prompt_ids": row["prompt_ids"], "completion_ids": row[side], "label": side == "chosen_ids"}
+                    for side in ("chosen_ids", "rejected_ids") for row in paired]
+        if self.kl:
+            for index, answer in enumerate(answers):
+                answer["KL_completion_ids"] = answers[index - 1]["completion_ids"]
+        return self.collate(answers)
+
+
+@contextlib.contextmanager
+def datasets_cache_off() -> Iterator[None]:
+    """TRL's older trainers map the dataset they are given; with the cache off, datasets writes those maps to
+    temporary files, not beside ftcli's prepared data."""
+    import datasets
+
+    was_on = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_caching()
+
+
+class TokenizedPairs:
+    """ORPO and CPO (SimPO) rows from ftcli's tokenized pairs, in place of TRL's tokenize_row: the prompt, and each
+    answer's sequence with its labels (the prompt's masked)."""
+
+    def tokenize_row(self, feature, model=None) -> dict:
+        from ftcli.data.types import IGNORE_INDEX
+
+        prompt = list(feature["prompt_ids"])
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            answer = list(feature[f"{side}_ids"])
+            row[f"{side}_input_ids"] = prompt + answer
+            row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+            row[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
+        return row
+
+
+def make_pair_trainer(kind: str, *, real_tokens: RealTokenCount, **kwargs):
+    """TRL's ORPO trainer, or its CPO trainer for SimPO, over ftcli's tokenized pairs (experimental in TRL, so
+    imported only when used)."""
+    if kind == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as trl_trainer
+    else:
+        from trl.experimental.cpo import CPOTrainer as trl_trainer
+
+    class FtcliPairTrainer(TokenizedPairs, CountsRealTokens, trl_trainer):
+        def __init__(self, **arguments):
+            self.real_tokens = real_tokens
+            with datasets_cache_off():
+                super().__init__(**arguments)
+
+    return FtcliPairTrainer(**kwargs)

@@ -1,5 +1,5 @@
-"""objective: dpo through the CLI on the tiny model: training, continuing a run's adapter with that run as the
-reference, resume, and every bad preference record named with its file and line."""
+"""The preference objectives (dpo, kto, orpo, simpo) through the CLI on the tiny model: training, continuing a run's
+adapter with that run as the reference, resume, and every bad preference record named with its file and line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def preference_pairs(n: int = 16) -> list[dict]:
         a, b = WORDS[i % len(WORDS)], WORDS[(i * 3 + 1) % len(WORDS)]
         pairs.append({"prompt": f"Say {a} {b}", "chosen": f"{a} {b}", "rejected": f"{b} {a} {a}"})
     return pairs
+
+
+def unpaired_answers(n: int = 16) -> list[dict]:
+    """The pairs' answers one by one, labelled: the chosen desirable, the rejected not."""
+    return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+            for pair in preference_pairs(n // 2) for side in ("chosen", "rejected")]
 
 
 @pytest.fixture
@@ -144,8 +150,14 @@ def test_bad_preference_records_name_file_and_line(cli_inproc, tiny_recipe, tmp_
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--set", "objective=dpo"], "objective dpo trains on format: preference"),
-    (["--set", "data.format=preference"], "objective sft trains on a non-preference format"),
+    (["--set", "objective=dpo"], "objective dpo trains on format preference (prompt, chosen, rejected)"),
+    (["--set", "objective=orpo", "--set", "data.format=unpaired_preference"],
+     "objective orpo trains on format preference"),
+    (["--set", "data.format=preference"], "format preference holds judged answers for a preference objective"),
+    (["--set", "objective=kto", "--set", "data.format=unpaired_preference", "--set", "training.batch_size=1"],
+     "set training.batch_size to 2 or more"),
+    (["--set", "objective={kind: simpo, beta: 2, label_smoothing: 0.1}", "--set", "data.format=preference"],
+     "label_smoothing"),
     (["--set", "objective=dpo", "--set", "data.format=preference", "--set", "method={kind: prefix}"],
      "needs method lora, qlora or dora"),
 ])
@@ -160,6 +172,78 @@ def test_preference_scores_follow_the_implicit_reward():
 
     # policy and reference (chosen, rejected) log-probabilities: the first pair moved towards chosen, the second
     # towards rejected; beta scales the margin.
-    scores = preference_scores([(-1.0, -5.0), (-4.0, -1.0)], [(-2.0, -4.0), (-2.0, -2.0)], beta=0.5)
+    scores = preference_scores([(-1.0, -5.0), (-4.0, -1.0)], [(-2.0, -4.0), (-2.0, -2.0)], [None, None], beta=0.5)
     assert scores["preference_accuracy"] == 0.5
     assert scores["reward_margin"] == pytest.approx(0.5 * ((1 - -1) + (-2 - 1)) / 2)
+    # unpaired answers: right when the reward's sign agrees with the label; the margin is the mean desirable reward
+    # minus the mean undesirable one
+    unpaired = preference_scores([[-1.0], [-3.0], [-1.0]], [[-2.0], [-2.0], [-2.0]], [True, False, False], beta=1)
+    assert unpaired["preference_accuracy"] == pytest.approx(2 / 3)
+    assert unpaired["reward_margin"] == pytest.approx(1.0 - (-1.0 + 1.0) / 2)
+
+
+@pytest.mark.parametrize("objective, data_format", [
+    ("kto", "unpaired_preference"), ("kto", "preference"), ("orpo", "preference"), ("simpo", "preference")])
+def test_preference_objectives_train_through_trl(cli_inproc, tiny_recipe, runs_dir, tmp_path, objective,
+                                                 data_format):
+    records = unpaired_answers() if data_format == "unpaired_preference" else preference_pairs()
+    data = write_jsonl(tmp_path / "data" / f"{data_format}.jsonl", records)
+    name = f"{objective}-{data_format}"
+    result = cli_inproc("train", tiny_recipe, "--name", name, "--set", f"objective={objective}",
+                        "--set", f"data.train={data}", "--set", f"data.format={data_format}",
+                        "--set", "training.batch_size=2", "--set", "training.max_steps=3",
+                        "--set", "training.logging_steps=1")
+    assert result.exit_code == 0, result
+    run = runs_dir / name
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "completed" and state["objective"] == objective and state["step"] == 3
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [entry for entry in logged if "loss" in entry]
+    assert len(train_logs) == 3 and all(entry["loss"] == entry["loss"] for entry in train_logs)   # not NaN
+    assert all("rewards/margins" in entry for entry in train_logs), train_logs[0]
+    seen = [entry["num_tokens"] for entry in train_logs]   # ftcli's count of real (non-padding) tokens
+    assert seen[0] > 0 and seen == sorted(seen) and len(set(seen)) == 3
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    height = int.from_bytes((run / "loss.png").read_bytes()[20:24], "big")   # the PNG header's height
+    assert height > 550   # the loss panel and the reward margin panel below it
+
+    if data_format == "unpaired_preference":   # eval judges labelled answers by the sign of their reward
+        scored = cli_inproc("eval", name, "--json", "--data", data)
+        assert scored.exit_code == 0, scored
+        metrics = json.loads(scored.stdout)["metrics"]
+        assert 0 <= metrics["preference_accuracy"] <= 1 and "reward_margin" in metrics
+        assert json.loads(scored.stdout)["data"]["examples"] == len(records)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "Say red", "completion": "red"}, "missing column 'label'"),
+    ({"prompt": "Say red", "completion": "red", "label": "yes"}, "label must be true (desirable) or false"),
+    ({"prompt": "Say red", "completion": "red", "label": 1}, "label must be true (desirable) or false"),
+    ({"prompt": "Say red", "completion": "", "label": True}, "completion is empty"),
+    ({"completion": "red", "label": True}, "an unpaired answer needs its prompt"),
+])
+def test_bad_unpaired_records_name_file_and_line(cli_inproc, tiny_recipe, tmp_path, record, message):
+    path = write_jsonl(tmp_path / "answers.jsonl", [*unpaired_answers(4), record])
+    result = cli_inproc("train", tiny_recipe, "--dry-run", "--set", "objective=kto", "--set", f"data.train={path}",
+                        "--set", "data.format=unpaired_preference", "--set", "training.batch_size=2")
+    assert result.exit_code == 3, result
+    assert "answers.jsonl:5: " in result.stderr and message in result.stderr
+
+
+def test_kto_batches_pair_each_answer_with_another_prompts_answer():
+    """The KL answer of each answer in a batch comes from another prompt, for unpaired rows and split pairs."""
+    from types import SimpleNamespace
+
+    from ftcli.training.trainer import UnpairedAnswers
+
+    collate = UnpairedAnswers(SimpleNamespace(pad_token_id=0, eos_token_id=0), kl=True)
+    pairs = [{"prompt_ids": [p], "chosen_ids": [10 + p], "rejected_ids": [20 + p]} for p in (1, 2)]
+    batch = collate(pairs)
+    assert batch["label"].tolist() == [True, True, False, False]
+    prompts = batch["input_ids"][:, 0].tolist()
+    kl_prompts = batch["KL_input_ids"][:, 0].tolist()
+    kl_answers = batch["KL_input_ids"][:, 1].tolist()
+    answers = batch["input_ids"][:, 1].tolist()
+    assert prompts == kl_prompts   # the KL sequence keeps the example's prompt ...
+    assert all(answer % 10 != prompt for prompt, answer in zip(prompts, kl_answers))   # ... with another's answer
+    assert sorted(kl_answers) == sorted(answers)   # drawn from the same batch
