@@ -345,15 +345,33 @@ def render_markdown(results: dict) -> str:
         if "error" in s:
             lines += [f"- failed: `{str(s['error']).strip().splitlines()[-1:]}`"]
         lines += [""]
+    if "preference" in sections:
+        s = sections["preference"]
+        lines += ["## 6. Preference tuning (DPO)", "",
+                  f"recipes/dpo.yaml on a fresh LoRA adapter (model.adapter=null; the reference is the base with the "
+                  f"adapter disabled on both sides), {s.get('steps')} steps of its batch of pairs: `ftcli train` "
+                  "against bench/trl_dpo_baseline.py, a hand-written TRL DPOTrainer script with the same model folder, "
+                  "pairs (as chat turns, through the same template), max_length, batch, lr schedule, beta, LoRA "
+                  "settings and the precision ftcli resolved. Tokens: the non-padding tokens of both answers' "
+                  "sequences, as both sides count them.", ""]
+        lines += _arms_table(s["arms"])
+        lines += [_ratio_line("ftcli / trl_matched", s.get("ratios"))]
+        estimate = s.get("estimate") or {}
+        parts = estimate.get("estimate_parts") or {}
+        lines += ["- memory estimate (`ftcli train recipes/dpo.yaml --dry-run`): "
+                  f"{_mib(estimate.get('estimate_bytes'))} MiB against ftcli's measured peak "
+                  f"{_mib(estimate.get('measured_bytes'))} MiB: "
+                  f"{_num(estimate.get('estimate_over_measured'), 3)} ("
+                  + ", ".join(f"{k} {_mib(v)}" for k, v in parts.items()) + ")", ""]
     if "data" in sections:
         lines += _data_section(sections["data"])
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _data_section(s: dict) -> list[str]:
-    """## 6: data preparation, ftcli's dry run against load_dataset + TRL's SFTTrainer preparation, per size."""
+    """## 7: data preparation, ftcli's dry run against load_dataset + TRL's SFTTrainer preparation, per size."""
     num_proc = s.get("num_proc") or {}
-    lines = ["## 6. Data preparation (cold caches)", "",
+    lines = ["## 7. Data preparation (cold caches)", "",
              f"`ftcli train RECIPE --dry-run --json` (model {s.get('model')}, LoRA, chat data, max_length "
              f"{s.get('max_length')}, data.num_proc at its default `{num_proc.get('recipe_default')}`; ftcli reported "
              f"num_proc {num_proc.get('reported') or 'not'}; {s.get('cpu_count')} CPUs, {s.get('cpu_affinity')} "

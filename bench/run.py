@@ -5,7 +5,8 @@
     python -m bench.run --quick    # under 5 minutes: batches of 2, 3 steps, one repeat, no eval-loss scoring,
                                    # labelled quick, plus about a minute of data preparation at 20k examples
                                    # (make bench-quick)
-Run from the repository root: every child (bench.probes, bench.trl_baseline, bench.trl_data_prep) runs as
+Run from the repository root: every child (bench.probes, bench.trl_baseline, bench.trl_dpo_baseline,
+bench.trl_data_prep) runs as
 `python -m bench.…` there.
 
 Sections (all by default; --sections picks some):
@@ -17,6 +18,8 @@ Sections (all by default; --sections picks some):
   packing   data.packing=true against plain padded batches (ftcli's default) on chat data of varied length
   memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
   load      load time of the builtin model after its first conversion (and, full mode, that conversion)
+  preference  DPO (recipes/dpo.yaml on a fresh adapter): `ftcli train` against bench/trl_dpo_baseline.py, a
+            hand-written TRL DPOTrainer script, same settings; and ftcli's memory estimate against its peak RSS
   data      data preparation: `ftcli train --dry-run` against datasets.load_dataset + TRL's SFTTrainer preparation
             (bench/trl_data_prep.py) on synthetic chat files of 20k, 200k and 2M examples (quick: 20k), cold caches;
             wall time and peak RSS of each, and ftcli's dry run again on its warm data cache
@@ -54,6 +57,7 @@ from bench.measure import (
 from bench.sides import (
     BENCH,
     NOISE_LIMIT,
+    RECIPE_OVERRIDES,
     RECIPES,
     REPO,
     Session,
@@ -62,7 +66,7 @@ from bench.sides import (
     side_ratios,
 )
 
-SECTIONS = ("startup", "training", "packing", "memory", "load", "data")
+SECTIONS = ("startup", "training", "packing", "memory", "load", "preference", "data")
 DATA_MODEL = "builtin:smollm2-135m-instruct"   # the data section's model: its tokenizer and chat template
 CACHED_WALL_LIMIT_S = 5.0                      # the data section's goal for a dry run on a warm data cache
 
@@ -113,6 +117,9 @@ class Plan:
     data_cached_size: int = 200_000
     data_max_length: int = 256
     data_timeout_s: int = 2 * 3600
+    # The preference section: DPO steps per run (recipes/dpo.yaml's batch of 4 pairs) and interleaved repeats.
+    dpo_steps: int = 12
+    dpo_repeats: int = 3
 
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
@@ -129,7 +136,8 @@ QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=3, qlora_steps
              memory_steps=1, memory_cases=(), varied_examples=128, load_repeats=3,
              first_conversion=False, timeout_s=300, head_batches=2, head_repeats=1, head_cases=(),
              defaults_budget_s=30.0, overrides=("training.batch_size=2",), score=False, packing_length=128,
-             packing_batch=8, data_sizes=(20_000,), data_repeats=(1,), data_cached_size=20_000, data_timeout_s=600)
+             packing_batch=8, data_sizes=(20_000,), data_repeats=(1,), data_cached_size=20_000, data_timeout_s=600,
+             dpo_steps=4, dpo_repeats=1)
 
 
 class Bench(Session):
@@ -378,6 +386,36 @@ class Bench(Session):
         batch = self.recipe("lora").training.batch_size
         self.results["sections"]["memory"] = {"cases": rows, "steps": p.memory_steps,
                                               "per_token_fit": per_token_fit(rows, batch)}
+
+    def preference(self) -> None:
+        """DPO: ftcli against the hand-written TRL DPOTrainer script, and ftcli's memory estimate for it."""
+        p = self.plan
+        arms = self.compare("dpo", {
+            "ftcli": lambda label: self.ftcli_train(label, "dpo", p.dpo_steps, []),
+            "trl_matched": lambda label: self.dpo_baseline_train(label, p.dpo_steps),
+        }, p.dpo_repeats)
+        ratios = side_ratios(arms["ftcli"], arms["trl_matched"])
+        ratios["paired_steps"] = paired_step_ratio(arms["ftcli"]["runs"], arms["trl_matched"]["runs"])
+        section = {"arms": arms, "ratios": ratios, "steps": p.dpo_steps}
+        self.add_goal("preference/dpo/speed", "dpo: ftcli tokens/s / hand-written TRL DPOTrainer script (same "
+                      "settings)", ratios["tokens_per_s"], ">= 1.00", goal(ratios["tokens_per_s"], at_least=1.0))
+        self.add_goal("preference/dpo/memory", "dpo: ftcli peak RSS / hand-written TRL DPOTrainer script (same "
+                      "settings)", ratios["peak_rss"], "<= 1.05", goal(ratios["peak_rss"], at_most=1.05))
+        spec_path = self.work / "estimate-dpo.json"
+        spec_path.write_text(json.dumps([{"key": "dpo", "recipe": str(RECIPES["dpo"]),
+                                          "overrides": [*RECIPE_OVERRIDES["dpo"], *p.overrides]}]),
+                             encoding="utf-8")
+        result = self.child("estimate-dpo", [sys.executable, "-m", "bench.probes", "estimate", str(spec_path)],
+                            timed=False)
+        memory = ((json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {}).get("dpo") or {}).get(
+            "memory") or {}
+        estimate = memory.get("total_bytes")
+        value = ratio(estimate, arms["ftcli"]["peak_rss_bytes"])
+        section["estimate"] = {"estimate_bytes": estimate, "estimate_parts": memory.get("parts"),
+                               "measured_bytes": arms["ftcli"]["peak_rss_bytes"], "estimate_over_measured": value}
+        self.add_goal("preference/dpo/estimate", "dpo: memory estimate / measured peak RSS of ftcli's DPO run",
+                      value, "0.85 .. 1.15", goal(value, at_least=0.85, at_most=1.15))
+        self.results["sections"]["preference"] = section
 
     def load(self) -> None:
         self.log("load: builtin model load time")

@@ -25,7 +25,10 @@ from bench.measure import (
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml"}
+RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml",
+           "dpo": REPO / "recipes" / "dpo.yaml"}
+# Every side of the DPO comparison trains a fresh adapter (recipes/dpo.yaml continues the quickstart run's).
+RECIPE_OVERRIDES = {"dpo": ("model.adapter=null", "data.eval=null")}
 NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed steps would time the disk
 # What the CPU computes in bf16 natively and what FTCLI_CPU_BF16 makes of it, asked of ftcli in a child process (so
 # this one stays small: a child's peak RSS counts the parent's memory at exec time).
@@ -86,7 +89,8 @@ class Session:
         if method not in self._recipes:
             from ftcli.recipe.loader import load_recipe
 
-            self._recipes[method] = load_recipe(RECIPES[method], list(self.overrides)).recipe
+            overrides = [*RECIPE_OVERRIDES.get(method, ()), *self.overrides]
+            self._recipes[method] = load_recipe(RECIPES[method], overrides).recipe
         return self._recipes[method]
 
     @property
@@ -121,7 +125,7 @@ class Session:
         command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
                    name, "--overwrite", "--json", "--set", f"training.max_steps={steps}", "--set", NO_CHECKPOINTS,
                    "--set", "training.logging_steps=1"]
-        for override in (*self.overrides, *overrides):
+        for override in (*RECIPE_OVERRIDES.get(method, ()), *self.overrides, *overrides):
             command += ["--set", override]
         result = self.child(label, command)
         run = RunDir(self.runs_root, name)
@@ -177,6 +181,30 @@ class Session:
         summary["optim"] = settings.get("optim")
         summary["steps_planned"] = steps
         summary["max_seconds"] = max_seconds
+        return summary
+
+    def dpo_baseline_train(self, label: str, steps: int) -> dict:
+        """The hand-written TRL DPOTrainer script (bench/trl_dpo_baseline.py) with recipes/dpo.yaml's settings."""
+        recipe = self.recipe("dpo")
+        t, m = recipe.training, recipe.method
+        out = self.work / "baseline" / label
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        log = out / "steps.jsonl"
+        targets = m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules)
+        command = [sys.executable, "-m", "bench.trl_dpo_baseline", str(self.local_dir()), str(recipe.data.train),
+                   "--out", str(out), "--log", str(log), "--steps", str(steps),
+                   "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
+                   "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
+                   "--beta", str(recipe.objective.beta), "--r", str(m.r), "--alpha", str(m.alpha),
+                   "--dropout", str(m.dropout), "--targets", targets, "--seed", str(t.seed),
+                   "--precision", self.matched_precision(t.precision)]
+        result = self.child(label, command, env={**self.env, **MATCHED_MALLOC_ENV})
+        records = read_jsonl(log)
+        summary = run_summary(result, records, self.plan.skip)
+        settings = next((r["settings"] for r in records if r.get("event") == "train_begin"), {})
+        summary.update(precision=settings.get("precision"), gradient_checkpointing=settings.get(
+            "gradient_checkpointing"), optim=settings.get("optim"), steps_planned=steps)
         return summary
 
     def matched_precision(self, requested: str) -> str:

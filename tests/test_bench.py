@@ -320,6 +320,10 @@ def _results(quick: bool) -> dict:
             "memory": {"steps": 1, "cases": {"lora@256": {"estimate_bytes": 2**30, "peak_rss_bytes": 2**30,
                                                           "estimate_over_measured": 1.0, "from": "own run"}},
                        "estimates_recomputed": "Recomputed for the same peaks."},
+            "preference": {"steps": 12, "arms": {"ftcli": arm, "trl_matched": arm},
+                           "ratios": {"tokens_per_s": 1.0, "peak_rss": 1.0},
+                           "estimate": {"estimate_bytes": 3 * 2**30, "measured_bytes": 3 * 2**30,
+                                        "estimate_over_measured": 1.0, "estimate_parts": {"weights": 2**30}}},
         },
     }
 
@@ -447,6 +451,23 @@ def test_baseline_script_stops_at_its_time_budget(tmp_path, tiny_model_dir, chat
     assert (tmp_path / "out" / "adapter_config.json").is_file()            # and saved as usual
 
 
+def test_dpo_baseline_script_trains_and_logs_real_tokens(tmp_path, tiny_model_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}", "chosen": w, "rejected": f"not {w}"}) + "\n"
+                             for w in ("red", "blue", "green", "cat")), encoding="utf-8")
+    log = tmp_path / "steps.jsonl"
+    result = _run(["-m", "bench.trl_dpo_baseline", str(tiny_model_dir), str(pairs), "--out", str(tmp_path / "out"),
+                   "--log", str(log), "--steps", "2", "--batch", "2", "--max-length", "64"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = measure.read_jsonl(log)
+    assert records[0]["settings"] == {"precision": "fp32", "gradient_checkpointing": False, "optim": "adamw_torch",
+                                      "max_steps": 2}
+    steps = measure.train_records(records)
+    assert [r["step"] for r in steps] == [1, 2] and 0 < steps[0]["num_tokens"] < steps[1]["num_tokens"]
+    assert "rewards/margins" in steps[0]
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
 def test_report_lists_goals_sections_and_failures():
     text = report.render_markdown(_results(quick=True))
     assert text.startswith("# ftcli benchmark results (QUICK")
@@ -457,6 +478,8 @@ def test_report_lists_goals_sections_and_failures():
     assert "| lora | 11% | 2.300 | 1.300 | 1.000 | 1.770 (1.700, 1.800) | 2.300 (2.200, 2.400) | 0.000000 |" in text
     assert "| qlora | failed |" in text
     assert "**Recomputed for the same peaks.**" in text
+    assert "## 6. Preference tuning (DPO)" in text and "12 steps of its batch of pairs" in text
+    assert "3,072 MiB against ftcli's measured peak 3,072 MiB: 1.000 (weights 1,024)" in text
     assert "QUICK" not in report.render_markdown(_results(quick=False))
 
 
@@ -482,6 +505,8 @@ def test_baseline_and_probe_help():
     assert probes.returncode == 0 and "estimate" in probes.stdout
     prep = _run(["-m", "bench.trl_data_prep", "--help"])
     assert prep.returncode == 0 and "--max-length" in prep.stdout
+    dpo = _run(["-m", "bench.trl_dpo_baseline", "--help"])
+    assert dpo.returncode == 0 and "--beta" in dpo.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would run the real check")

@@ -158,6 +158,9 @@ def train(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")
     ] = False,
+    allow_code: Annotated[
+        bool, typer.Option("--allow-code", help="Allow the recipe's Python rewards (objective.rewards kind python).")
+    ] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes (GPUs) on this machine.")] = 1,
     nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Machines in a multi-node run.")] = 1,
     node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This machine's rank.")] = 0,
@@ -173,6 +176,8 @@ def train(
             f"{recipe}: model.trust_remote_code is true, but remote code runs only with --trust-remote-code",
             hint="read the model's code, then pass --trust-remote-code",
         )
+    if not allow_code:
+        refuse_python_rewards(loaded)
     if dry_run:
         from ftcli.training.preflight import render_preflight, run_preflight
 
@@ -192,13 +197,24 @@ def train(
     from ftcli.training.session import start_training
 
     summary = start_training(loaded, runs_dir, resume=resume, overwrite=overwrite,
-                             trust_remote_code=trust_remote_code, console=err())
+                             trust_remote_code=trust_remote_code, allow_code=allow_code, console=err())
     if not is_main_process():
         return  # only the main process reports
     if json_output:
         print_json(summary)
     else:
         say(f"run {summary['name']} {summary['status']}: {summary['path']}")
+
+
+def refuse_python_rewards(loaded) -> None:
+    """Exit 2, naming the recipe line, when the recipe declares a reward written in Python (it runs only with
+    --allow-code: a shared recipe must not run code silently)."""
+    for index, reward in enumerate(getattr(loaded.recipe.objective, "rewards", [])):
+        if reward.kind == "python":
+            where = loaded.locations.get(("objective", "rewards", index, "function")) or loaded.source
+            raise UsageError(f"{where}: objective.rewards[{index}] runs Python code ({reward.function}), which "
+                             "runs only with --allow-code",
+                             hint="read the function, then pass --allow-code to ftcli train")
 
 
 # ---------------------------------------------------------------------------------------------- eval, generate

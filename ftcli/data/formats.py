@@ -1,4 +1,4 @@
-"""Turn raw records of each record format (text, instruction, chat, prompt_completion, preference,
+"""Turn raw records of each record format (text, instruction, chat, prompt_completion, prompt, preference,
 unpaired_preference) into validated Conversations."""
 
 from __future__ import annotations
@@ -120,6 +120,20 @@ def _prompt_completion_record(fields: dict[str, Any], data: DataConfig, origin: 
     return Conversation(messages=_with_system(messages, data), origin=origin)
 
 
+def _prompt_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
+    """A prompt (text or messages) and the reference answer rewards check: the conversation ends with the reference
+    as the assistant's turn, so that eval and SFT read it as they read prompt_completion."""
+    if "prompt" not in fields:
+        raise RecordProblem("missing the prompt column (map it with data.columns)")
+    if fields["prompt"] is None:
+        raise RecordProblem("prompt is null")
+    reference = fields["reference"]
+    if isinstance(reference, int | float) and not isinstance(reference, bool):
+        reference = str(reference)   # a numeric answer, e.g. {"prompt": "Add 2 and 3.", "reference": 5}
+    messages = _prompt(fields["prompt"]) + [{"role": "assistant", "content": _text(reference, "reference")}]
+    return Conversation(messages=_with_system(messages, data), origin=origin)
+
+
 def _chat_record(fields: dict[str, Any], data: DataConfig, origin: str) -> Conversation:
     name = column_names(data)["messages"]
     messages = _messages(_as_list(fields["messages"], name), sharegpt=data.sharegpt, name=name)
@@ -229,6 +243,7 @@ _CONVERTERS: dict[str, Callable[[dict[str, Any], DataConfig, str], Conversation]
     "instruction": _instruction_record,
     "chat": _chat_record,
     "prompt_completion": _prompt_completion_record,
+    "prompt": _prompt_record,
     "preference": _preference_record,
     "unpaired_preference": _unpaired_record,
 }

@@ -229,6 +229,10 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     training data is an iterable dataset read as training goes (ftcli.data.streaming)."""
     _check_packing(recipe)
     template = resolve_chat_template(recipe.data, tokenizer)
+    if recipe.objective.kind == "grpo":   # prompts and reference answers, not token sequences
+        from ftcli.data.prompts import prepare_prompts
+
+        return prepare_prompts(recipe, tokenizer, template)
     if recipe.data.streaming:
         from ftcli.data.streaming import prepare_streaming
 

@@ -1,10 +1,11 @@
-"""Text metrics of a prediction against a reference: exact match, normalised exact match, contains, token F1."""
+"""Eval metrics: the text metrics of predictions against references (ftcli/text_match.py), perplexity, and which way
+each metric is better (the --fail-under gates)."""
 
 from __future__ import annotations
 
 import math
-import unicodedata
-from collections import Counter
+
+from ftcli.text_match import contains, exact_match, exact_match_norm, token_f1
 
 # Metric name -> True when a higher value is better. loss and perplexity are the only lower-is-better metrics.
 HIGHER_IS_BETTER = {
@@ -18,41 +19,6 @@ HIGHER_IS_BETTER = {
     "f1": True,
 }
 GENERATION_METRICS = ("exact_match", "exact_match_norm", "contains", "f1")
-
-
-def normalize(text: str) -> str:
-    """Lower case, punctuation removed (any Unicode punctuation), whitespace runs collapsed to one space."""
-    no_punct = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text.lower())
-    return " ".join(no_punct.split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when equal after stripping leading and trailing whitespace, else 0.0."""
-    return float(prediction.strip() == reference.strip())
-
-
-def exact_match_norm(prediction: str, reference: str) -> float:
-    return float(normalize(prediction) == normalize(reference))
-
-
-def contains(prediction: str, reference: str) -> float:
-    """1.0 when the normalised reference occurs in the normalised prediction on word boundaries."""
-    ref, pred = normalize(reference), normalize(prediction)
-    if not ref:
-        return float(not pred)
-    return float(f" {ref} " in f" {pred} ")
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of precision and recall over normalised words (a multiset overlap, as in SQuAD)."""
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    overlap = sum((Counter(pred) & Counter(ref)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred), overlap / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 _SCORERS = {"exact_match": exact_match, "exact_match_norm": exact_match_norm, "contains": contains, "f1": token_f1}

@@ -17,6 +17,7 @@ from ftcli.recipe.schema import (
     DataSourceConfig,
     DoraMethod,
     DpoObjective,
+    GrpoObjective,
     Ia3Method,
     KtoObjective,
     LoraMethod,
@@ -25,6 +26,7 @@ from ftcli.recipe.schema import (
     PromptMethod,
     QloraMethod,
     Recipe,
+    RewardConfig,
     SftObjective,
     SimpoObjective,
     check_run_name,
@@ -265,7 +267,10 @@ def recipe_to_yaml(recipe: Recipe, header: str = "") -> str:
 # The tags of a data source's shapes and of the objectives in error locations, not keys of the recipe.
 SOURCE_TAGS = ("source",)
 OBJECTIVE_CLASSES: dict[str, type[BaseModel]] = {
-    "sft": SftObjective, "dpo": DpoObjective, "kto": KtoObjective, "orpo": OrpoObjective, "simpo": SimpoObjective}
+    "sft": SftObjective, "dpo": DpoObjective, "kto": KtoObjective, "orpo": OrpoObjective, "simpo": SimpoObjective,
+    "grpo": GrpoObjective}
+REWARD_CLASSES: dict[str, type[BaseModel]] = {cls.model_fields["kind"].annotation.__args__[0]: cls
+                                              for cls in get_args(get_args(RewardConfig)[0])}
 
 
 def _data_path(loc: tuple, data: Any) -> tuple:
@@ -280,7 +285,8 @@ def _data_path(loc: tuple, data: Any) -> tuple:
             path += (part,)
             node = node[part]
         elif (isinstance(node, dict) and isinstance(part, str) and part not in METHOD_CLASSES
-              and part not in SOURCE_TAGS and part not in OBJECTIVE_CLASSES and "[" not in part):
+              and part not in SOURCE_TAGS and part not in OBJECTIVE_CLASSES and part not in REWARD_CLASSES
+              and "[" not in part):
             path += (part,)  # a missing key
             node = None
     return path
@@ -292,7 +298,14 @@ def _section_class(path: tuple, data: dict) -> type[BaseModel] | None:
     for part in path:
         if cls is None:
             return None
-        if isinstance(part, int):   # an item of a list of data sources
+        if isinstance(part, int):   # an item of a list: of data sources, or of rewards (by their kind)
+            if cls is GrpoObjective and isinstance(node, list) and part < len(node):
+                item = node[part]
+                cls = REWARD_CLASSES.get(item.get("kind")) if isinstance(item, dict) else None
+                node = item
+            continue
+        if cls is GrpoObjective and part == "rewards":
+            node = node.get("rewards") if isinstance(node, dict) else None
             continue
         if cls is DataConfig and part in ("train", "eval"):
             cls, node = DataSourceConfig, None

@@ -8,6 +8,7 @@ import sys
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -211,18 +212,20 @@ class QuantizationConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- data
 
-DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion", "preference", "unpaired_preference")
+DATA_FORMATS = ("text", "instruction", "chat", "prompt_completion", "prompt", "preference", "unpaired_preference")
 PREFERENCE_FORMATS = ("preference", "unpaired_preference")   # records of a prompt and judged answers
 DEFAULT_COLUMNS = {
     "text": ("text",),
     "instruction": ("instruction", "input", "output"),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
+    "prompt": ("prompt", "reference"),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"),
 }
 
-DataFormat = Literal["text", "instruction", "chat", "prompt_completion", "preference", "unpaired_preference"]
+DataFormat = Literal["text", "instruction", "chat", "prompt_completion", "prompt", "preference",
+                     "unpaired_preference"]
 
 
 def _check_columns(columns: dict[str, str], data_format: str, key: str) -> None:
@@ -304,8 +307,9 @@ class DataConfig(Section):
     val_split: float | None = Field(None, gt=0, lt=1)
     """Fraction of the training records held out for eval, seeded by data.seed."""
     format: DataFormat = "chat"
-    """Record format: text, instruction (Alpaca), chat (OpenAI messages), prompt_completion, preference (pairs), or
-    unpaired_preference (one answer labelled desirable or not)."""
+    """Record format: text, instruction (Alpaca), chat (OpenAI messages), prompt_completion, prompt (a prompt and the
+    reference answer rewards check), preference (pairs), or unpaired_preference (one answer labelled desirable or
+    not)."""
     columns: dict[str, str] = {}
     """Map from this format's column names to the names in your data, e.g. {messages: conversations}."""
     sharegpt: bool = False
@@ -481,13 +485,174 @@ class SimpoObjective(Section):
     """Weight of a supervised loss on the chosen answer (TRL's cpo_alpha; 0 is plain SimPO)."""
 
 
+# Rewards of objective grpo: each scores a generated completion (against the reference answer of its prompt).
+
+
+class Reward(Section):
+    weight: float = 1.0
+    """How much this reward counts in the sum that GRPO's advantages come from."""
+    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name in metrics.jsonl (rewards/NAME/mean); default the kind (numbered when a kind repeats)."""
+
+
+class ExactMatchReward(Reward):
+    """1 when the completion equals the reference (leading and trailing whitespace aside), else 0."""
+
+    kind: Literal["exact_match"]
+
+
+class ExactMatchNormReward(Reward):
+    """1 when the completion equals the reference after ftcli eval's normalisation (case, punctuation, spaces)."""
+
+    kind: Literal["exact_match_norm"]
+
+
+class ContainsReward(Reward):
+    """1 when the normalised reference occurs in the normalised completion on word boundaries."""
+
+    kind: Literal["contains"]
+
+
+class F1Reward(Reward):
+    """Token F1 of the completion's words against the reference's (as ftcli eval's f1)."""
+
+    kind: Literal["f1"]
+
+
+class NumberReward(Reward):
+    """1 when the last number in the completion equals the last number in the reference, within the tolerance."""
+
+    kind: Literal["number"]
+    tolerance: float = Field(0.0, ge=0)
+    """Largest absolute difference still counted equal."""
+
+
+def _check_pattern(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
+
+
+Pattern = Annotated[str, Field(min_length=1), AfterValidator(_check_pattern)]
+
+
+class RegexReward(Reward):
+    """1 when the pattern occurs in the completion; with group, when that captured group equals the reference
+    (normalised)."""
+
+    kind: Literal["regex"]
+    pattern: Pattern
+    """A Python regular expression."""
+    group: int | str | None = None
+    """The captured group (number or name) compared with the reference; none: finding the pattern is enough."""
+
+    @model_validator(mode="after")
+    def _group_exists(self) -> RegexReward:
+        compiled = re.compile(self.pattern)
+        if isinstance(self.group, int) and not 0 <= self.group <= compiled.groups:
+            raise conflict("group", f"the pattern has {compiled.groups} group(s); group {self.group} does not exist")
+        if isinstance(self.group, str) and self.group not in compiled.groupindex:
+            raise conflict("group", f"the pattern has no group named {self.group!r}")
+        return self
+
+
+class FormatReward(Reward):
+    """1 when the whole completion (trimmed) matches the pattern, e.g. an answer tag; else 0."""
+
+    kind: Literal["format"]
+    pattern: Pattern
+    """A Python regular expression the whole completion must match (dot matches newlines)."""
+
+
+class LengthReward(Reward):
+    """0 up to max_tokens completion tokens, then minus the share of max_tokens beyond it (at most -1)."""
+
+    kind: Literal["length"]
+    max_tokens: int = Field(gt=0)
+    """Completion tokens allowed before the penalty starts."""
+
+
+class PythonReward(Reward):
+    """A reward written in Python, fn(prompts, completions, reference, **kwargs) -> list of floats; runs only with
+    `ftcli train --allow-code`."""
+
+    kind: Literal["python"]
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """module:function, importable from the recipe's folder or the Python path."""
+
+
+RewardConfig = Annotated[
+    ExactMatchReward | ExactMatchNormReward | ContainsReward | F1Reward | NumberReward | RegexReward | FormatReward
+    | LengthReward | PythonReward,
+    Field(discriminator="kind"),
+]
+REWARD_KINDS = ("exact_match", "exact_match_norm", "contains", "f1", "number", "regex", "format", "length", "python")
+
+
+class GrpoObjective(Section):
+    """Group relative policy optimisation through TRL's GRPOTrainer: per prompt, num_generations completions sampled
+    from the policy, scored by the declared rewards, and trained towards the better ones of their group."""
+
+    kind: Literal["grpo"]
+    """The training objective."""
+    rewards: list[RewardConfig] = Field(min_length=1)
+    """The rewards, summed with their weights."""
+    num_generations: int = Field(4, ge=2)
+    """Completions sampled per prompt (a group); training.batch_size x grad_accum must be a multiple of it."""
+    max_completion_length: int = Field(64, gt=0)
+    """Tokens generated per completion at most; the prompt keeps what data.max_length leaves."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the generations."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    beta: float = Field(0.0, ge=0)
+    """KL penalty towards the reference (the starting policy); 0 loads no reference pass."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """How token losses are averaged: grpo (per sequence), dr_grpo (a constant), dapo (TRL's default: active tokens
+    of the accumulated batch), bnpo (active tokens of the local batch)."""
+    epsilon: float = Field(0.2, gt=0)
+    """Clipping of the probability ratio (lower bound, and upper without epsilon_high)."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clipping bound (DAPO's clip-higher, e.g. 0.28)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the standard deviation of their group, of the batch, or not at all (Dr. GRPO)."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimisation passes over each batch of generations."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length out of the loss (DAPO)."""
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_names(cls, rewards: list) -> list:
+        names = reward_names(rewards)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two rewards are named {repeated[0]}: give them different names")
+        return rewards
+
+
+def reward_names(rewards) -> list[str]:
+    """Each reward's metric name: its name, else its kind, numbered from 2 where a kind repeats."""
+    names, seen = [], {}
+    for reward in rewards:
+        if reward.name:
+            names.append(reward.name)
+            continue
+        seen[reward.kind] = seen.get(reward.kind, 0) + 1
+        names.append(reward.kind if seen[reward.kind] == 1 else f"{reward.kind}{seen[reward.kind]}")
+    return names
+
+
 def _objective_shorthand(value: object) -> object:
     return {"kind": value} if isinstance(value, str) else value
 
 
-Objective = Annotated[SftObjective | DpoObjective | KtoObjective | OrpoObjective | SimpoObjective,
+Objective = Annotated[SftObjective | DpoObjective | KtoObjective | OrpoObjective | SimpoObjective | GrpoObjective,
                       Field(discriminator="kind"), BeforeValidator(_objective_shorthand)]
-OBJECTIVE_KINDS = ("sft", "dpo", "kto", "orpo", "simpo")
+OBJECTIVE_KINDS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo")
+GRPO_FORMATS = ("prompt", "chat", "prompt_completion")   # a prompt and its reference answer
 # The record formats each objective trains on.
 OBJECTIVE_FORMATS = {
     "dpo": ("preference",),
@@ -548,6 +713,8 @@ class TrainingConfig(Section):
     """Stop after this many evaluations without eval-loss improvement (needs eval_steps)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """Experiment trackers (none by default)."""
+    generation: Literal["transformers", "vllm"] = "transformers"
+    """What samples objective grpo's completions: transformers' generate (every device), or vLLM (GPUs, installed)."""
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
     """Multi-process strategy when launched with --nproc or accelerate."""
 
@@ -650,6 +817,11 @@ class Recipe(Section):
             raise conflict("objective", f"objective {kind} needs method lora, qlora or dora (preference tuning "
                                         f"trains an adapter, copied or disabled as the reference), "
                                         f"not {self.method.kind}")
+        if kind == "grpo":
+            self._check_grpo()
+        elif self.training.generation != "transformers":
+            raise conflict("training.generation", f"training.generation samples objective grpo's completions; "
+                                                  f"objective {kind} generates nothing")
         if kind == "kto" and self.objective.loss_type == "kto" and self.training.batch_size < 2:
             raise conflict("training.batch_size", "objective kto estimates its KL term from the other answers of "
                                                   "each batch: set training.batch_size to 2 or more")
@@ -658,6 +830,28 @@ class Recipe(Section):
         if preference and self.data.streaming:
             raise conflict("data.streaming", f"objective {kind} is not supported with data.streaming yet")
         return self
+
+    def _check_grpo(self) -> None:
+        objective, training = self.objective, self.training
+        for data_format in sorted(self.data.formats):
+            if data_format not in GRPO_FORMATS:
+                raise conflict("data.format", f"objective grpo samples answers to prompts: it reads format prompt "
+                                              f"(prompt, reference), chat or prompt_completion, not {data_format}")
+        if self.method.kind not in PREFERENCE_METHODS:
+            raise conflict("objective", f"objective grpo needs method lora, qlora or dora (its reference pass "
+                                        f"disables the adapter), not {self.method.kind}")
+        completions = training.batch_size * training.grad_accum
+        if completions % objective.num_generations:
+            raise conflict("objective.num_generations",
+                           f"each step trains on training.batch_size x grad_accum = {completions} completions, which "
+                           f"must be whole groups of num_generations {objective.num_generations}")
+        if objective.max_completion_length >= self.data.max_length:
+            raise conflict("objective.max_completion_length",
+                           f"max_completion_length {objective.max_completion_length} leaves no room for the prompt "
+                           f"in data.max_length {self.data.max_length}")
+        for key in ("packing", "streaming"):
+            if getattr(self.data, key):
+                raise conflict(f"data.{key}", f"objective grpo reads its prompts whole; data.{key} does not apply")
 
     @model_validator(mode="after")
     def _streaming_needs_max_steps(self) -> Recipe:

@@ -1,5 +1,5 @@
-"""loss.png: the train and eval loss curves of a run, and for preference objectives the reward margin, drawn from
-metrics.jsonl."""
+"""loss.png: the train and eval loss curves of a run, and below them the reward margin of preference objectives or
+the mean reward of grpo, drawn from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from pathlib import Path
 
 from ftcli.atomic import atomic_write_bytes
 
+# The second panel: (train key, eval key, curve label, y-axis label), the first one logged.
+REWARD_PANELS = (("rewards/margins", "eval_rewards/margins", "reward margin", "chosen - rejected reward"),
+                 ("reward", "eval_reward", "reward", "mean reward (weighted sum)"))
+
 
 def write_loss_plot(metrics: list[dict], path: Path, title: str) -> bool:
     """Draw the curves; returns False (and writes nothing) when no loss was logged."""
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    margins = {name: [(m["step"], m[key]) for m in metrics if key in m]
-               for name, key in (("train", "rewards/margins"), ("eval", "eval_rewards/margins"))}
+    panel = next((p for p in REWARD_PANELS if any(p[0] in m or p[1] in m for m in metrics)), None)
+    rewards = {} if panel is None else {name: [(m["step"], m[key]) for m in metrics if key in m]
+                                        for name, key in (("train", panel[0]), ("eval", panel[1]))}
     if not train and not evals:
         return False
     import matplotlib
@@ -22,16 +27,17 @@ def write_loss_plot(metrics: list[dict], path: Path, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if any(margins.values()):
-        figure, (axes, margin_axes) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
-        for name, points in margins.items():
+    if panel is not None:
+        _, _, reward_label, reward_axis = panel
+        figure, (axes, reward_axes) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
+        for name, points in rewards.items():
             if points:
-                margin_axes.plot(*zip(*points), marker="o" if name == "eval" else None, label=f"{name} reward margin")
-        margin_axes.axhline(0, color="grey", linewidth=0.8)
-        margin_axes.set_xlabel("step")
-        margin_axes.set_ylabel("chosen - rejected reward")
-        margin_axes.grid(alpha=0.3)
-        margin_axes.legend()
+                reward_axes.plot(*zip(*points), marker="o" if name == "eval" else None, label=f"{name} {reward_label}")
+        reward_axes.axhline(0, color="grey", linewidth=0.8)
+        reward_axes.set_xlabel("step")
+        reward_axes.set_ylabel(reward_axis)
+        reward_axes.grid(alpha=0.3)
+        reward_axes.legend()
     else:
         figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
         axes.set_xlabel("step")

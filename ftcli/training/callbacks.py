@@ -72,6 +72,8 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"lr {last['learning_rate']:.2e}")
         if "rewards/margins" in last:
             parts.append(f"margin {last['rewards/margins']:+.3f}")
+        if "reward" in last:
+            parts.append(f"reward {last['reward']:.3f}")
         if "tokens_per_second" in last:
             parts.append(f"{last['tokens_per_second']:.0f} tok/s")
         if "eval_loss" in last:

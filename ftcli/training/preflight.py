@@ -191,7 +191,30 @@ def _warnings(recipe, tokenizer, prepared) -> list[str]:
     if report.prefix_mismatches:
         warnings.append(f"{report.prefix_mismatches} turn boundaries merged into one token with their neighbour "
                         "and were located by character offsets")
+    balance = kto_balance_warning(recipe, prepared.train)
+    if balance:
+        warnings.append(balance)
     return warnings
+
+
+def kto_balance_warning(recipe, train) -> str | None:
+    """KTO's paper keeps desirable_weight x desirable answers / (undesirable_weight x undesirable answers) between 1
+    and 4/3; outside that range, say which weight to set (unpaired data only: pairs are balanced)."""
+    if recipe.objective.kind != "kto" or "label" not in (getattr(train, "column_names", None) or []):
+        return None
+    labels = train.data.column("label").to_numpy(zero_copy_only=False)
+    desirable, undesirable = int(labels.sum()), int(len(labels) - labels.sum())
+    objective = recipe.objective
+    if not desirable or not undesirable:
+        side = "undesirable" if not undesirable else "desirable"
+        return f"objective kto: the training data has no {side} answer (label {str(side == 'desirable').lower()})"
+    weighted = objective.desirable_weight * desirable / (objective.undesirable_weight * undesirable)
+    if 1 <= weighted <= 4 / 3:
+        return None
+    low = objective.undesirable_weight * undesirable / desirable
+    return (f"objective kto: {desirable} desirable and {undesirable} undesirable answers weigh "
+            f"{weighted:.2f} to 1 (the KTO paper keeps 1 to 1.33): set desirable_weight between {low:.2f} and "
+            f"{low * 4 / 3:.2f}")
 
 
 def _size(n: float) -> str:

@@ -38,13 +38,14 @@ def _speed_up_allocator() -> None:
 
 
 def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume: bool, overwrite: bool,
-                   trust_remote_code: bool, console) -> dict[str, Any]:
+                   trust_remote_code: bool, console, allow_code: bool = False) -> dict[str, Any]:
     """Check the run slot, prepare model and data (no run is created if that fails), then train."""
     recipe = loaded.recipe
     if not is_main_process():
         # Workers of a multi-process run: the main process owns the run directory (checks, lock, run.json).
         run = RunDir(runs_root(runs_dir), recipe.name)
-        session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console)
+        session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console,
+                                  allow_code=allow_code, recipe_dir=loaded.source.parent)
         session.prepare()
         return session.train(resume=resume)
     run = RunDir.prepare(runs_root(runs_dir), recipe.name, resume=resume, overwrite=overwrite)
@@ -61,7 +62,8 @@ def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume:
                         + "\n  ".join(conflicts),
                         hint="undo those changes, or start over with --overwrite (or another --name)",
                     )
-            session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console)
+            session = TrainingSession(recipe, run, trust_remote_code=trust_remote_code, console=console,
+                                      allow_code=allow_code, recipe_dir=loaded.source.parent)
             session.prepare()
         except BaseException:
             if created_folder:
@@ -78,10 +80,13 @@ def start_training(loaded: LoadedRecipe, runs_dir: str | Path | None, *, resume:
 class TrainingSession:
     """One training of one run: prepare() loads everything that can fail cheaply, train() does the work."""
 
-    def __init__(self, recipe: Recipe, run: RunDir, *, trust_remote_code: bool, console):
+    def __init__(self, recipe: Recipe, run: RunDir, *, trust_remote_code: bool, console, allow_code: bool = False,
+                 recipe_dir: Path | None = None):
         self.recipe = recipe
         self.run = run
         self.trust_remote_code = trust_remote_code
+        self.allow_code = allow_code          # the recipe's Python rewards may run (ftcli train --allow-code)
+        self.recipe_dir = recipe_dir          # where a Python reward's module is looked for first
         self.console = console
         self.timings: dict[str, float] = {}
 
@@ -108,6 +113,7 @@ class TrainingSession:
         self.gradient_checkpointing = methods.gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
         self.strategy_arguments = strategy_arguments(resolve_strategy(t.distributed, world_size()), self.device)
         self._check_trackers()
+        self._check_generation()
         if t.early_stopping_patience is not None and t.save_steps % t.eval_steps:
             raise UsageError("training.early_stopping_patience needs training.save_steps to be a multiple of "
                              f"training.eval_steps (got {t.save_steps} and {t.eval_steps})")
@@ -147,6 +153,11 @@ class TrainingSession:
             self._log(f"data: {report.examples} training examples, {report.truncated} truncated, "
                       f"{report.dropped} dropped (no trainable token left), prepared by {report.processes} "
                       f"process{'es' if report.processes > 1 else ''}")
+            from ftcli.training.preflight import kto_balance_warning
+
+            balance = kto_balance_warning(recipe, self.prepared.train)
+            if balance:
+                self._log(f"warning: {balance}")
 
     def training_arguments(self):
         """The TRL config of the recipe's objective: the same training settings, and the objective's own."""
@@ -172,6 +183,27 @@ class TrainingSession:
                 undesirable_weight=objective.undesirable_weight,
                 max_length=None,
                 precompute_ref_log_probs=False,
+            )
+        if objective.kind == "grpo":
+            from trl import GRPOConfig
+
+            return GRPOConfig(
+                **common,
+                num_generations=objective.num_generations,
+                max_completion_length=objective.max_completion_length,
+                temperature=objective.temperature,
+                top_p=objective.top_p,
+                beta=objective.beta,
+                loss_type=objective.loss_type,
+                epsilon=objective.epsilon,
+                epsilon_high=objective.epsilon_high,
+                scale_rewards=objective.scale_rewards,
+                num_iterations=objective.num_iterations,
+                mask_truncated_completions=objective.mask_truncated_completions,
+                reward_weights=[reward.weight for reward in objective.rewards],
+                use_vllm=recipe.training.generation == "vllm",
+                vllm_mode="colocate",
+                log_completions=False,
             )
         if objective.kind == "orpo":
             from trl.experimental.orpo import ORPOConfig
@@ -238,7 +270,13 @@ class TrainingSession:
         from transformers.trainer_callback import ProgressCallback as HFProgress
 
         from ftcli.data import pipeline as data
-        from ftcli.training.trainer import FtcliDPOTrainer, FtcliKTOTrainer, FtcliSFTTrainer, make_pair_trainer
+        from ftcli.training.trainer import (
+            FtcliDPOTrainer,
+            FtcliGRPOTrainer,
+            FtcliKTOTrainer,
+            FtcliSFTTrainer,
+            make_pair_trainer,
+        )
 
         recipe = self.recipe
         kind = recipe.objective.kind
@@ -248,8 +286,17 @@ class TrainingSession:
             trainer = FtcliDPOTrainer(real_tokens=real_tokens, **shared)
         elif kind == "kto":
             trainer = FtcliKTOTrainer(real_tokens=real_tokens, **shared)
+        elif kind == "grpo":
+            from ftcli.data.prompts import prompt_limit
+            from ftcli.training.rewards import reward_functions
+
+            rewards = reward_functions(recipe.objective.rewards, allow_code=self.allow_code,
+                                       recipe_dir=self.recipe_dir)
+            trainer = FtcliGRPOTrainer(real_tokens=real_tokens, reward_funcs=rewards,
+                                       prompt_limit=prompt_limit(recipe), **shared)
         elif kind in ("orpo", "simpo"):
-            trainer = make_pair_trainer(kind, real_tokens=real_tokens, **shared)
+            trainer = make_pair_trainer(kind, real_tokens=real_tokens,
+                                        answers_only=recipe.data.train_on == "completion", **shared)
         else:
             trainer = FtcliSFTTrainer(real_tokens=real_tokens,
                                       group_by_length=recipe.training.group_by_length and not recipe.data.packing,
@@ -257,6 +304,19 @@ class TrainingSession:
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(HFProgress)
         return trainer
+
+    def _check_generation(self) -> None:
+        import importlib.util
+
+        if self.recipe.training.generation != "vllm":
+            return
+        if not self.device.startswith("cuda"):
+            raise UsageError(f"training.generation: vllm samples on GPUs; this run's device is {self.device}",
+                             hint="set training.generation: transformers (any device)")
+        if importlib.util.find_spec("vllm") is None:
+            raise NotAvailableError("training.generation is vllm, which is not installed",
+                                    hint="pip install vllm (a build for this machine's CUDA), or set "
+                                         "training.generation: transformers")
 
     def _check_trackers(self) -> None:
         import importlib.util

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from ftcli.data.packing import REAL_TOKENS_KEY
 from ftcli.models.fused_head import prepare_fused_head
@@ -48,6 +48,8 @@ def _attended_tokens(inputs: dict):
 
     if "attention_mask" in inputs:
         return inputs["attention_mask"].sum()
+    if "completion_mask" in inputs:   # GRPO: a prompt and its sampled completion
+        return inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()
     masks = [inputs[f"{side}_attention_mask"] for side in ("chosen", "rejected") if f"{side}_attention_mask" in inputs]
     return sum(mask.sum() for mask in masks) if masks else torch.tensor(inputs["input_ids"].numel())
 
@@ -98,6 +100,24 @@ class FtcliKTOTrainer(CountsRealTokens, KTOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
+
+
+class FtcliGRPOTrainer(CountsRealTokens, GRPOTrainer):
+    """GRPO over prompts ftcli rendered through the run's chat template (text, tokenized as they are, keeping their
+    last `prompt_limit` tokens), sampling until any of the model's end-of-turn tokens."""
+
+    def __init__(self, *, real_tokens: RealTokenCount, prompt_limit: int, model, processing_class, **kwargs):
+        from ftcli.models.stop_tokens import stop_token_ids
+
+        self.real_tokens = real_tokens
+        self.prompt_limit = prompt_limit
+        prepare_fused_head()
+        model.generation_config.eos_token_id = stop_token_ids(processing_class, model)
+        super().__init__(model=model, processing_class=processing_class, **kwargs)
+
+    def _tokenize_prompts(self, prompts: list):
+        encoded = self.processing_class(text=prompts, add_special_tokens=False)["input_ids"]
+        return [list(ids[-self.prompt_limit:]) for ids in encoded], None, {}
 
 
 class UnpairedAnswers:
@@ -157,15 +177,35 @@ class TokenizedPairs:
         return row
 
 
-def make_pair_trainer(kind: str, *, real_tokens: RealTokenCount, **kwargs):
+class AnswerOnlyNll:
+    """ORPO's supervised term on the chosen answer's tokens only (data.train_on: completion), as SFT's loss; TRL's
+    ORPOTrainer takes it over the prompt too (what data.train_on: all keeps)."""
+
+    def concatenated_forward(self, model, batch):
+        import torch.nn.functional as F
+
+        from ftcli.data.types import IGNORE_INDEX
+
+        outputs = super().concatenated_forward(model, batch)
+        chosen_logits = outputs[2]          # the chosen rows' logits, each position predicting the next token
+        labels = batch["chosen_labels"][:, 1:].to(chosen_logits.device)
+        width = chosen_logits.shape[1]
+        labels = F.pad(labels, (0, max(0, width - labels.shape[1])), value=IGNORE_INDEX)[:, :width]
+        nll = F.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]).float(), labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX)
+        return (*outputs[:4], nll, *outputs[5:])
+
+
+def make_pair_trainer(kind: str, *, real_tokens: RealTokenCount, answers_only: bool, **kwargs):
     """TRL's ORPO trainer, or its CPO trainer for SimPO, over ftcli's tokenized pairs (experimental in TRL, so
-    imported only when used)."""
+    imported only when used); `answers_only`: ORPO's supervised term on the chosen answer alone."""
     if kind == "orpo":
         from trl.experimental.orpo import ORPOTrainer as trl_trainer
     else:
         from trl.experimental.cpo import CPOTrainer as trl_trainer
+    mixins = (AnswerOnlyNll,) if kind == "orpo" and answers_only else ()
 
-    class FtcliPairTrainer(TokenizedPairs, CountsRealTokens, trl_trainer):
+    class FtcliPairTrainer(*mixins, TokenizedPairs, CountsRealTokens, trl_trainer):
         def __init__(self, **arguments):
             self.real_tokens = real_tokens
             with datasets_cache_off():

@@ -247,3 +247,22 @@ def test_kto_batches_pair_each_answer_with_another_prompts_answer():
     assert prompts == kl_prompts   # the KL sequence keeps the example's prompt ...
     assert all(answer % 10 != prompt for prompt, answer in zip(prompts, kl_answers))   # ... with another's answer
     assert sorted(kl_answers) == sorted(answers)   # drawn from the same batch
+
+
+def test_kto_warns_when_desirable_and_undesirable_answers_are_unbalanced(tiny_recipe, tmp_path):
+    import datasets
+
+    from ftcli.recipe.loader import load_recipe
+    from ftcli.training.preflight import kto_balance_warning
+
+    data = write_jsonl(tmp_path / "answers.jsonl", unpaired_answers(4))
+    recipe = load_recipe(tiny_recipe, ["objective=kto", f"data.train={data}", "data.format=unpaired_preference",
+                                       "training.batch_size=2"]).recipe
+    unbalanced = datasets.Dataset.from_dict({"label": [True, True, True, False]})
+    warning = kto_balance_warning(recipe, unbalanced)
+    assert "3 desirable and 1 undesirable answers weigh 3.00 to 1" in warning
+    assert "set desirable_weight between 0.33 and 0.44" in warning
+    assert kto_balance_warning(recipe, datasets.Dataset.from_dict({"label": [True, False]})) is None
+    weighted = recipe.model_copy(update={"objective": recipe.objective.model_copy(update={"desirable_weight": 0.4})})
+    assert kto_balance_warning(weighted, unbalanced) is None
+    assert "no undesirable answer" in kto_balance_warning(recipe, datasets.Dataset.from_dict({"label": [True]}))

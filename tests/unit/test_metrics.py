@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from ftcli import text_match
 from ftcli.errors import UsageError
 from ftcli.inference import metrics
 from ftcli.inference.evaluate import parse_gates
@@ -19,38 +20,38 @@ from ftcli.inference.evaluate import parse_gates
     ("...", ""),
 ])
 def test_normalize_lowercases_strips_punctuation_and_collapses_whitespace(text, expected):
-    assert metrics.normalize(text) == expected
+    assert text_match.normalize(text) == expected
 
 
 def test_exact_match_ignores_only_surrounding_whitespace():
-    assert metrics.exact_match(" red blue\n", "red blue") == 1.0
-    assert metrics.exact_match("Red blue", "red blue") == 0.0
-    assert metrics.exact_match("red  blue", "red blue") == 0.0
+    assert text_match.exact_match(" red blue\n", "red blue") == 1.0
+    assert text_match.exact_match("Red blue", "red blue") == 0.0
+    assert text_match.exact_match("red  blue", "red blue") == 0.0
 
 
 def test_exact_match_norm_ignores_case_punctuation_and_spacing():
-    assert metrics.exact_match_norm("Red,  BLUE!", "red blue") == 1.0
-    assert metrics.exact_match_norm("red blue green", "red blue") == 0.0
+    assert text_match.exact_match_norm("Red,  BLUE!", "red blue") == 1.0
+    assert text_match.exact_match_norm("red blue green", "red blue") == 0.0
 
 
 def test_contains_needs_whole_words_of_the_normalised_reference():
-    assert metrics.contains("The answer is: Paris.", "paris") == 1.0
-    assert metrics.contains("red blue green", "Blue green") == 1.0
-    assert metrics.contains("100 apples", "10") == 0.0           # not a word-boundary match
-    assert metrics.contains("green blue", "blue green") == 0.0   # order matters
-    assert metrics.contains("", "") == 1.0
-    assert metrics.contains("something", "") == 0.0
+    assert text_match.contains("The answer is: Paris.", "paris") == 1.0
+    assert text_match.contains("red blue green", "Blue green") == 1.0
+    assert text_match.contains("100 apples", "10") == 0.0           # not a word-boundary match
+    assert text_match.contains("green blue", "blue green") == 0.0   # order matters
+    assert text_match.contains("", "") == 1.0
+    assert text_match.contains("something", "") == 0.0
 
 
 def test_token_f1_by_hand():
     # prediction words: the cat sat on mat (5); reference: the cat is on the mat (6).
     # overlap (multiset): the x1, cat, on, mat = 4 -> precision 4/5, recall 4/6, F1 = 2PR/(P+R) = 8/11.
-    assert metrics.token_f1("The cat sat on mat.", "the cat is on the mat") == pytest.approx(8 / 11)
-    assert metrics.token_f1("red red red", "red blue") == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
-    assert metrics.token_f1("dog", "cat") == 0.0
-    assert metrics.token_f1("", "") == 1.0
-    assert metrics.token_f1("", "cat") == 0.0
-    assert metrics.token_f1("cat", "") == 0.0
+    assert text_match.token_f1("The cat sat on mat.", "the cat is on the mat") == pytest.approx(8 / 11)
+    assert text_match.token_f1("red red red", "red blue") == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert text_match.token_f1("dog", "cat") == 0.0
+    assert text_match.token_f1("", "") == 1.0
+    assert text_match.token_f1("", "cat") == 0.0
+    assert text_match.token_f1("cat", "") == 0.0
 
 
 def test_generation_scores_are_means_over_pairs():
