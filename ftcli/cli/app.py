@@ -236,7 +236,8 @@ def eval_(
     ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Examples per batch.")] = None,
     compare_base: Annotated[
-        bool, typer.Option("--compare-base", help="Also evaluate the base model, side by side.")
+        bool, typer.Option("--compare-base", help="Also evaluate the model the run started from (the base, or the "
+                                                  "run a continued run started from), side by side.")
     ] = False,
     fail_under: Annotated[
         list[str] | None,

@@ -121,7 +121,8 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
     scored = as_chosen_conversations(pairs) if pairs else conversations
     tokenized = _tokenize(scored, loaded)
     prompts, references = _generation_pairs(scored, loaded)
-    parent = _parent_adapter(run) if pairs else None
+    # A continued run is measured against the run it started from (its reference in preference and RL tuning)
+    parent = _parent_adapter(run, required=bool(pairs))
 
     note(console, "measuring the run (base + adapter)")
     metrics, predictions = _measure(loaded, tokenized, prompts, references, settings)
@@ -182,12 +183,15 @@ def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None)
     return conversations[:max_samples] if max_samples else conversations, source
 
 
-def _parent_adapter(run) -> Path | None:
-    """The adapter a continued run started from (its reference model), None for a run that started fresh."""
+def _parent_adapter(run, *, required: bool) -> Path | None:
+    """The adapter a continued run started from (its reference model), None for a run that started fresh, or whose
+    parent is gone when not `required` (then --compare-base measures the base)."""
     parent = run.read().get("parent") or {}
     if not parent.get("path"):
         return None
     path = Path(parent["path"])
+    if not path.is_dir() and not required:
+        return None
     if not path.is_dir():
         raise NotAvailableError(f"run {run.name!r} started from {parent.get('adapter')}, whose adapter ({path}) is "
                                 "gone: it is this run's reference model",

@@ -192,3 +192,19 @@ def test_python_reward_refused_in_the_trainer_without_allow_code():
 
     with pytest.raises(UsageError, match="--allow-code"):
         reward_functions(rewards_of({"kind": "python", "function": "os:getcwd"}), allow_code=False, recipe_dir=None)
+
+
+@pytest.mark.slow
+def test_a_continued_grpo_run_is_compared_with_the_run_it_started_from(cli_inproc, tiny_recipe, runs_dir,
+                                                                       prompt_data):
+    sft = cli_inproc("train", tiny_recipe, "--name", "sft")
+    assert sft.exit_code == 0, sft
+    child = cli_inproc("train", tiny_recipe, "--name", "grpo-child", *grpo_options(prompt_data),
+                       "--set", "model.adapter=run:sft")
+    assert child.exit_code == 0, child
+    assert json.loads((runs_dir / "grpo-child" / "run.json").read_text())["parent"]["run"] == "sft"
+    scored = cli_inproc("eval", "grpo-child", "--compare-base", "--json", "--data", prompt_data)
+    assert scored.exit_code == 0, scored
+    result = json.loads(scored.stdout)
+    assert result["compared_with"] == "parent" and result["data"]["examples"] == len(prompts())
+    assert {"exact_match", "exact_match_norm"} <= set(result["metrics"]) <= set(result["base_metrics"])

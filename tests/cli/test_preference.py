@@ -266,3 +266,41 @@ def test_kto_warns_when_desirable_and_undesirable_answers_are_unbalanced(tiny_re
     weighted = recipe.model_copy(update={"objective": recipe.objective.model_copy(update={"desirable_weight": 0.4})})
     assert kto_balance_warning(weighted, unbalanced) is None
     assert "no undesirable answer" in kto_balance_warning(recipe, datasets.Dataset.from_dict({"label": [True]}))
+
+
+def test_orpo_supervised_term_covers_the_chosen_answer_only(tiny_recipe, runs_dir, preference_data):
+    """With data.train_on: completion, ORPO's NLL is SFT's loss on the chosen answers (TRL's covers the prompt)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ftcli.recipe.loader import load_recipe
+    from ftcli.runs.rundir import RunDir
+    from ftcli.training.session import TrainingSession
+    from ftcli.training.trainer import RealTokenCount
+
+    def nll_of(train_on: str):
+        recipe = load_recipe(tiny_recipe, ["objective=orpo", f"data.train={preference_data}",
+                                           "data.format=preference", f"data.train_on={train_on}"]).recipe
+        session = TrainingSession(recipe, RunDir(runs_dir, f"orpo-{train_on}"), trust_remote_code=False,
+                                  console=None)
+        session.prepare()
+        trainer = session.make_trainer(RealTokenCount(), [])
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        trainer.model.eval()
+        with torch.no_grad():
+            return trainer.concatenated_forward(trainer.model, batch)[4], trainer, session
+
+    answers_only, trainer, session = nll_of("completion")
+    rows = [session.prepared.train[i] for i in range(2)]
+    losses, counted = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+            logits = trainer.model(input_ids=ids).logits[0, :-1]
+            targets = ids[0, 1:].clone()
+            targets[: len(row["prompt_ids"]) - 1] = -100
+            losses += F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+            counted += len(row["chosen_ids"])
+    assert answers_only == pytest.approx(float(losses / counted), rel=1e-4)
+    whole, _, _ = nll_of("all")
+    assert abs(float(whole) - float(answers_only)) > 1e-3   # TRL's term, over the prompt too, differs
