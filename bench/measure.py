@@ -190,7 +190,8 @@ def steady_throughput(records: list[dict], *, skip: int, min_steps: int = 2) -> 
     if seconds <= 0 or count <= 0:
         return None
     tokens = float(last["num_tokens"]) - float(first["num_tokens"])
-    return {"tokens_per_s": round(tokens / seconds, 2), "steps": count, "tokens": round(tokens, 1),
+    return {"tokens_per_s": round(tokens / seconds, 2), "steps_per_s": round(count / seconds, 4), "steps": count,
+            "tokens": round(tokens, 1),
             "seconds": round(seconds, 3), "first_step": int(first["step"]) + 1, "last_step": int(last["step"]),
             "window": [float(first["time"]), float(last["time"])]}
 

@@ -363,15 +363,27 @@ def render_markdown(results: dict) -> str:
                   f"{_mib(estimate.get('measured_bytes'))} MiB: "
                   f"{_num(estimate.get('estimate_over_measured'), 3)} ("
                   + ", ".join(f"{k} {_mib(v)}" for k, v in parts.items()) + ")", ""]
+    if "rl" in sections:
+        s = sections["rl"]
+        lines += ["## 7. RL with declared rewards (GRPO)", "",
+                  f"recipes/grpo.yaml on a fresh LoRA adapter, {s.get('steps')} steps of 2 prompts x 4 sampled "
+                  "answers: `ftcli train` against bench/trl_grpo_baseline.py, a hand-written TRL GRPOTrainer script "
+                  "with the same model folder, prompts (chat turns through the same template), sampling settings, "
+                  "batch, lr, LoRA settings, precision, and the same three rewards written in Python. The answers "
+                  "sampled differ between the sides, and with them the tokens of a step: the goal is steps/s.", ""]
+        lines += _arms_table(s["arms"])
+        ratios = s.get("ratios") or {}
+        lines += [f"- ftcli / trl_matched: steps/s {_num(ratios.get('steps_per_s'), 3)}, tokens/s "
+                  f"{_num(ratios.get('tokens_per_s'), 3)}, peak RSS {_num(ratios.get('peak_rss'), 3)}", ""]
     if "data" in sections:
         lines += _data_section(sections["data"])
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _data_section(s: dict) -> list[str]:
-    """## 7: data preparation, ftcli's dry run against load_dataset + TRL's SFTTrainer preparation, per size."""
+    """## 8: data preparation, ftcli's dry run against load_dataset + TRL's SFTTrainer preparation, per size."""
     num_proc = s.get("num_proc") or {}
-    lines = ["## 7. Data preparation (cold caches)", "",
+    lines = ["## 8. Data preparation (cold caches)", "",
              f"`ftcli train RECIPE --dry-run --json` (model {s.get('model')}, LoRA, chat data, max_length "
              f"{s.get('max_length')}, data.num_proc at its default `{num_proc.get('recipe_default')}`; ftcli reported "
              f"num_proc {num_proc.get('reported') or 'not'}; {s.get('cpu_count')} CPUs, {s.get('cpu_affinity')} "

@@ -6,7 +6,7 @@
                                    # labelled quick, plus about a minute of data preparation at 20k examples
                                    # (make bench-quick)
 Run from the repository root: every child (bench.probes, bench.trl_baseline, bench.trl_dpo_baseline,
-bench.trl_data_prep) runs as
+bench.trl_grpo_baseline, bench.trl_data_prep) runs as
 `python -m bench.…` there.
 
 Sections (all by default; --sections picks some):
@@ -20,6 +20,8 @@ Sections (all by default; --sections picks some):
   load      load time of the builtin model after its first conversion (and, full mode, that conversion)
   preference  DPO (recipes/dpo.yaml on a fresh adapter): `ftcli train` against bench/trl_dpo_baseline.py, a
             hand-written TRL DPOTrainer script, same settings; and ftcli's memory estimate against its peak RSS
+  rl        GRPO (recipes/grpo.yaml on a fresh adapter): steps/s and peak RSS of `ftcli train` against
+            bench/trl_grpo_baseline.py, a hand-written TRL GRPOTrainer script with the same rewards in Python
   data      data preparation: `ftcli train --dry-run` against datasets.load_dataset + TRL's SFTTrainer preparation
             (bench/trl_data_prep.py) on synthetic chat files of 20k, 200k and 2M examples (quick: 20k), cold caches;
             wall time and peak RSS of each, and ftcli's dry run again on its warm data cache
@@ -66,7 +68,7 @@ from bench.sides import (
     side_ratios,
 )
 
-SECTIONS = ("startup", "training", "packing", "memory", "load", "preference", "data")
+SECTIONS = ("startup", "training", "packing", "memory", "load", "preference", "rl", "data")
 DATA_MODEL = "builtin:smollm2-135m-instruct"   # the data section's model: its tokenizer and chat template
 CACHED_WALL_LIMIT_S = 5.0                      # the data section's goal for a dry run on a warm data cache
 
@@ -120,6 +122,9 @@ class Plan:
     # The preference section: DPO steps per run (recipes/dpo.yaml's batch of 4 pairs) and interleaved repeats.
     dpo_steps: int = 12
     dpo_repeats: int = 3
+    # The rl section: GRPO steps per run (recipes/grpo.yaml: 2 prompts x 4 sampled answers a step) and repeats.
+    grpo_steps: int = 10
+    grpo_repeats: int = 3
 
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
@@ -137,7 +142,7 @@ QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=3, qlora_steps
              first_conversion=False, timeout_s=300, head_batches=2, head_repeats=1, head_cases=(),
              defaults_budget_s=30.0, overrides=("training.batch_size=2",), score=False, packing_length=128,
              packing_batch=8, data_sizes=(20_000,), data_repeats=(1,), data_cached_size=20_000, data_timeout_s=600,
-             dpo_steps=4, dpo_repeats=1)
+             dpo_steps=4, dpo_repeats=1, grpo_steps=4, grpo_repeats=1)
 
 
 class Bench(Session):
@@ -416,6 +421,21 @@ class Bench(Session):
         self.add_goal("preference/dpo/estimate", "dpo: memory estimate / measured peak RSS of ftcli's DPO run",
                       value, "0.85 .. 1.15", goal(value, at_least=0.85, at_most=1.15))
         self.results["sections"]["preference"] = section
+
+    def rl(self) -> None:
+        """GRPO: ftcli against the hand-written TRL GRPOTrainer script, in steps per second (the sampled answers,
+        and so the tokens of a step, differ between the two)."""
+        p = self.plan
+        arms = self.compare("grpo", {
+            "ftcli": lambda label: self.ftcli_train(label, "grpo", p.grpo_steps, []),
+            "trl_matched": lambda label: self.grpo_baseline_train(label, p.grpo_steps),
+        }, p.grpo_repeats)
+        ratios = side_ratios(arms["ftcli"], arms["trl_matched"])
+        self.results["sections"]["rl"] = {"arms": arms, "ratios": ratios, "steps": p.grpo_steps}
+        self.add_goal("rl/grpo/speed", "grpo: ftcli steps/s / hand-written TRL GRPOTrainer script (same settings "
+                      "and rewards)", ratios["steps_per_s"], ">= 1.00", goal(ratios["steps_per_s"], at_least=1.0))
+        self.add_goal("rl/grpo/memory", "grpo: ftcli peak RSS / hand-written TRL GRPOTrainer script",
+                      ratios["peak_rss"], "<= 1.05", goal(ratios["peak_rss"], at_most=1.05))
 
     def load(self) -> None:
         self.log("load: builtin model load time")

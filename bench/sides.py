@@ -26,9 +26,10 @@ from bench.measure import (
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RECIPES = {"lora": REPO / "recipes" / "quickstart.yaml", "qlora": REPO / "recipes" / "qlora.yaml",
-           "dpo": REPO / "recipes" / "dpo.yaml"}
-# Every side of the DPO comparison trains a fresh adapter (recipes/dpo.yaml continues the quickstart run's).
-RECIPE_OVERRIDES = {"dpo": ("model.adapter=null", "data.eval=null")}
+           "dpo": REPO / "recipes" / "dpo.yaml", "grpo": REPO / "recipes" / "grpo.yaml"}
+# Every side of the DPO and GRPO comparisons trains a fresh adapter (the recipes continue the quickstart run's).
+RECIPE_OVERRIDES = {"dpo": ("model.adapter=null", "data.eval=null"),
+                    "grpo": ("model.adapter=null", "data.eval=null")}
 NO_CHECKPOINTS = "training.save_steps=1000000"  # a checkpoint inside the timed steps would time the disk
 # What the CPU computes in bf16 natively and what FTCLI_CPU_BF16 makes of it, asked of ftcli in a child process (so
 # this one stays small: a child's peak RSS counts the parent's memory at exec time).
@@ -148,20 +149,12 @@ class Session:
         """The hand-written script; `max_seconds` stops it at the end of the first step past that many seconds of
         training once skip + 1 steps ran (its tokens/s then comes from the steps after the warm-up it ran)."""
         recipe = self.recipe(method)
-        t, m = recipe.training, recipe.method
+        t = recipe.training
         if (t.grad_accum, t.weight_decay, t.max_grad_norm) != (1, 0.0, 1.0):
             raise SystemExit("bench recipes must keep grad_accum 1, weight_decay 0 and max_grad_norm 1 (the script's)")
-        out = self.work / "baseline" / label
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        log = out / "steps.jsonl"
-        targets = m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules)
-        command = [sys.executable, "-m", "bench.trl_baseline", str(self.local_dir()), str(recipe.data.train),
-                   "--out", str(out), "--log", str(log), "--method", method, "--steps", str(steps),
-                   "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
-                   "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
-                   "--r", str(m.r), "--alpha", str(m.alpha), "--dropout", str(m.dropout), "--targets", targets,
-                   "--seed", str(t.seed if seed is None else seed)]
+        out, log, command = self._script_command("bench.trl_baseline", label, recipe, steps,
+                                                 seed=t.seed if seed is None else seed)
+        command += ["--method", method]
         env = self.env
         if trl_defaults:
             command.append("--trl-defaults")
@@ -174,37 +167,52 @@ class Session:
         records = read_jsonl(log)
         summary = run_summary(result, records, self.plan.skip, min_steps=1 if max_seconds is not None else 2)
         summary["adapter"] = str(out)
-        # What the script used, from its own trainer settings (the first line of its log)
-        settings = next((r["settings"] for r in records if r.get("event") == "train_begin"), {})
-        summary["precision"] = settings.get("precision")
-        summary["gradient_checkpointing"] = settings.get("gradient_checkpointing")
-        summary["optim"] = settings.get("optim")
-        summary["steps_planned"] = steps
-        summary["max_seconds"] = max_seconds
+        summary.update(script_settings(records), steps_planned=steps, max_seconds=max_seconds)
         return summary
 
-    def dpo_baseline_train(self, label: str, steps: int) -> dict:
-        """The hand-written TRL DPOTrainer script (bench/trl_dpo_baseline.py) with recipes/dpo.yaml's settings."""
-        recipe = self.recipe("dpo")
+    def _script_command(self, module: str, label: str, recipe, steps: int, *, seed: int) -> tuple[Path, Path, list]:
+        """(output folder, step log, command line) of a hand-written TRL script with the recipe's settings."""
         t, m = recipe.training, recipe.method
         out = self.work / "baseline" / label
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         log = out / "steps.jsonl"
         targets = m.target_modules if isinstance(m.target_modules, str) else ",".join(m.target_modules)
-        command = [sys.executable, "-m", "bench.trl_dpo_baseline", str(self.local_dir()), str(recipe.data.train),
+        command = [sys.executable, "-m", module, str(self.local_dir()), str(recipe.data.train),
                    "--out", str(out), "--log", str(log), "--steps", str(steps),
                    "--max-length", str(recipe.data.max_length), "--batch", str(t.batch_size), "--lr", str(t.lr),
                    "--warmup", str(t.warmup_steps or t.warmup_ratio), "--scheduler", t.scheduler,
-                   "--beta", str(recipe.objective.beta), "--r", str(m.r), "--alpha", str(m.alpha),
-                   "--dropout", str(m.dropout), "--targets", targets, "--seed", str(t.seed),
-                   "--precision", self.matched_precision(t.precision)]
+                   "--r", str(m.r), "--alpha", str(m.alpha), "--dropout", str(m.dropout), "--targets", targets,
+                   "--seed", str(seed)]
+        return out, log, command
+
+    def dpo_baseline_train(self, label: str, steps: int) -> dict:
+        """The hand-written TRL DPOTrainer script (bench/trl_dpo_baseline.py) with recipes/dpo.yaml's settings."""
+        recipe = self.recipe("dpo")
+        _, log, command = self._script_command("bench.trl_dpo_baseline", label, recipe, steps,
+                                               seed=recipe.training.seed)
+        command += ["--beta", str(recipe.objective.beta),
+                    "--precision", self.matched_precision(recipe.training.precision)]
         result = self.child(label, command, env={**self.env, **MATCHED_MALLOC_ENV})
         records = read_jsonl(log)
         summary = run_summary(result, records, self.plan.skip)
-        settings = next((r["settings"] for r in records if r.get("event") == "train_begin"), {})
-        summary.update(precision=settings.get("precision"), gradient_checkpointing=settings.get(
-            "gradient_checkpointing"), optim=settings.get("optim"), steps_planned=steps)
+        summary.update(script_settings(records), steps_planned=steps)
+        return summary
+
+    def grpo_baseline_train(self, label: str, steps: int) -> dict:
+        """The hand-written TRL GRPOTrainer script (bench/trl_grpo_baseline.py) with recipes/grpo.yaml's settings."""
+        recipe = self.recipe("grpo")
+        objective = recipe.objective
+        _, log, command = self._script_command("bench.trl_grpo_baseline", label, recipe, steps,
+                                               seed=recipe.training.seed)
+        command += ["--num-generations", str(objective.num_generations),
+                    "--max-completion-length", str(objective.max_completion_length),
+                    "--temperature", str(objective.temperature),
+                    "--precision", self.matched_precision(recipe.training.precision)]
+        result = self.child(label, command, env={**self.env, **MATCHED_MALLOC_ENV})
+        records = read_jsonl(log)
+        summary = run_summary(result, records, self.plan.skip)
+        summary.update(script_settings(records), steps_planned=steps)
         return summary
 
     def matched_precision(self, requested: str) -> str:
@@ -238,6 +246,12 @@ class Session:
         return runs
 
 
+def script_settings(records: list[dict]) -> dict:
+    """What a script trained with, from its trainer's own settings (the first line of its log)."""
+    settings = next((r["settings"] for r in records if r.get("event") == "train_begin"), {})
+    return {key: settings.get(key) for key in ("precision", "gradient_checkpointing", "optim")}
+
+
 def run_summary(result, records: list[dict], skip: int, *, min_steps: int = 2) -> dict:
     """A training child's figures: steady real tokens/s, peak RSS, wall time, last train loss (or its error), the
     steps it ran."""
@@ -249,6 +263,7 @@ def run_summary(result, records: list[dict], skip: int, *, min_steps: int = 2) -
     steps = train_records(records)
     first_step_s = round(float(steps[0]["time"]) - result.started_at, 2) if steps else None
     return {"ok": result.ok, "tokens_per_s": steady["tokens_per_s"] if steady else None, "steady": steady,
+            "steps_per_s": steady["steps_per_s"] if steady else None,
             "tokens_per_cpu_s": steady.get("tokens_per_cpu_s") if steady else None,
             "peak_rss_bytes": result.peak_rss_bytes, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
             "first_step_s": first_step_s,   # process start to the end of step 1: imports, data, model, one step
@@ -262,6 +277,7 @@ def run_summary(result, records: list[dict], skip: int, *, min_steps: int = 2) -
 def side_ratios(side: dict, other: dict) -> dict:
     """side / other for the medians of two arms: tokens/s, tokens per CPU-s, peak RSS, eval loss."""
     return {"tokens_per_s": ratio(side.get("tokens_per_s"), other.get("tokens_per_s")),
+            "steps_per_s": ratio(side.get("steps_per_s"), other.get("steps_per_s")),
             "tokens_per_cpu_s": ratio(side.get("tokens_per_cpu_s"), other.get("tokens_per_cpu_s")),
             "peak_rss": ratio(side.get("peak_rss_bytes"), other.get("peak_rss_bytes")),
             "eval_loss": ratio(side.get("eval_loss"), other.get("eval_loss"), 4)}
@@ -274,6 +290,7 @@ def arm_summary(runs: list[dict]) -> dict:
     timed = clean or runs
     return {"runs": runs, "speed_from": "undisturbed runs" if clean else "all runs (every one disturbed)",
             "tokens_per_s": median([r["tokens_per_s"] for r in timed]),
+            "steps_per_s": median([r.get("steps_per_s") for r in timed]),
             "tokens_per_cpu_s": median([r.get("tokens_per_cpu_s") for r in timed]),
             "peak_rss_bytes": median([r["peak_rss_bytes"] if r["ok"] else None for r in runs]),
             "wall_s": median([r["wall_s"] for r in runs]),

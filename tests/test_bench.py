@@ -31,7 +31,7 @@ def test_steady_throughput_skips_warmup_and_ignores_other_records():
     records.append(dict(records[-2]))                                                   # a duplicated step
     result = measure.steady_throughput(records, skip=2)
     # from the log of step 2 (t=20, 200 tokens) to step 5 (t=26, 500 tokens): 300 tokens in 6 s
-    assert result["tokens_per_s"] == pytest.approx(50.0)
+    assert result["tokens_per_s"] == pytest.approx(50.0) and result["steps_per_s"] == pytest.approx(0.5)
     assert (result["steps"], result["first_step"], result["last_step"]) == (3, 3, 5)
     with_warmup = measure.steady_throughput(records, skip=1)
     assert with_warmup["tokens_per_s"] == pytest.approx(400 / 16)
@@ -279,7 +279,7 @@ def test_data_section_runs_both_sides_on_cold_caches_interleaved(tmp_path, monke
     assert goals["data/60/memory"]["met"] is True and goals["data/rss-flat"]["value"] == 1.0
     assert not (tmp_path / "work" / "data").exists()   # the generated files are removed
     text = report.render_markdown({**bench.results, "plan": dataclasses.asdict(plan), "quick": True})
-    assert "## 6. Data preparation" in text
+    assert "## 8. Data preparation" in text
     assert "| 60 | 0 | 1 | 3.0 | 300 | 3.0 | 2.0 | 400 | 1.000 | 0.750 | 60 / 60 |" in text
     assert "again on the data cache its cold run filled: 3.00 s" in text
     assert row["ftcli"]["cache_bytes"] == 1 and row["trl"]["cache_bytes"] == 0   # what each left on disk
@@ -320,6 +320,8 @@ def _results(quick: bool) -> dict:
             "memory": {"steps": 1, "cases": {"lora@256": {"estimate_bytes": 2**30, "peak_rss_bytes": 2**30,
                                                           "estimate_over_measured": 1.0, "from": "own run"}},
                        "estimates_recomputed": "Recomputed for the same peaks."},
+            "rl": {"steps": 10, "arms": {"ftcli": arm, "trl_matched": arm},
+                   "ratios": {"steps_per_s": 1.02, "tokens_per_s": 0.9, "peak_rss": 0.97}},
             "preference": {"steps": 12, "arms": {"ftcli": arm, "trl_matched": arm},
                            "ratios": {"tokens_per_s": 1.0, "peak_rss": 1.0},
                            "estimate": {"estimate_bytes": 3 * 2**30, "measured_bytes": 3 * 2**30,
@@ -468,6 +470,17 @@ def test_dpo_baseline_script_trains_and_logs_real_tokens(tmp_path, tiny_model_di
     assert (tmp_path / "out" / "adapter_config.json").is_file()
 
 
+def test_grpo_baseline_script_trains_with_its_python_rewards(tmp_path, tiny_model_dir, chat_data):
+    log = tmp_path / "steps.jsonl"
+    result = _run(["-m", "bench.trl_grpo_baseline", str(tiny_model_dir), str(chat_data), "--out", str(tmp_path / "out"),
+                   "--log", str(log), "--steps", "2", "--batch", "4", "--num-generations", "2",
+                   "--max-completion-length", "8", "--max-length", "64"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = measure.train_records(measure.read_jsonl(log))
+    assert [r["step"] for r in steps] == [1, 2]
+    assert {"rewards/exact_match_norm/mean", "rewards/f1/mean", "rewards/one_line/mean"} <= set(steps[0])
+
+
 def test_report_lists_goals_sections_and_failures():
     text = report.render_markdown(_results(quick=True))
     assert text.startswith("# ftcli benchmark results (QUICK")
@@ -480,6 +493,8 @@ def test_report_lists_goals_sections_and_failures():
     assert "**Recomputed for the same peaks.**" in text
     assert "## 6. Preference tuning (DPO)" in text and "12 steps of its batch of pairs" in text
     assert "3,072 MiB against ftcli's measured peak 3,072 MiB: 1.000 (weights 1,024)" in text
+    assert "## 7. RL with declared rewards (GRPO)" in text
+    assert "- ftcli / trl_matched: steps/s 1.020, tokens/s 0.900, peak RSS 0.970" in text
     assert "QUICK" not in report.render_markdown(_results(quick=False))
 
 
@@ -507,6 +522,8 @@ def test_baseline_and_probe_help():
     assert prep.returncode == 0 and "--max-length" in prep.stdout
     dpo = _run(["-m", "bench.trl_dpo_baseline", "--help"])
     assert dpo.returncode == 0 and "--beta" in dpo.stdout
+    grpo = _run(["-m", "bench.trl_grpo_baseline", "--help"])
+    assert grpo.returncode == 0 and "--num-generations" in grpo.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine would run the real check")

@@ -131,6 +131,8 @@ def _samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
     from ftcli.data.types import IGNORE_INDEX, DataReport
 
     samples = []
+    if recipe.objective.kind == "grpo":
+        return _prompt_samples(conversations, recipe, tokenizer, chat_template)
     for conversation in conversations:
         if conversation.answers:
             [example], _ = tokenize_preference_chunk([conversation], recipe.data, tokenizer, chat_template)
@@ -168,6 +170,22 @@ def _samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
             "truncated": example.full_length > recipe.data.max_length,
             "segments": [{"trained": s["trained"], "text": tokenizer.decode(s["ids"])} for s in segments],
         })
+    return samples
+
+
+def _prompt_samples(conversations, recipe, tokenizer, chat_template) -> list[dict]:
+    """GRPO's first prompts as the policy is given them (nothing in them is trained) and their reference answers."""
+    from ftcli.data.prompts import prompt_limit
+    from ftcli.data.templates import split_for_generation
+
+    samples = []
+    for conversation in conversations:
+        prompt, reference = split_for_generation(conversation, tokenizer, chat_template)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        kept = ids[-prompt_limit(recipe):]
+        samples.append({"origin": conversation.origin, "tokens": len(kept), "prompt_tokens": len(kept),
+                        "trained_tokens": 0, "truncated": len(kept) < len(ids),
+                        "segments": [{"trained": False, "text": tokenizer.decode(kept)}], "reference": reference})
     return samples
 
 
@@ -246,6 +264,8 @@ def render_preflight(report: dict, console) -> None:
         if "rejected" in sample:
             console.print(Text(f"rejected ({sample['rejected_tokens']} tokens): ", style="dim")
                           + Text(sample["rejected"][:SAMPLE_CHARS], style="red"))
+        if "reference" in sample:   # grpo: what the rewards check the sampled answers against
+            console.print(Text("reference: ", style="dim") + Text(sample["reference"][:SAMPLE_CHARS], style="green"))
     data = report["data"]
     train = data["train"]
     if data.get("streaming"):

@@ -482,7 +482,7 @@ class TrainingSession:
         if template is not None:
             self.tokenizer.chat_template = template
         with staged_dir(run.adapter_dir) as staging:
-            # Only the trained adapter: DPO adds a frozen copy named "ref" as its reference model.
+            # Only the trained adapter: DPO and KTO add a frozen copy named "ref" as their reference model.
             self.model.save_pretrained(staging, selected_adapters=["default"])
             self.tokenizer.save_pretrained(staging)
             if template is not None:

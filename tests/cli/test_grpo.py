@@ -208,3 +208,15 @@ def test_a_continued_grpo_run_is_compared_with_the_run_it_started_from(cli_inpro
     result = json.loads(scored.stdout)
     assert result["compared_with"] == "parent" and result["data"]["examples"] == len(prompts())
     assert {"exact_match", "exact_match_norm"} <= set(result["metrics"]) <= set(result["base_metrics"])
+
+
+def test_grpo_dry_run_shows_prompts_and_their_references(cli_inproc, tiny_recipe, prompt_data):
+    result = cli_inproc("train", tiny_recipe, "--dry-run", "--json", *grpo_options(prompt_data))
+    assert result.exit_code == 0, result
+    report = json.loads(result.stdout)
+    first = report["samples"][0]
+    assert first["reference"] == "red" and first["trained_tokens"] == 0
+    assert first["segments"][0]["text"].rstrip().endswith("assistant") and "Say red" in first["segments"][0]["text"]
+    assert report["data"]["train"]["examples"] == len(prompts())
+    shown = cli_inproc("train", tiny_recipe, "--dry-run", *grpo_options(prompt_data))
+    assert "reference: red" in shown.stdout
