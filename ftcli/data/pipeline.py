@@ -230,9 +230,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     _check_packing(recipe)
     template = resolve_chat_template(recipe.data, tokenizer)
     if recipe.objective.kind == "grpo":   # prompts and reference answers, not token sequences
-        from ftcli.data.prompts import prepare_prompts
-
-        return prepare_prompts(recipe, tokenizer, template)
+        return _prepared_prompts(recipe, tokenizer, template)
     if recipe.data.streaming:
         from ftcli.data.streaming import prepare_streaming
 
@@ -242,6 +240,22 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
 
         return prepare_streaming(recipe, tokenizer, template, prepare_eval)
     return _prepared_cached(recipe, tokenizer, template)
+
+
+def _prepared_prompts(recipe: Recipe, tokenizer, template: str | None) -> PreparedData:
+    """objective grpo's train (and eval) prompts with their reference answers (ftcli.data.prompts)."""
+    from ftcli.data.prompts import prompt_split
+
+    data = recipe.data
+    train, train_report = prompt_split(load_conversations(data, "train", seed=recipe.data_seed), recipe, tokenizer,
+                                       template, "train")
+    train_report.fingerprints = data_fingerprints(data)
+    evaluation = eval_report = None
+    if data.eval is not None or data.val_split is not None:
+        evaluation, eval_report = prompt_split(load_conversations(data, "eval", seed=recipe.data_seed), recipe,
+                                               tokenizer, template, "eval")
+    return PreparedData(train=train, eval=evaluation, chat_template=template, train_report=train_report,
+                        eval_report=eval_report)
 
 
 def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: bool = True) -> PreparedData:

@@ -3,7 +3,7 @@ and its reference answer (the last assistant turn), validated with file and line
 
 from __future__ import annotations
 
-from ftcli.data.types import DataReport, PreparedData
+from ftcli.data.types import DataReport
 from ftcli.errors import DataError
 from ftcli.recipe.schema import Recipe
 
@@ -14,28 +14,13 @@ def prompt_limit(recipe: Recipe) -> int:
     return recipe.data.max_prompt_length or recipe.data.max_length - recipe.objective.max_completion_length
 
 
-def prepare_prompts(recipe: Recipe, tokenizer, template: str | None) -> PreparedData:
-    """Train (and eval) prompts as in-memory datasets with `prompt` (rendered text) and `reference` columns: RL
-    datasets are small next to the generations each prompt costs, so they are read whole, without a cache."""
-    from ftcli.data.pipeline import data_fingerprints, load_conversations
-
-    data = recipe.data
-    train, train_report = _prompts(load_conversations(data, "train", seed=recipe.data_seed), recipe, tokenizer,
-                                   template, "train")
-    train_report.fingerprints = data_fingerprints(data)
-    evaluation = eval_report = None
-    if data.eval is not None or data.val_split is not None:
-        evaluation, eval_report = _prompts(load_conversations(data, "eval", seed=recipe.data_seed), recipe,
-                                           tokenizer, template, "eval")
-    return PreparedData(train=train, eval=evaluation, chat_template=template, train_report=train_report,
-                        eval_report=eval_report)
-
-
-def _prompts(conversations, recipe: Recipe, tokenizer, template: str | None, split: str):
+def prompt_split(conversations, recipe: Recipe, tokenizer, template: str | None, split: str):
+    """(in-memory dataset with `prompt`, the rendered text, and `reference` columns, DataReport): RL sets are small
+    next to the generations each prompt costs, so they are read whole, without a cache."""
     from datasets import Dataset
 
-    from ftcli.data.pipeline import length_stats
     from ftcli.data.templates import split_for_generation
+    from ftcli.data.tokenize import length_stats
 
     if not conversations:
         raise DataError(f"no {split} prompts", hint="check data.train / data.eval")

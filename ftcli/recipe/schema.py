@@ -307,9 +307,7 @@ class DataConfig(Section):
     val_split: float | None = Field(None, gt=0, lt=1)
     """Fraction of the training records held out for eval, seeded by data.seed."""
     format: DataFormat = "chat"
-    """Record format: text, instruction (Alpaca), chat (OpenAI messages), prompt_completion, prompt (a prompt and the
-    reference answer rewards check), preference (pairs), or unpaired_preference (one answer labelled desirable or
-    not)."""
+    """Record format: text, instruction, chat, prompt_completion, prompt, preference or unpaired_preference."""
     columns: dict[str, str] = {}
     """Map from this format's column names to the names in your data, e.g. {messages: conversations}."""
     sharegpt: bool = False
@@ -499,30 +497,35 @@ class ExactMatchReward(Reward):
     """1 when the completion equals the reference (leading and trailing whitespace aside), else 0."""
 
     kind: Literal["exact_match"]
+    """The reward."""
 
 
 class ExactMatchNormReward(Reward):
     """1 when the completion equals the reference after ftcli eval's normalisation (case, punctuation, spaces)."""
 
     kind: Literal["exact_match_norm"]
+    """The reward."""
 
 
 class ContainsReward(Reward):
     """1 when the normalised reference occurs in the normalised completion on word boundaries."""
 
     kind: Literal["contains"]
+    """The reward."""
 
 
 class F1Reward(Reward):
     """Token F1 of the completion's words against the reference's (as ftcli eval's f1)."""
 
     kind: Literal["f1"]
+    """The reward."""
 
 
 class NumberReward(Reward):
     """1 when the last number in the completion equals the last number in the reference, within the tolerance."""
 
     kind: Literal["number"]
+    """The reward."""
     tolerance: float = Field(0.0, ge=0)
     """Largest absolute difference still counted equal."""
 
@@ -543,6 +546,7 @@ class RegexReward(Reward):
     (normalised)."""
 
     kind: Literal["regex"]
+    """The reward."""
     pattern: Pattern
     """A Python regular expression."""
     group: int | str | None = None
@@ -562,6 +566,7 @@ class FormatReward(Reward):
     """1 when the whole completion (trimmed) matches the pattern, e.g. an answer tag; else 0."""
 
     kind: Literal["format"]
+    """The reward."""
     pattern: Pattern
     """A Python regular expression the whole completion must match (dot matches newlines)."""
 
@@ -570,6 +575,7 @@ class LengthReward(Reward):
     """0 up to max_tokens completion tokens, then minus the share of max_tokens beyond it (at most -1)."""
 
     kind: Literal["length"]
+    """The reward."""
     max_tokens: int = Field(gt=0)
     """Completion tokens allowed before the penalty starts."""
 
@@ -579,6 +585,7 @@ class PythonReward(Reward):
     `ftcli train --allow-code`."""
 
     kind: Literal["python"]
+    """The reward."""
     function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     """module:function, importable from the recipe's folder or the Python path."""
 
@@ -610,8 +617,7 @@ class GrpoObjective(Section):
     beta: float = Field(0.0, ge=0)
     """KL penalty towards the reference (the starting policy); 0 loads no reference pass."""
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
-    """How token losses are averaged: grpo (per sequence), dr_grpo (a constant), dapo (TRL's default: active tokens
-    of the accumulated batch), bnpo (active tokens of the local batch)."""
+    """Token loss averaging: grpo (per sequence), dr_grpo (a constant), dapo (accumulated batch), bnpo (local batch)."""
     epsilon: float = Field(0.2, gt=0)
     """Clipping of the probability ratio (lower bound, and upper without epsilon_high)."""
     epsilon_high: float | None = Field(None, gt=0)
