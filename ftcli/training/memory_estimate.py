@@ -92,15 +92,26 @@ def largest_sum(counts, how_many: int) -> int:
     return int(np.partition(counts, len(counts) - how_many)[-how_many:].sum())
 
 
+def padded_length(recipe, longest_example: int | None) -> int:
+    """The width of the widest batch: max_length for packed rows or unknown data, else the longest example (a
+    batch pads to its longest sequence) up to max_length."""
+    if recipe.data.packing or longest_example is None:
+        return recipe.data.max_length
+    if recipe.objective.kind == "grpo":   # a prompt and the longest completion it may sample
+        return min(recipe.data.max_length, longest_example + recipe.objective.max_completion_length)
+    return max(1, min(recipe.data.max_length, longest_example))
+
+
 def estimate_peak_memory(recipe, model_config, device: str, *, trainable_parameters: int | None = None,
-                         labelled_tokens: int | None = None) -> dict:
+                         labelled_tokens: int | None = None, longest_example: int | None = None) -> dict:
     """Estimated peak bytes (total and by part: weights, adapter+optimizer, activations, logits).
 
     A deliberately simple model, accurate to tens of percent: the weights at their dtype (4/8-bit linear layers for
     qlora); AdamW on the trainable parameters; per layer and token the tensors autograd keeps (about 6 hidden- and
     3 intermediate-sized vectors; only the layer input with gradient checkpointing, plus one layer recomputed);
     TRL's fused LM head, tiled over the labelled positions (`labelled_tokens` per batch, from the data; every
-    position when not given); plus a fixed framework overhead.
+    position when not given); plus a fixed framework overhead. Batches are as wide as the longest example
+    (`longest_example` tokens, from the data) or data.max_length when not given.
     """
     from ftcli.models.load import resolve_dtype, resolve_precision
     from ftcli.models.methods import gradient_checkpointing_enabled
@@ -112,13 +123,15 @@ def estimate_peak_memory(recipe, model_config, device: str, *, trainable_paramet
     checkpointing = gradient_checkpointing_enabled(recipe.training.gradient_checkpointing, device)
     trainable = trainable_parameters if trainable_parameters is not None else _guess_trainable(recipe, d)
     sequences = sequences_per_example(recipe)
-    tokens = recipe.training.batch_size * recipe.data.max_length * sequences
+    length = padded_length(recipe, longest_example)
+    tokens = recipe.training.batch_size * length * sequences
     # (a pair's trained figure counts its shorter answer once: about half its scored positions)
     scored = tokens if labelled_tokens is None else min(tokens, labelled_tokens * sequences)
 
     weights, checkpoint_pages = _weight_bytes(recipe, model_config, dtype, device_kind)
-    activations, autocast_weight_copies = _activation_bytes(recipe, model_config, dtype=dtype, precision=precision,
-                                                            device_kind=device_kind, checkpointing=checkpointing)
+    activations, autocast_weight_copies = _activation_bytes(recipe, model_config, length, dtype=dtype,
+                                                            precision=precision, device_kind=device_kind,
+                                                            checkpointing=checkpointing)
     parts = {
         "weights": int(weights),
         "adapter_and_optimizer": int(trainable * ADAMW_BYTES_PER_TRAINABLE),
@@ -175,7 +188,7 @@ def _full_logits(recipe) -> bool:
     return recipe.objective.kind in ("orpo", "simpo")
 
 
-def _activation_bytes(recipe, model_config, *, dtype: str, precision: str, device_kind: str,
+def _activation_bytes(recipe, model_config, length: int, *, dtype: str, precision: str, device_kind: str,
                       checkpointing: bool) -> tuple[float, int]:
     """(what autograd keeps for the backward pass, the bf16 copies of the linear weights CPU autocast makes)."""
     d = _dims(model_config)
@@ -183,7 +196,6 @@ def _activation_bytes(recipe, model_config, *, dtype: str, precision: str, devic
     half = precision in ("bf16", "fp16") or weight_bytes == 2
     cpu_autocast = device_kind == "cpu" and half and weight_bytes == 4
     act_bytes = 2 if half and not cpu_autocast else 4
-    length = recipe.data.max_length
     tokens = recipe.training.batch_size * length * sequences_per_example(recipe)
     # What autograd keeps per layer and token: norms (with their fp32 upcasts), q/k/v/o and residual inputs (about
     # 10 hidden-sized vectors) and gate, up, activation, product and down input (5 intermediate-sized ones).

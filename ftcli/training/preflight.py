@@ -30,8 +30,10 @@ def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
     samples = _samples(conversations, recipe, tokenizer, prepared.chat_template)
     model_config = _model_config(resolved.local_dir, trust_remote_code)
     parameters = count_parameters(recipe, model_config, tokenizer)
+    longest = train.length_stats.get("max")
     memory = estimate_peak_memory(recipe, model_config, device, trainable_parameters=parameters["trainable"],
-                                  labelled_tokens=_labelled_tokens_per_batch(prepared, recipe.training.batch_size))
+                                  labelled_tokens=_labelled_tokens_per_batch(prepared, recipe.training.batch_size),
+                                  longest_example=int(longest) if longest is not None else None)
     return {
         "recipe": recipe.name,
         "model": {"reference": resolved.reference, "kind": resolved.kind, "local_dir": str(resolved.local_dir),
