@@ -69,19 +69,26 @@ def answer_log_probs(loaded, examples, batch_size: int) -> list[list[float]]:
 
 def preference_scores(policy: list[list[float]], reference: list[list[float]], desirable: list[bool | None],
                       beta: float) -> dict[str, float]:
-    """From each answer's implicit reward beta * (log pi - log ref): for pairs (desirable None),
-    preference_accuracy is the share whose chosen answer gets the higher reward and reward_margin the mean reward of
-    chosen minus rejected; for unpaired answers, the share whose reward has the sign of its label, and the mean
-    reward of the desirable answers minus that of the undesirable ones."""
+    """From each answer's implicit reward beta * (log pi - log ref): preference_accuracy, the share of examples
+    judged right (a pair (desirable None) when its chosen answer gets the higher reward, an unpaired answer when its
+    reward has the sign of its label); reward_margin, the mean reward of the chosen and desirable answers minus that
+    of the rejected and undesirable ones (for pairs alone: the mean of chosen minus rejected)."""
     rewards = [[beta * (p - r) for p, r in zip(ps, rs)] for ps, rs in zip(policy, reference)]
     if not rewards:
         return {}
-    if desirable[0] is None:
-        margins = [chosen - rejected for chosen, rejected in rewards]
-        return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-                "reward_margin": sum(margins) / len(margins)}
-    judged = [(reward, label) for (reward,), label in zip(rewards, desirable)]
-    good = [reward for reward, label in judged if label]
-    bad = [reward for reward, label in judged if not label]
-    return {"preference_accuracy": sum((reward > 0) == label for reward, label in judged) / len(judged),
-            "reward_margin": (sum(good) / len(good) if good else 0.0) - (sum(bad) / len(bad) if bad else 0.0)}
+    right, good, bad = [], [], []
+    for answer_rewards, label in zip(rewards, desirable):
+        if label is None:
+            chosen, rejected = answer_rewards
+            right.append(chosen > rejected)
+            good.append(chosen)
+            bad.append(rejected)
+        else:
+            (reward,) = answer_rewards
+            right.append((reward > 0) == label)
+            (good if label else bad).append(reward)
+    return {"preference_accuracy": sum(right) / len(right), "reward_margin": _mean(good) - _mean(bad)}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -180,6 +180,9 @@ def test_preference_scores_follow_the_implicit_reward():
     unpaired = preference_scores([[-1.0], [-3.0], [-1.0]], [[-2.0], [-2.0], [-2.0]], [True, False, False], beta=1)
     assert unpaired["preference_accuracy"] == pytest.approx(2 / 3)
     assert unpaired["reward_margin"] == pytest.approx(1.0 - (-1.0 + 1.0) / 2)
+    # both in one eval set (a KTO mix of pair and unpaired sources)
+    mixed = preference_scores([[-1.0, -5.0], [-1.0]], [[-2.0, -4.0], [-2.0]], [None, False], beta=1)
+    assert mixed == {"preference_accuracy": 0.5, "reward_margin": pytest.approx(1.0 - (-1.0 + 1.0) / 2)}
 
 
 @pytest.mark.parametrize("objective, data_format", [

@@ -50,13 +50,18 @@ def test_kill_9_then_resume_reaches_the_same_losses(tiny_recipe, runs_dir):
         assert killed[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-5), step
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
 def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, runs_dir, tiny_model_dir, tmp_path, objective):
     extra = []
     if objective == "dpo":   # the same graceful stop through TRL's DPOTrainer
         pairs = [{"prompt": f"Say {w}", "chosen": w, "rejected": f"{w} {w} no"} for w in ("red", "blue", "sun")] * 4
         data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
         extra = ["--set", "objective=dpo", "--set", "data.format=preference", "--set", f"data.train={data}"]
+    if objective == "grpo":   # and through GRPOTrainer, between its sampling and its updates
+        prompts = [{"prompt": f"Say {w}", "reference": w} for w in ("red", "blue", "sun")] * 4
+        data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+        extra = ["--set", "objective={kind: grpo, num_generations: 2, max_completion_length: 8, rewards: "
+                 "[{kind: exact_match}]}", "--set", "data.format=prompt", "--set", f"data.train={data}"]
     proc = _start(tiny_recipe, "--set", "training.max_steps=200", "--set", "training.save_steps=2", *extra)
     _wait_for(runs_dir / "tiny" / "checkpoints" / "checkpoint-2" / "COMPLETE", proc)
     proc.send_signal(signal.SIGINT)
