@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftcli-installed
 RUNS_DIR ?= runs
 
-.PHONY: setup quickstart quickstart-dpo test test-fast lint bench bench-quick clean
+.PHONY: setup quickstart quickstart-dpo quickstart-grpo test test-fast lint bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ quickstart-dpo: setup
 		$(BIN)/ftcli train recipes/quickstart.yaml --runs-dir $(RUNS_DIR) --overwrite
 	$(BIN)/ftcli train recipes/dpo.yaml --runs-dir $(RUNS_DIR) --overwrite
 	$(BIN)/ftcli eval quickstart-dpo --runs-dir $(RUNS_DIR) --compare-base
+
+quickstart-grpo: setup
+	@test -f $(RUNS_DIR)/quickstart/adapter/adapter_model.safetensors || \
+		$(BIN)/ftcli train recipes/quickstart.yaml --runs-dir $(RUNS_DIR) --overwrite
+	$(BIN)/ftcli train recipes/grpo.yaml --runs-dir $(RUNS_DIR) --overwrite
+	$(BIN)/ftcli eval quickstart-grpo --runs-dir $(RUNS_DIR) --compare-base
 
 test: setup
 	$(BIN)/python -m pytest -q

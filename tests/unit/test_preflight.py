@@ -135,3 +135,24 @@ def test_memory_estimate_moves_the_right_way(smollm_config):
     # bench/RESULTS.md: LoRA r16 on q/k/v/o, batch 8, every row 256 tokens long peaked at 7,235 MiB (7.6e9 B) RSS on
     # the CPU; all-linear keeps a little more.
     assert 6.4e9 < base["total_bytes"] < 9.5e9
+
+
+def test_memory_estimate_pads_batches_to_the_longest_example(smollm_config):
+    from ftcli.training.memory_estimate import padded_length
+    from ftcli.training.preflight import estimate_peak_memory
+
+    training = {"batch_size": 8, "precision": "fp32"}
+    full = estimate_peak_memory(recipe_of(training=training), smollm_config, "cpu")
+    short = estimate_peak_memory(recipe_of(training=training), smollm_config, "cpu", longest_example=64)
+    assert short["tokens_per_batch"] == 8 * 64 and full["tokens_per_batch"] == 8 * 256
+    assert short["parts"]["activations"] < full["parts"]["activations"] / 3
+    assert padded_length(recipe_of(), 1000) == 256                                     # truncated to max_length
+    assert padded_length(recipe_of(data={"train": "x.jsonl", "max_length": 256, "packing": True}), 64) == 256
+    assert padded_length(recipe_of(), None) == 256
+    # DPO: two sequences a pair; GRPO: the prompt and the longest completion it may sample
+    dpo = recipe_of(objective="dpo", data={"train": "x.jsonl", "max_length": 256, "format": "preference"},
+                    training=training)
+    assert estimate_peak_memory(dpo, smollm_config, "cpu", longest_example=64)["tokens_per_batch"] == 8 * 64 * 2
+    grpo = recipe_of(objective={"kind": "grpo", "max_completion_length": 32, "rewards": [{"kind": "exact_match"}]},
+                     data={"train": "x.jsonl", "max_length": 256, "format": "prompt"}, training=training)
+    assert padded_length(grpo, 50) == 82 and padded_length(grpo, 250) == 256
