@@ -478,7 +478,7 @@ class SimpoObjective(Section):
     beta: float = Field(2.0, gt=0)
     """Scale of the reward (the paper uses 2 to 10)."""
     gamma: float = Field(0.5, ge=0)
-    """The target reward margin, as a fraction of beta (TRL's simpo_gamma)."""
+    """The target margin between the chosen and the rejected reward (TRL's simpo_gamma)."""
     nll_weight: float = Field(0.0, ge=0)
     """Weight of a supervised loss on the chosen answer (TRL's cpo_alpha; 0 is plain SimPO)."""
 
