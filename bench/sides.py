@@ -188,27 +188,22 @@ class Session:
 
     def dpo_baseline_train(self, label: str, steps: int) -> dict:
         """The hand-written TRL DPOTrainer script (bench/trl_dpo_baseline.py) with recipes/dpo.yaml's settings."""
-        recipe = self.recipe("dpo")
-        _, log, command = self._script_command("bench.trl_dpo_baseline", label, recipe, steps,
-                                               seed=recipe.training.seed)
-        command += ["--beta", str(recipe.objective.beta),
-                    "--precision", self.matched_precision(recipe.training.precision)]
-        result = self.child(label, command, env={**self.env, **MATCHED_MALLOC_ENV})
-        records = read_jsonl(log)
-        summary = run_summary(result, records, self.plan.skip)
-        summary.update(script_settings(records), steps_planned=steps)
-        return summary
+        objective = self.recipe("dpo").objective
+        return self._objective_script("dpo", "bench.trl_dpo_baseline", label, steps, ["--beta", str(objective.beta)])
 
     def grpo_baseline_train(self, label: str, steps: int) -> dict:
         """The hand-written TRL GRPOTrainer script (bench/trl_grpo_baseline.py) with recipes/grpo.yaml's settings."""
-        recipe = self.recipe("grpo")
-        objective = recipe.objective
-        _, log, command = self._script_command("bench.trl_grpo_baseline", label, recipe, steps,
-                                               seed=recipe.training.seed)
-        command += ["--num-generations", str(objective.num_generations),
-                    "--max-completion-length", str(objective.max_completion_length),
-                    "--temperature", str(objective.temperature),
-                    "--precision", self.matched_precision(recipe.training.precision)]
+        objective = self.recipe("grpo").objective
+        return self._objective_script("grpo", "bench.trl_grpo_baseline", label, steps, [
+            "--num-generations", str(objective.num_generations),
+            "--max-completion-length", str(objective.max_completion_length),
+            "--temperature", str(objective.temperature)])
+
+    def _objective_script(self, key: str, module: str, label: str, steps: int, options: list[str]) -> dict:
+        """A hand-written TRL script of recipe `key`'s objective, with the precision ftcli resolved."""
+        recipe = self.recipe(key)
+        _, log, command = self._script_command(module, label, recipe, steps, seed=recipe.training.seed)
+        command += [*options, "--precision", self.matched_precision(recipe.training.precision)]
         result = self.child(label, command, env={**self.env, **MATCHED_MALLOC_ENV})
         records = read_jsonl(log)
         summary = run_summary(result, records, self.plan.skip)
