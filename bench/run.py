@@ -408,7 +408,7 @@ class Bench(Session):
                       "settings)", ratios["peak_rss"], "<= 1.05", goal(ratios["peak_rss"], at_most=1.05))
         spec_path = self.work / "estimate-dpo.json"
         spec_path.write_text(json.dumps([{"key": "dpo", "recipe": str(RECIPES["dpo"]),
-                                          "overrides": [*RECIPE_OVERRIDES["dpo"], *p.overrides]}]),
+                                          "overrides": list(RECIPE_OVERRIDES["dpo"])}]),
                              encoding="utf-8")
         result = self.child("estimate-dpo", [sys.executable, "-m", "bench.probes", "estimate", str(spec_path)],
                             timed=False)

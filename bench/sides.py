@@ -90,7 +90,7 @@ class Session:
         if method not in self._recipes:
             from ftcli.recipe.loader import load_recipe
 
-            overrides = [*RECIPE_OVERRIDES.get(method, ()), *self.overrides]
+            overrides = [*RECIPE_OVERRIDES.get(method, ()), *self.overrides_for(method)]
             self._recipes[method] = load_recipe(RECIPES[method], overrides).recipe
         return self._recipes[method]
 
@@ -98,6 +98,11 @@ class Session:
     def overrides(self) -> tuple[str, ...]:
         """The plan's recipe overrides, applied to both sides alike (the script's settings come from the recipe)."""
         return tuple(getattr(self.plan, "overrides", ()))
+
+    def overrides_for(self, key: str) -> tuple[str, ...]:
+        """The plan's overrides for the SFT recipes; the DPO and GRPO recipes keep their own batches (a GRPO batch
+        must hold whole groups of answers), which the quick plan's 4 steps keep short."""
+        return self.overrides if key in ("lora", "qlora") else ()
 
     def cpu_bf16(self) -> dict:
         """Whether this CPU has native bf16 as torch detects it (`detected`), FTCLI_CPU_BF16 as set, what ftcli takes
@@ -126,7 +131,7 @@ class Session:
         command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
                    name, "--overwrite", "--json", "--set", f"training.max_steps={steps}", "--set", NO_CHECKPOINTS,
                    "--set", "training.logging_steps=1"]
-        for override in (*RECIPE_OVERRIDES.get(method, ()), *self.overrides, *overrides):
+        for override in (*RECIPE_OVERRIDES.get(method, ()), *self.overrides_for(method), *overrides):
             command += ["--set", override]
         result = self.child(label, command)
         run = RunDir(self.runs_root, name)
