@@ -90,10 +90,12 @@ def raise_if_disk_full(exc: BaseException, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(target: Path) -> Iterator[Path]:
+def staged_dir(target: Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder beside `target`; on success it replaces `target` in one rename.
 
-    On any failure the staging folder is removed and `target` keeps its previous content.
+    On any failure the staging folder is removed and `target` keeps its previous content. With `keep_existing` (a
+    cache entry named by its content), a `target` that another process wrote meanwhile is kept and the staging
+    folder dropped: the first writer wins, and two writers never fail each other.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,16 @@ def staged_dir(target: Path) -> Iterator[Path]:
         yield staging
         for item in [staging, *staging.rglob("*")]:
             _readable(item)
+        if keep_existing:
+            try:
+                if not target.exists():
+                    os.replace(staging, target)
+                    fsync_dir(target.parent)
+            except OSError:
+                if not target.exists():   # not another writer's entry: a real failure
+                    raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         old = None
         if target.exists():
             old = target.with_name(STAGING_PREFIX + target.name + ".old")

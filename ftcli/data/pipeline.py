@@ -275,7 +275,8 @@ def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: 
     cached = data_cache.load_cached(key)
     if cached is not None:
         return PreparedData(*cached)
-    with staged_dir(data_cache.entry_dir(key)) as staging:
+    # Ranks of a multi-process run may prepare the same entry at once: the first one written is kept.
+    with staged_dir(data_cache.entry_dir(key), keep_existing=True) as staging:
         train_data, evaluation, train_report, eval_report = _prepare(recipe, tokenizer, template, seed, staging,
                                                                      train=train)
         for report in (train_report, eval_report):

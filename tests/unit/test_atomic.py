@@ -131,3 +131,19 @@ def test_check_free_space(tmp_path):
     check_free_space(tmp_path / "not" / "yet" / "there", 0)
     with pytest.raises(DiskFullError, match="MiB needed"):
         check_free_space(tmp_path / "x", 2**62)
+
+
+def test_staged_dir_keeps_an_entry_another_writer_finished_first(tmp_path):
+    """Two ranks preparing the same cache entry: the second one's rename would meet a non-empty folder."""
+    from ftcli.atomic import staged_dir
+
+    target = tmp_path / "entry"
+    with staged_dir(target, keep_existing=True) as staging:
+        (staging / "data").write_text("mine")
+        target.mkdir()                                  # the other process renamed its entry into place
+        (target / "data").write_text("theirs")
+    assert (target / "data").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]   # no staging folder left behind
+    with staged_dir(tmp_path / "fresh", keep_existing=True) as staging:
+        (staging / "data").write_text("mine")
+    assert (tmp_path / "fresh" / "data").read_text() == "mine"
