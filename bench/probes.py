@@ -6,6 +6,7 @@ Run from the repository root, as bench/run.py runs them:
     python -m bench.probes load RECIPE [--repeats N]
     python -m bench.probes convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
     python -m bench.probes head RECIPE [--batches N] [--repeats N] [--set KEY=VALUE ...]
+    python -m bench.probes utilization RECIPE [--warmup N] [--steps N] [--profile-steps N] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -184,6 +186,119 @@ def head(recipe_path: str, batches: int, repeats: int, overrides: list[str]) -> 
                                            for a, b in zip(losses[arm], losses["trl"]))}
 
 
+def matmul_rates(rows: int, weights: list[tuple[int, int]], dtype_name: str, seconds: float = 0.6) -> dict:
+    """GFLOP/s of this process's matmuls in `dtype_name`: each (out, in) weight applied to `rows` positions as a linear
+    layer applies it (F.linear), and a 2048^3 square product; the best is the peak a training step is measured
+    against."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    cases = {f"{rows}x{k}x{n}": (lambda x, w: F.linear(x, w), torch.randn(rows, k, dtype=dtype),
+                                 torch.randn(n, k, dtype=dtype), 2 * rows * k * n) for n, k in weights}
+    cases["2048x2048x2048"] = (torch.mm, torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype),
+                               2 * 2048**3)
+    rates = {}
+    for label, (op, a, b, flops) in cases.items():
+        for _ in range(3):   # warm-up: first calls pick kernels and touch the memory
+            op(a, b)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            op(a, b)
+            done += 1
+        rates[label] = round(flops * done / (time.perf_counter() - started) / 1e9, 1)
+    return {"dtype": dtype_name, "threads": torch.get_num_threads(), "gflops": rates,
+            "peak_gflops": max(rates.values())}
+
+
+def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, overrides: list[str]) -> dict:
+    """ftcli's training steps as `ftcli train` runs them (its trainer, data and settings) on the recipe: the model
+    FLOP utilization of `steps` timed steps after `warmup` ones, against this process's matmul peak in the training
+    dtype measured just before, then `profile_steps` more under torch.profiler, grouped by bench/step_profile.py."""
+    import tempfile
+
+    import torch
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    from bench.flops import batch_tokens, model_shapes, training_flops
+    from bench.step_profile import CALLBACK_RANGES, breakdown, op_events
+    from ftcli.data.types import IGNORE_INDEX
+    from ftcli.recipe.loader import load_recipe
+    from ftcli.runs.rundir import RunDir
+    from ftcli.training.session import TrainingSession
+    from ftcli.training.trainer import RealTokenCount
+
+    _quiet()
+    total_steps = warmup + steps + profile_steps
+    recipe = load_recipe(Path(recipe_path), [*overrides, f"training.max_steps={total_steps}",
+                                             "training.save_steps=1000000"]).recipe
+    session = TrainingSession(recipe, RunDir(Path(tempfile.mkdtemp(prefix="bench-mfu-")), "mfu"),
+                              trust_remote_code=False, console=Console(quiet=True))
+    session.prepare()
+    trainer = session.make_trainer(RealTokenCount(), [])
+    shapes = model_shapes(trainer.model)
+    config = trainer.model.get_base_model().config if hasattr(trainer.model, "get_base_model") else trainer.model.config
+    rank = getattr(recipe.method, "r", None)
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
+    peak = matmul_rates(512, [(inner, hidden), (hidden, inner), (kv, hidden), (hidden, hidden)], session.precision)
+
+    batches: list = []   # BatchTokens of every training batch, in order
+    scored = trainer.compute_loss
+
+    def counting_loss(model, inputs, *args, **kwargs):
+        if model.training:
+            batches.append(batch_tokens(inputs["attention_mask"], inputs["labels"], IGNORE_INDEX))
+        return scored(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting_loss
+    call_event, log = trainer.callback_handler.call_event, trainer.log
+
+    def ranged(fn, label):
+        def wrapped(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    trainer.callback_handler.call_event = ranged(call_event, CALLBACK_RANGES[0])
+    trainer.log = ranged(log, CALLBACK_RANGES[1])
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+    marks: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        """Step-end times; starts the profiler after the timed steps, stops it after the profiled ones."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks[state.global_step] = time.perf_counter()
+            if state.global_step == warmup + steps:
+                profiler.start()
+            elif state.global_step == total_steps:
+                profiler.stop()
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    per_step = len(batches) // total_steps   # batches of a step (gradient accumulation)
+    timed = [sum(batches[i * per_step:(i + 1) * per_step], start=type(batches[0])(0, 0, 0))
+             for i in range(warmup, warmup + steps)]
+    timed_s = marks[warmup + steps] - marks[warmup]
+    flops = sum(training_flops(shapes, tokens) for tokens in timed)
+    achieved = flops / timed_s / 1e9
+    profiled_s = marks[total_steps] - marks[warmup + steps]
+    parts = breakdown(op_events(profiler), profiled_s * 1e6, rank=rank, vocab_size=config.vocab_size)
+    real = sum(t.real for t in timed)
+    return {"method": recipe.method.kind, "precision": session.precision, "threads": torch.get_num_threads(),
+            "gradient_checkpointing": session.gradient_checkpointing, "steps": steps, "warmup": warmup,
+            "shapes": asdict(shapes), "matmul": peak,
+            "tokens": {"real": real, "labelled": sum(t.labelled for t in timed),
+                       "attended_pairs": sum(t.attended_pairs for t in timed)},
+            "flops_per_real_token": round(flops / real), "step_s": round(timed_s / steps, 4),
+            "real_tokens_per_s": round(real / timed_s, 1), "achieved_gflops": round(achieved, 1),
+            "mfu": round(achieved / peak["peak_gflops"], 4),
+            "profile": {"steps": profile_steps, "wall_s": round(profiled_s, 4),
+                        "parts_s": {part: round(us / 1e6, 4) for part, us in parts.items()}}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +317,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p = commands.add_parser("utilization")
+    p.add_argument("recipe")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if args.command == "score":
         result = score(args.recipe, args.adapters, args.overrides, args.max_examples)
@@ -211,6 +332,8 @@ def main() -> None:
         result = load(args.recipe, args.repeats)
     elif args.command == "head":
         result = head(args.recipe, args.batches, args.repeats, args.overrides)
+    elif args.command == "utilization":
+        result = utilization(args.recipe, args.warmup, args.steps, args.profile_steps, args.overrides)
     else:
         result = convert(args.recipe)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -778,3 +778,90 @@ def test_bench_modules_that_drive_ftcli_internals_are_scanned():
         text = path.read_text(encoding="utf-8")
         assert "sys.path.insert" not in text, path
         assert "python bench/" not in text and "bench/run.py --" not in text, path   # python -m bench.NAME
+
+
+def _smollm2_135m_with_lora():
+    """SmolLM2-135M's architecture (its config's sizes) on the meta device, LoRA r=16 on the attention projections as
+    recipes/quickstart.yaml puts it: shapes without weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                 "o_proj"]))
+
+
+def test_flop_count_of_smollm2_matches_a_hand_count():
+    from bench.flops import BatchTokens, model_shapes, training_flops
+
+    shapes = model_shapes(_smollm2_135m_with_lora())
+    # Per layer: q and o 576x576, k and v 576x192 (3 of 9 heads' keys and values), the MLP's three 576x1536.
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert shapes.frozen_matmul_params == 30 * per_layer == 106_168_320
+    # LoRA r=16: A is 16 x in, B is out x 16, for q, k, v (in 576) and o (in 576, out 576).
+    assert shapes.trainable_matmul_params == 30 * 16 * ((576 + 576) * 2 + (576 + 192) * 2) == 1_843_200
+    assert (shapes.attention_layers, shapes.attention_width) == (30, 576)
+    assert shapes.head_params == 576 * 49152 and not shapes.head_trainable
+    # A 100-token sequence with its last 10 positions labelled:
+    tokens = BatchTokens(real=100, labelled=10, attended_pairs=100 * 101 // 2)
+    hand = 100 * (4 * 106_168_320 + 6 * 1_843_200) + 12 * 30 * 576 * 5050 + 10 * 4 * 576 * 49152
+    assert training_flops(shapes, tokens) == hand
+    assert 0.44e9 < hand / 100 < 0.47e9   # about 0.45 GFLOP per real token, most of it the frozen decoder
+
+
+def test_batch_tokens_counts_real_labelled_and_attended_positions():
+    import torch
+
+    from bench.flops import BatchTokens, batch_tokens
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 5, -100], [-100, 7, 8, 9]])
+    # labels shift by one inside the loss: a label at position 0 never counts
+    assert batch_tokens(mask, labels) == BatchTokens(real=7, labelled=4, attended_pairs=6 + 10)
+    assert batch_tokens(mask, labels) + BatchTokens(1, 1, 1) == BatchTokens(8, 5, 17)
+
+
+def test_step_profile_puts_every_event_in_one_part():
+    from bench.step_profile import PARTS, OpEvent, breakdown, part_of
+
+    def part(name, shapes=(), ancestors=()):
+        return part_of(OpEvent(name, shapes, ancestors, 1.0), rank=16, vocab_size=49152)
+
+    assert part("aten::mm", ([430, 576], [576, 1536])) == "base model matmuls"
+    assert part("aten::mm", ([430, 576], [576, 16])) == "LoRA matmuls"
+    assert part("aten::mm", ([266, 576], [576, 49152])) == "LM head and loss"
+    assert part("aten::mul", (), ("aten::cross_entropy",)) == "LM head and loss"
+    assert part("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert part("aten::bmm", ([72, 60, 64], [72, 64, 60])) == "attention"
+    assert part("aten::mm", ([16, 16], [16, 16]), ("Optimizer.step#AdamW.step",)) == "optimizer"
+    assert part("aten::cat", (), ("enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__",)) == \
+        "data loading and collation"
+    assert part("aten::add", (), ("ftcli::logging",)) == "logging and callbacks"
+    assert part("aten::bernoulli_") == "normalisation, activations, other elementwise"
+    assert part("aten::silu_backward") == "normalisation, activations, other elementwise"
+    assert part("aten::_to_copy") == "copies and dtype casts"
+    assert part("aten::embedding", ([49152, 576], [8, 60])) == "other operators"
+    assert part("bitsandbytes::dequantize_4bit") == "4-bit dequantization"
+    events = [OpEvent("aten::mm", ([4, 8], [8, 8]), (), 300.0), OpEvent("aten::add", (), (), 100.0)]
+    parts = breakdown(events, 1000.0, rank=16, vocab_size=49152)
+    assert list(parts) == list(PARTS) and sum(parts.values()) == 1000.0
+    assert parts["base model matmuls"] == 300.0 and parts["Python between operators"] == 600.0
+
+
+def test_utilization_probe_times_counts_and_profiles_ftcli_steps(tiny_recipe):
+    from bench.probes import utilization
+
+    result = utilization(str(tiny_recipe), warmup=1, steps=2, profile_steps=1, overrides=[])
+    assert result["method"] == "lora" and result["steps"] == 2
+    assert result["matmul"]["peak_gflops"] > 0 and result["tokens"]["real"] > result["tokens"]["labelled"] > 0
+    assert result["achieved_gflops"] == pytest.approx(
+        result["flops_per_real_token"] * result["real_tokens_per_s"] / 1e9, rel=0.01)
+    assert 0 < result["mfu"] == pytest.approx(result["achieved_gflops"] / result["matmul"]["peak_gflops"], abs=1e-3)
+    parts = result["profile"]["parts_s"]
+    assert sum(parts.values()) == pytest.approx(result["profile"]["wall_s"], rel=0.01)
+    for part in ("base model matmuls", "LoRA matmuls", "attention", "LM head and loss", "optimizer"):
+        assert parts[part] > 0, (part, parts)

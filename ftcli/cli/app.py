@@ -189,8 +189,10 @@ def train(
         from ftcli.runs.rundir import RunDir
         from ftcli.training.launch import launch_distributed
 
-        # Refuse an existing or missing run once, here, rather than in every worker.
-        RunDir.prepare(runs_root(runs_dir), loaded.recipe.name, resume=resume, overwrite=overwrite)
+        # Refuse an existing or missing run once, here, rather than in every worker. Only node 0 does: the run
+        # belongs to global rank 0, and on a shared filesystem node 0 may already have created it.
+        if node_rank == 0:
+            RunDir.prepare(runs_root(runs_dir), loaded.recipe.name, resume=resume, overwrite=overwrite)
         raise typer.Exit(launch_distributed(sys.argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                                             master_addr=master_addr, master_port=master_port))
     from ftcli.training.distributed import is_main_process

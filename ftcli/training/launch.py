@@ -41,8 +41,9 @@ def launch_distributed(argv: list[str], *, nproc: int, nnodes: int, node_rank: i
     """Run the workers and return their exit code (torchrun forwards SIGINT/SIGTERM to them)."""
     command = launch_command(argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                              master_addr=master_addr, master_port=master_port)
-    env = {**os.environ,
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    from ftcli.training.threads import worker_thread_environment
+
+    env = {**os.environ, **worker_thread_environment(nproc)}
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ class TrainingSession:
         self.recipe_dir = recipe_dir          # where a Python reward's module is looked for first
         self.console = console
         self.timings: dict[str, float] = {}
+        self.cpu_threads: dict | None = None   # set on the CPU: the compute threads chosen and why
 
     def _log(self, text: str) -> None:
         note(self.console if is_main_process() else None, text)
@@ -108,6 +110,9 @@ class TrainingSession:
             # Before the data and the model are allocated, as the MALLOC_* environment variables would from the
             # process start (the bench's hand-written script gets those).
             _speed_up_allocator()
+            from ftcli.training.threads import set_training_threads
+
+            self.cpu_threads = set_training_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # The automatic settings, resolved once for this device: the trainer uses them and run.json records them.
         self.precision = models.resolve_precision(t.precision, self.device)
         self.gradient_checkpointing = methods.gradient_checkpointing_enabled(t.gradient_checkpointing, self.device)
@@ -454,6 +459,7 @@ class TrainingSession:
             "precision": self.precision,
             "gradient_checkpointing": self.gradient_checkpointing,
             "cpu_bf16": models.cpu_bf16_facts() if self.device == "cpu" else None,
+            "cpu_threads": self.cpu_threads,
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": self.data_fingerprints, "streaming": self.recipe.data.streaming,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_RECIPE, losses, memorisable_chat, run_cli, write_jsonl, write_recipe
+from helpers import REPO, TINY_RECIPE, losses, memorisable_chat, metrics, run_cli, write_jsonl, write_recipe
 
 from ftcli.training.launch import launch_command, worker_arguments
 
@@ -90,6 +93,51 @@ def test_fsdp_on_the_cpu_matches_one_process_and_resumes(single, tiny_recipe, ru
     quantized = run_cli("train", tiny_recipe, "--name", "qlora", "--set", "method.kind=qlora", *fsdp,
                         "--master-port", "29543", *common)
     assert quantized.exit_code == 0, quantized
+
+
+def _two_nodes(recipe: Path, port: int, *args: str) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """`ftcli train RECIPE --nnodes 2` as two machines would run it, each node one process, both on this machine
+    (gloo over 127.0.0.1): node 1 started first, as a cluster scheduler might; (node 0's result, node 1's)."""
+    def command(rank: int) -> list[str]:
+        return [sys.executable, "-m", "ftcli", "train", str(recipe), "--nnodes", "2", "--node-rank", str(rank),
+                "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # one core per node: two nodes on two cores
+    node1 = subprocess.Popen(command(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             stdin=subprocess.DEVNULL)
+    try:
+        node0 = subprocess.run(command(0), capture_output=True, text=True, env=env, timeout=600,
+                               stdin=subprocess.DEVNULL)
+        out, err = node1.communicate(timeout=120)
+    finally:
+        node1.kill()
+    return node0, subprocess.CompletedProcess(node1.args, node1.returncode, out, err)
+
+
+def test_two_nodes_match_one_process_and_resume_across_both(single, tiny_recipe, runs_dir):
+    """A two-machine run simulated on one machine: the same per-step losses as one process with the same global
+    batch, one run written (by global rank 0), and a resume that both nodes take up."""
+    args = ["--name", "nodes", "--set", "training.batch_size=4", *COMMON]
+    node0, node1 = _two_nodes(tiny_recipe, 29551, *args, "--json")
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.returncode == 0, node1.stderr[-3000:]
+    assert json.loads(node0.stdout)["status"] == "completed"
+    assert node1.stdout.strip() == ""   # global rank 1 reports nothing: the run is rank 0's
+    info = json.loads((runs_dir / "nodes" / "run.json").read_text())
+    assert info["distributed"] == {"world_size": 2, "strategy": "ddp", "global_batch_size": 8}
+    assert info["cpu_threads"]["threads"] == 1
+    steps = [m["step"] for m in metrics(runs_dir / "nodes") if "loss" in m]
+    assert steps == [1, 2, 3, 4]   # one writer: every step logged once
+    one, two = losses(single), losses(runs_dir / "nodes")
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=2e-3), (step, one, two)
+
+    node0, node1 = _two_nodes(tiny_recipe, 29552, *args[:4], "--resume", *COMMON[2:], "--set",
+                              "training.max_steps=6")
+    assert node0.returncode == 0 and node1.returncode == 0, (node0.stderr[-3000:], node1.stderr[-3000:])
+    assert "resuming from checkpoint-4" in node0.stderr
+    assert json.loads((runs_dir / "nodes" / "run.json").read_text())["step"] == 6
+    assert [m["step"] for m in metrics(runs_dir / "nodes") if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
