@@ -6,7 +6,8 @@ Run from the repository root, as bench/run.py runs them:
     python -m bench.probes load RECIPE [--repeats N]
     python -m bench.probes convert RECIPE          (run with an empty FTCLI_CACHE_DIR: times the first conversion)
     python -m bench.probes head RECIPE [--batches N] [--repeats N] [--set KEY=VALUE ...]
-    python -m bench.probes utilization RECIPE [--warmup N] [--steps N] [--profile-steps N] [--set KEY=VALUE ...]
+    python -m bench.probes utilization RECIPE [--warmup N] [--steps N] [--profile-steps N] [--torch-dropout]
+                                              [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -211,10 +212,12 @@ def matmul_rates(rows: int, weights: list[tuple[int, int]], dtype_name: str, sec
             "peak_gflops": max(rates.values())}
 
 
-def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, overrides: list[str]) -> dict:
+def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, overrides: list[str],
+                torch_dropout: bool = False) -> dict:
     """ftcli's training steps as `ftcli train` runs them (its trainer, data and settings) on the recipe: the model
     FLOP utilization of `steps` timed steps after `warmup` ones, against this process's matmul peak in the training
-    dtype measured just before, then `profile_steps` more under torch.profiler, grouped by bench/step_profile.py."""
+    dtype measured just before, then `profile_steps` more under torch.profiler, grouped by bench/step_profile.py.
+    torch_dropout: torch's own dropout modules put back in place of ftcli's CPU masks (the comparison's other arm)."""
     import tempfile
 
     import torch
@@ -236,6 +239,11 @@ def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, o
     session = TrainingSession(recipe, RunDir(Path(tempfile.mkdtemp(prefix="bench-mfu-")), "mfu"),
                               trust_remote_code=False, console=Console(quiet=True))
     session.prepare()
+    if torch_dropout:
+        for module in list(session.model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Dropout) and type(child) is not torch.nn.Dropout:
+                    setattr(module, name, torch.nn.Dropout(child.p).train(child.training))
     trainer = session.make_trainer(RealTokenCount(), [])
     shapes = model_shapes(trainer.model)
     config = trainer.model.get_base_model().config if hasattr(trainer.model, "get_base_model") else trainer.model.config
@@ -245,11 +253,13 @@ def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, o
     peak = matmul_rates(512, [(inner, hidden), (hidden, inner), (kv, hidden), (hidden, hidden)], session.precision)
 
     batches: list = []   # BatchTokens of every training batch, in order
+    positions: list[int] = []   # and its positions, padding included
     scored = trainer.compute_loss
 
     def counting_loss(model, inputs, *args, **kwargs):
         if model.training:
             batches.append(batch_tokens(inputs["attention_mask"], inputs["labels"], IGNORE_INDEX))
+            positions.append(inputs["attention_mask"].numel())
         return scored(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = counting_loss
@@ -288,10 +298,12 @@ def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, o
     parts = breakdown(op_events(profiler), profiled_s * 1e6, rank=rank, vocab_size=config.vocab_size)
     real = sum(t.real for t in timed)
     return {"method": recipe.method.kind, "precision": session.precision, "threads": torch.get_num_threads(),
+            "dropout": "torch" if torch_dropout else session.cpu_dropout,
             "gradient_checkpointing": session.gradient_checkpointing, "steps": steps, "warmup": warmup,
             "shapes": asdict(shapes), "matmul": peak,
             "tokens": {"real": real, "labelled": sum(t.labelled for t in timed),
-                       "attended_pairs": sum(t.attended_pairs for t in timed)},
+                       "attended_pairs": sum(t.attended_pairs for t in timed),
+                       "positions": sum(positions[warmup * per_step:(warmup + steps) * per_step])},
             "flops_per_real_token": round(flops / real), "step_s": round(timed_s / steps, 4),
             "real_tokens_per_s": round(real / timed_s, 1), "achieved_gflops": round(achieved, 1),
             "mfu": round(achieved / peak["peak_gflops"], 4),
@@ -322,6 +334,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--torch-dropout", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if args.command == "score":
@@ -333,7 +346,8 @@ def main() -> None:
     elif args.command == "head":
         result = head(args.recipe, args.batches, args.repeats, args.overrides)
     elif args.command == "utilization":
-        result = utilization(args.recipe, args.warmup, args.steps, args.profile_steps, args.overrides)
+        result = utilization(args.recipe, args.warmup, args.steps, args.profile_steps, args.overrides,
+                             args.torch_dropout)
     else:
         result = convert(args.recipe)
     sys.stdout.write(json.dumps(result) + "\n")

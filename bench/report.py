@@ -377,7 +377,61 @@ def render_markdown(results: dict) -> str:
                   f"{_num(ratios.get('tokens_per_s'), 3)}, peak RSS {_num(ratios.get('peak_rss'), 3)}", ""]
     if "data" in sections:
         lines += _data_section(sections["data"])
+    if "utilization" in sections:
+        lines += utilization_section(sections["utilization"])
+    if "scaling" in sections:
+        s = sections["scaling"]
+        lines += ["## 10. Two processes on one machine (`--nproc 2`)", "",
+                  f"recipes/quickstart.yaml, global batch {s.get('global_batch')}: one process against `ftcli train "
+                  "--nproc 2` (DDP over gloo) with half the batch each, the cores shared out between them. Tokens: "
+                  "both processes' real tokens.", ""]
+        lines += _arms_table(s["arms"])
+        threads = {name: ((arm.get("runs") or [{}])[0].get("cpu_threads") or {}).get("threads")
+                   for name, arm in s["arms"].items()}
+        lines += [f"- threads per process (run.json): {threads}; tokens/s with two processes / one: "
+                  f"{_num(s.get('efficiency'), 3)}", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def utilization_section(s: dict) -> list[str]:
+    """## 9: model FLOP utilization per arm, and the step profile's parts side by side."""
+    lines = ["## 9. Model FLOP utilization and where a step's time goes", "",
+             "ftcli's own trainer and settings on the recipe (bench/probes.py utilization). Model FLOPs per step "
+             "(bench/flops.py): 4x the frozen matmul weights and 6x the trainable ones per real token, causal "
+             "attention over the real tokens, the LM head on labelled positions only; no padding, no recomputation. "
+             "Against the same process's best matmul rate in the training dtype, measured just before (the model's "
+             "own weight shapes at 512 positions, and 2048^3). The profile is one more step under torch.profiler "
+             "(which slows small operators more than large ones), each operator's own time in one part.", ""]
+    rows = []
+    for name, arm in s.items():
+        if not isinstance(arm, dict) or "runs" not in arm:
+            continue
+        tokens = arm.get("tokens") or {}
+        padding = None
+        if tokens.get("positions"):
+            padding = 1 - tokens["real"] / tokens["positions"]
+        rows.append([name, _num(arm.get("precision")), _num(arm.get("threads")), _num(arm.get("dropout")),
+                     _num(arm.get("real_tokens_per_s"), 1), _num(arm.get("step_s"), 3),
+                     _num(None if arm.get("flops_per_real_token") is None else arm["flops_per_real_token"] / 1e9, 3),
+                     _num(arm.get("achieved_gflops"), 1), _num(arm.get("peak_gflops"), 1), _pct(arm.get("mfu")),
+                     _pct(padding), str(len(arm["runs"])), arm.get("speed_from", "")])
+    lines += _table(["arm", "precision", "threads", "dropout", "real tokens/s", "step s", "GFLOP / real token",
+                     "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU", "padding", "runs", "speed from"], rows)
+    for key, value in s.items():
+        if key.endswith("_dropout_ratio"):
+            lines += [f"- {key.removesuffix('_dropout_ratio')}: tokens/s with ftcli's CPU dropout masks / with "
+                      f"torch's dropout: {_num(value, 3)}"]
+    profiled = {name: arm["profile"]["parts_s"] for name, arm in s.items()
+                if isinstance(arm, dict) and (arm.get("profile") or {}).get("parts_s")}
+    if profiled:
+        names = list(profiled)
+        parts = list(next(iter(profiled.values())))
+        totals = {name: sum(profiled[name].values()) or 1.0 for name in names}
+        lines += ["", "Seconds of one profiled step per part (share of the step):", ""]
+        lines += _table(["part", *names], [[part, *(f"{profiled[n][part]:.3f} ({profiled[n][part] / totals[n]:.0%})"
+                                                   for n in names)] for part in parts])
+        lines += ["", "![where a step's time goes](step_profile.png)"]
+    return lines + [""]
 
 
 def _data_section(s: dict) -> list[str]:

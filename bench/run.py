@@ -15,6 +15,11 @@ Sections (all by default; --sections picks some):
             LoRA and QLoRA with identical settings; LoRA also against the script with TRL's own defaults, with
             the final eval loss of every adapter scored alike (bench/probes.py score); and where the speed comes
             from: ftcli's steps with TRL's LM head and with ftcli's, in one process (bench/probes.py head)
+  utilization  model FLOP utilization of ftcli's LoRA and QLoRA steps on the embedded model (bench/flops.py's count
+            over the measured step time, against the same process's matmul peak in the training dtype; LoRA in fp32
+            too where auto is bf16), with LoRA's dropout as ftcli's CPU masks and as torch's, and where each step's
+            time goes (torch.profiler, grouped by bench/step_profile.py): bench/probes.py utilization
+  scaling   `ftcli train --nproc 2` (DDP over gloo, the cores shared out) against one process, same global batch
   packing   data.packing=true against plain padded batches (ftcli's default) on chat data of varied length
   memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
   load      load time of the builtin model after its first conversion (and, full mode, that conversion)
@@ -68,7 +73,8 @@ from bench.sides import (
     side_ratios,
 )
 
-SECTIONS = ("startup", "training", "packing", "memory", "load", "preference", "rl", "data")
+SECTIONS = ("startup", "training", "utilization", "scaling", "packing", "memory", "load", "preference", "rl", "data")
+MFU_GOAL = 0.60   # LoRA in fp32: model FLOPs per second / the same process's fp32 matmul peak
 DATA_MODEL = "builtin:smollm2-135m-instruct"   # the data section's model: its tokenizer and chat template
 CACHED_WALL_LIMIT_S = 5.0                      # the data section's goal for a dry run on a warm data cache
 
@@ -125,6 +131,13 @@ class Plan:
     # The rl section: GRPO steps per run (recipes/grpo.yaml: 2 prompts x 4 sampled answers a step) and repeats.
     grpo_steps: int = 10
     grpo_repeats: int = 3
+    # The utilization section: warm-up, timed and profiled steps per probe, interleaved repeats of every arm.
+    utilization_warmup: int = 2
+    utilization_steps: int = 8
+    utilization_repeats: int = 3
+    # The scaling section: steps per run (the first `skip` not timed) and interleaved repeats.
+    scaling_steps: int = 10
+    scaling_repeats: int = 2
 
 
 FULL = Plan(quick=False, startup_repeats=7, repeats=3, lora_steps=20, qlora_steps=14, packing_steps=6, skip=2,
@@ -142,7 +155,8 @@ QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=3, qlora_steps
              first_conversion=False, timeout_s=300, head_batches=2, head_repeats=1, head_cases=(),
              defaults_budget_s=30.0, overrides=("training.batch_size=2",), score=False, packing_length=128,
              packing_batch=8, data_sizes=(20_000,), data_repeats=(1,), data_cached_size=20_000, data_timeout_s=600,
-             dpo_steps=4, dpo_repeats=1, grpo_steps=4, grpo_repeats=1)
+             dpo_steps=4, dpo_repeats=1, grpo_steps=4, grpo_repeats=1, utilization_warmup=1, utilization_steps=3,
+             utilization_repeats=1, scaling_steps=4, scaling_repeats=1)
 
 
 class Bench(Session):
@@ -276,6 +290,65 @@ class Bench(Session):
                           "defaults (same steps; one scorer for both; mean over the seeds)", loss_ratio,
                           "<= 1.01 (no loss)", goal(loss_ratio, at_most=1.01))
         self.results["sections"]["training"] = section
+
+    def utilization(self) -> None:
+        """Model FLOP utilization and the step profile of LoRA and QLoRA; LoRA's dropout both ways, interleaved."""
+        p = self.plan
+        auto = self.cpu_bf16().get("auto_precision")
+
+        def probe(method: str, *options: str):
+            def run(label: str) -> dict:
+                sets = [arg for override in (*self.overrides_for(method), *options[1:]) for arg in ("--set", override)]
+                flags = ["--torch-dropout"] if options and options[0] == "torch-dropout" else []
+                result = self.child(label, [sys.executable, "-m", "bench.probes", "utilization", str(RECIPES[method]),
+                                            "--warmup", str(p.utilization_warmup), "--steps", str(p.utilization_steps),
+                                            "--profile-steps", "1", *flags, *sets])
+                figures = json.loads(result.stdout.strip().splitlines()[-1]) if result.ok else {}
+                return {"ok": result.ok, "others_cpu_share": result.others_cpu_share, **figures,
+                        "error": None if result.ok else result.stderr_tail[-1500:]}
+            return run
+
+        arms = {"lora": probe("lora", ""), "lora_torch_dropout": probe("lora", "torch-dropout"),
+                "qlora": probe("qlora", "")}
+        if auto != "fp32":   # the goal is LoRA in fp32: the path CPUs without native bf16 take
+            arms["lora_fp32"] = probe("lora", "", "training.precision=fp32")
+            arms["lora_fp32_torch_dropout"] = probe("lora", "torch-dropout", "training.precision=fp32")
+        runs = self.interleaved_runs("utilization", arms, p.utilization_repeats, describe=lambda r: (
+            f"MFU {r.get('mfu')} ({r.get('achieved_gflops')} of {(r.get('matmul') or {}).get('peak_gflops')} "
+            f"GFLOP/s, {r.get('precision')}), {r.get('real_tokens_per_s')} tokens/s, others used "
+            f"{r.get('others_cpu_share')} of the CPU"))
+        section = {name: utilization_summary(items) for name, items in runs.items()}
+        self.results["sections"]["utilization"] = section
+        fp32 = "lora_fp32" if "lora_fp32" in section else "lora"
+        value = section[fp32].get("mfu")
+        self.add_goal("utilization/lora-fp32", "lora, fp32: model FLOPs/s of a training step / this process's fp32 "
+                      "matmul peak", value, f">= {MFU_GOAL:.2f}", goal(value, at_least=MFU_GOAL))
+        for arm in (fp32, "lora"):
+            speed = ratio(section[arm].get("real_tokens_per_s"),
+                          section[f"{arm}_torch_dropout"].get("real_tokens_per_s"))
+            section[f"{arm}_dropout_ratio"] = speed
+        value = section[f"{fp32}_dropout_ratio"]
+        self.add_goal("utilization/cpu-dropout", "lora, fp32: tokens/s with ftcli's CPU dropout masks / with torch's "
+                      "dropout", value, ">= 1.00", goal(value, at_least=1.0))
+
+    def scaling(self) -> None:
+        """`--nproc 2` against one process with the same global batch: tokens/s and the threads each process got."""
+        p = self.plan
+        batch = self.recipe("lora").training.batch_size
+        for override in self.overrides_for("lora"):
+            if override.startswith("training.batch_size="):
+                batch = int(override.split("=", 1)[1])
+        common = ["data.eval=null", "training.group_by_length=false"]
+        arms = {"one_process": lambda label: self.ftcli_train(label, "lora", p.scaling_steps,
+                                                              [*common, f"training.batch_size={batch}"]),
+                "two_processes": lambda label: self.ftcli_train(label, "lora", p.scaling_steps,
+                                                                [*common, f"training.batch_size={max(1, batch // 2)}"],
+                                                                extra_args=["--nproc", "2"])}
+        arms = self.compare("scaling", arms, p.scaling_repeats)
+        efficiency = ratio(arms["two_processes"].get("tokens_per_s"), arms["one_process"].get("tokens_per_s"))
+        self.results["sections"]["scaling"] = {"arms": arms, "global_batch": batch, "efficiency": efficiency}
+        self.add_goal("scaling/nproc2", f"--nproc 2 / one process, tokens/s (global batch {batch}, the same cores)",
+                      efficiency, ">= 0.90", goal(efficiency, at_least=0.9))
 
     def _head_probe(self, label: str, method: str, overrides: list[str] = ()) -> dict:
         """ftcli's steps with TRL's fused LM head as TRL and as ftcli run it on the CPU, in one process."""
@@ -657,6 +730,26 @@ def data_goals(section: dict) -> list[dict]:
     return goals
 
 
+def utilization_summary(runs: list[dict]) -> dict:
+    """Medians of one utilization arm's probes (undisturbed ones when there are), and the profile of its median run
+    by MFU."""
+    clean = [r for r in runs if r.get("ok") and (r.get("others_cpu_share") or 0) <= NOISE_LIMIT]
+    timed = clean or [r for r in runs if r.get("ok")]
+    summary = {"runs": runs, "speed_from": "undisturbed runs" if clean else "all runs (every one disturbed)"}
+    if not timed:
+        return summary
+    by_mfu = sorted(timed, key=lambda r: r["mfu"])
+    middle = by_mfu[len(by_mfu) // 2]
+    summary.update(mfu=median([r["mfu"] for r in timed]),
+                   achieved_gflops=median([r["achieved_gflops"] for r in timed]),
+                   peak_gflops=median([r["matmul"]["peak_gflops"] for r in timed]),
+                   real_tokens_per_s=median([r["real_tokens_per_s"] for r in timed]),
+                   step_s=median([r["step_s"] for r in timed]),
+                   **{key: middle.get(key) for key in ("precision", "threads", "dropout", "flops_per_real_token",
+                                                        "tokens", "matmul", "profile", "gradient_checkpointing")})
+    return summary
+
+
 def mean_of(values: list) -> float | None:
     """The mean of the values, None when any is missing (a failed run must not pass for a good one)."""
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
@@ -747,6 +840,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "results.json").write_text(json.dumps(without_step_times(bench.results), indent=2) + "\n",
                                                encoding="utf-8")
         (args.out / "RESULTS.md").write_text(render_markdown(bench.results), encoding="utf-8")
+        profiles = {name: arm["profile"]["parts_s"]
+                    for name, arm in bench.results["sections"].get("utilization", {}).items()
+                    if isinstance(arm, dict) and (arm.get("profile") or {}).get("parts_s")}
+        if profiles:
+            from bench.step_profile import plot_parts
+
+            plot_parts(profiles, args.out / "step_profile.png")
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     bench.log(f"done: {args.out / 'RESULTS.md'}")

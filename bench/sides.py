@@ -124,13 +124,14 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ training runs
 
-    def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str]) -> dict:
+    def ftcli_train(self, label: str, method: str, steps: int, overrides: list[str],
+                    extra_args: list[str] = ()) -> dict:
         from ftcli.runs.rundir import RunDir
 
         name = label.replace("@", "-")
         command = [*ftcli_command(), "train", str(RECIPES[method]), "--runs-dir", str(self.runs_root), "--name",
                    name, "--overwrite", "--json", "--set", f"training.max_steps={steps}", "--set", NO_CHECKPOINTS,
-                   "--set", "training.logging_steps=1"]
+                   "--set", "training.logging_steps=1", *extra_args]
         for override in (*RECIPE_OVERRIDES.get(method, ()), *self.overrides_for(method), *overrides):
             command += ["--set", override]
         result = self.child(label, command)
@@ -143,6 +144,8 @@ class Session:
         summary["precision"] = run_json.get("precision")
         summary["gradient_checkpointing"] = run_json.get("gradient_checkpointing")
         summary["cpu_bf16"] = run_json.get("cpu_bf16")   # detected / FTCLI_CPU_BF16 / used, as ftcli saw them
+        summary["cpu_threads"] = run_json.get("cpu_threads")   # threads per process, and why
+        summary["distributed"] = run_json.get("distributed")
         summary["steps_planned"] = steps
         summary["adapter"] = str(run.adapter_dir)
         train_report = (run_json.get("data") or {}).get("train") or {}

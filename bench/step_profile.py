@@ -95,3 +95,25 @@ def op_events(profile) -> list[OpEvent]:
         out.append(OpEvent(event.name, tuple(event.input_shapes or ()), tuple(ancestors),
                            float(event.self_cpu_time_total)))
     return out
+
+
+def plot_parts(profiles: dict[str, dict[str, float]], path) -> None:
+    """One horizontal stacked bar per profiled arm: the seconds of each part of its step, in PARTS order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(profiles)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * len(names)))
+    colours = plt.get_cmap("tab20").colors
+    left = [0.0] * len(names)
+    for index, part in enumerate(PARTS):
+        widths = [profiles[name].get(part, 0.0) for name in names]
+        ax.barh(names, widths, left=left, color=colours[index % len(colours)], label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel("seconds of one profiled training step")
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(names)), ncol=3, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -58,17 +58,19 @@ def cpu_chunk_positions(vocab_size: int) -> int:
 def cpu_label_log_probs(hidden, weight, bias, targets, temperature=1.0, softcap=None, logit_scale=1.0,
                         outputs=("log_probs",)):
     """TRL's ChunkedLogProbFunction outputs (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) for the
-    rows of `hidden`, chunk by chunk; each chunk's logits are recomputed in the backward pass rather than kept."""
+    rows of `hidden`, chunk by chunk; when there is more than one chunk, each chunk's logits are recomputed in the
+    backward pass rather than kept (one chunk is kept: its memory is the forward's anyway)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     parts = []
     rows = cpu_chunk_positions(weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    recompute = needs_grad and hidden.shape[0] > rows
     for start in range(0, max(hidden.shape[0], 1), rows):   # an empty batch still gives a (zero) graph
         chunk = (hidden[start:start + rows], weight, bias, targets[start:start + rows],
                  temperature, softcap, logit_scale, outputs)
-        parts.append(checkpoint(_score_chunk, *chunk, use_reentrant=False) if needs_grad else _score_chunk(*chunk))
+        parts.append(checkpoint(_score_chunk, *chunk, use_reentrant=False) if recompute else _score_chunk(*chunk))
     return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
 
 

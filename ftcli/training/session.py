@@ -91,6 +91,7 @@ class TrainingSession:
         self.console = console
         self.timings: dict[str, float] = {}
         self.cpu_threads: dict | None = None   # set on the CPU: the compute threads chosen and why
+        self.cpu_dropout: str | None = None    # set on the CPU when the model's dropout masks are ftcli's
 
     def _log(self, text: str) -> None:
         note(self.console if is_main_process() else None, text)
@@ -146,6 +147,11 @@ class TrainingSession:
         self.model, self.parameter_counts = methods.apply_method(
             base, recipe, self.tokenizer,
             starting_adapter=self.starting_adapter.path if self.starting_adapter else None)
+        if self.device == "cpu":
+            from ftcli.models.cpu_dropout import use_cpu_mask_dropout
+
+            # torch's CPU dropout draws its mask one element at a time: a large part of a LoRA step (README)
+            self.cpu_dropout = "16-bit random masks" if use_cpu_mask_dropout(self.model) else None
         self.timings["model_s"] = round(time.perf_counter() - started, 2)
         counts = self.parameter_counts
         self._log(f"model {recipe.model.path} ({self.resolved.kind}), method {recipe.method.kind}: "
@@ -460,6 +466,7 @@ class TrainingSession:
             "gradient_checkpointing": self.gradient_checkpointing,
             "cpu_bf16": models.cpu_bf16_facts() if self.device == "cpu" else None,
             "cpu_threads": self.cpu_threads,
+            "cpu_dropout": self.cpu_dropout,
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": self.data_fingerprints, "streaming": self.recipe.data.streaming,
