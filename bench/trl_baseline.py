@@ -15,8 +15,6 @@ without native bf16 runs bf16 emulated, ~100 s a step).
 """
 
 import argparse
-import json
-import time
 
 p = argparse.ArgumentParser()
 p.add_argument("model"), p.add_argument("train"), p.add_argument("--eval"), p.add_argument("--out", default="out")
@@ -42,9 +40,10 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    TrainerCallback,
 )
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from bench.step_log import StepLog  # noqa: E402
 
 quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32) if args.method == "qlora" else None
@@ -71,30 +70,9 @@ lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, ta
                   task_type="CAUSAL_LM")
 
 
-class StepLog(TrainerCallback):  # the benchmark's timing log, the counterpart of ftcli's metrics.jsonl
-    def on_train_begin(self, train_args, state, control, **kwargs):
-        self.began = time.time()
-        precision = "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32"
-        settings = {"precision": precision, "gradient_checkpointing": bool(train_args.gradient_checkpointing),
-                    "optim": str(getattr(train_args.optim, "value", train_args.optim)),
-                    "max_steps": train_args.max_steps, "max_seconds": args.max_seconds}
-        self._write({"event": "train_begin", "time": self.began, "settings": settings})
-
-    def on_step_end(self, _args, state, control, **kwargs):
-        if (args.max_seconds is not None and state.global_step >= args.min_steps
-                and time.time() - self.began >= args.max_seconds):
-            control.should_training_stop = True   # this step is still logged; then the trainer stops and saves
-
-    def on_log(self, _args, state, control, logs=None, **kwargs):
-        self._write({"step": state.global_step, "time": time.time(), **(logs or {})})
-
-    def _write(self, record):
-        with open(args.log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
 trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data.get("eval"),
-                     processing_class=tokenizer, peft_config=lora, callbacks=[StepLog()])
+                     processing_class=tokenizer, peft_config=lora,
+                     callbacks=[StepLog(args.log, max_seconds=args.max_seconds, min_steps=args.min_steps)])
 trainer.train()
 if args.eval:
     trainer.evaluate()  # logged through StepLog as eval_loss

@@ -11,10 +11,8 @@ addition to the user's script is the timing log (--log, as bench/trl_baseline.py
 """
 
 import argparse
-import json
 import re
 import string
-import time
 from collections import Counter
 
 p = argparse.ArgumentParser()
@@ -36,8 +34,10 @@ args = p.parse_args()
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from bench.step_log import StepLog  # noqa: E402
 
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -87,23 +87,7 @@ lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, ta
                   task_type="CAUSAL_LM")
 
 
-class StepLog(TrainerCallback):  # the benchmark's timing log, the counterpart of ftcli's metrics.jsonl
-    def on_train_begin(self, train_args, state, control, **kwargs):
-        precision = "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32"
-        settings = {"precision": precision, "gradient_checkpointing": bool(train_args.gradient_checkpointing),
-                    "optim": str(getattr(train_args.optim, "value", train_args.optim)),
-                    "max_steps": train_args.max_steps}
-        self._write({"event": "train_begin", "time": time.time(), "settings": settings})
-
-    def on_log(self, _args, state, control, logs=None, **kwargs):
-        self._write({"step": state.global_step, "time": time.time(), **(logs or {})})
-
-    def _write(self, record):
-        with open(args.log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
 trainer = GRPOTrainer(model=model, reward_funcs=[exact_match_norm, f1, one_line], args=config, train_dataset=data,
-                      processing_class=tokenizer, peft_config=lora, callbacks=[StepLog()])
+                      processing_class=tokenizer, peft_config=lora, callbacks=[StepLog(args.log)])
 trainer.train()
 trainer.save_model(args.out)
