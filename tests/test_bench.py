@@ -463,7 +463,7 @@ def test_dpo_baseline_script_trains_and_logs_real_tokens(tmp_path, tiny_model_di
     assert result.returncode == 0, result.stderr[-2000:]
     records = measure.read_jsonl(log)
     assert records[0]["settings"] == {"precision": "fp32", "gradient_checkpointing": False, "optim": "adamw_torch",
-                                      "max_steps": 2}
+                                      "max_steps": 2, "max_seconds": None}
     steps = measure.train_records(records)
     assert [r["step"] for r in steps] == [1, 2] and 0 < steps[0]["num_tokens"] < steps[1]["num_tokens"]
     assert "rewards/margins" in steps[0]
