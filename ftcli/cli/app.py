@@ -181,7 +181,7 @@ def train(
     if dry_run:
         from ftcli.training.preflight import render_preflight, run_preflight
 
-        report = run_preflight(loaded.recipe, trust_remote_code=trust_remote_code)
+        report = run_preflight(loaded.recipe, trust_remote_code=trust_remote_code, console=err())
         print_json(report) if json_output else render_preflight(report, out())
         return
     if nproc > 1 or nnodes > 1:
@@ -246,18 +246,43 @@ def eval_(
         typer.Option(
             "--fail-under",
             help="METRIC=VALUE, repeatable: exit 6 when the metric is worse than VALUE (exact_match, exact_match_norm, "
-            "contains, f1: fractions 0-1, fail below; loss, perplexity: fail above).",
+            "contains, f1: fractions 0-1, fail below; loss, perplexity: fail above; TASK/METRIC: a benchmark's, "
+            "in lm-evaluation-harness's direction).",
         ),
     ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="NAME[,NAME...], repeatable: score lm-evaluation-harness tasks (registry names "
+                                     "or task YAML files) instead of the held-out data (add --data for both); "
+                                     "default: the recipe's eval.tasks, beside the held-out data."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Benchmarks: at most N documents per task.")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", min=0, help="Benchmarks: K examples in each prompt.")
+    ] = None,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option("--chat-template/--no-chat-template",
+                     help="Benchmarks: prompt through the run's chat template (default: when the run has one)."),
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Evaluate the run's merged model instead of base + adapter.")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Measure a run: loss, perplexity and generation metrics; gate CI with --fail-under."""
+    """Measure a run: loss, perplexity, generation metrics and benchmarks (--tasks); gate CI with --fail-under."""
+    from ftcli.inference.benchmarks import BenchmarkOptions, split_tasks
     from ftcli.inference.evaluate import gate_failure, parse_gates, render_eval, run_eval
 
     gates = parse_gates(fail_under or [])
+    benchmark = BenchmarkOptions(tasks=split_tasks(tasks), limit=limit, num_fewshot=num_fewshot,
+                                 chat_template=chat_template)
     run_dir = open_run(run, runs_dir)
     result = run_eval(run_dir, data=data, max_samples=max_samples, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, compare_base=compare_base, gates=gates or None, console=err())
+                      batch_size=batch_size, compare_base=compare_base, gates=gates or None, console=err(),
+                      benchmark=benchmark, merged=merged)
     print_json(result) if json_output else render_eval(result, out())
     failure = gate_failure(result, run_dir)
     if failure:  # the document just printed carries the gates: report on stderr only, so stdout stays one document

@@ -114,8 +114,9 @@ def split_configs(data: DataConfig, sources: list[DataSourceConfig]) -> list[Dat
 
 
 def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_template: str | None,
-                path: Path) -> PieceResult:
-    """Read, validate, tokenize and write one piece; problems are collected, not raised (they cross processes)."""
+                path: Path, advance=None) -> PieceResult:
+    """Read, validate, tokenize and write one piece; problems are collected, not raised (they cross processes).
+    `advance(n)` is told of the records done, a chunk at a time (the progress display)."""
     import pyarrow as pa
 
     config = configs[piece.source]
@@ -123,8 +124,10 @@ def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_templat
     result = PieceResult(path=str(path), hint=converter.hint)
     schema = arrow_schema(config.format)
     chunk: list[tuple[int, Conversation]] = []
+    reported = 0
 
     def flush(writer) -> None:
+        nonlocal reported
         columns = tokenize_rows([c for _, c in chunk], config, tokenizer, chat_template)
         columns["record"] = [record for record, _ in chunk]
         for name in ROW_FIGURES:
@@ -135,6 +138,9 @@ def build_piece(piece: Piece, configs: list[DataConfig], tokenizer, chat_templat
         writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type) for n in schema.names],
                                            schema=schema))
         chunk.clear()
+        if advance is not None:
+            advance(result.records - reported)
+            reported = result.records
 
     try:
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -170,8 +176,14 @@ _FORKED_STATE: dict = {}
 
 def _build_forked(index: int) -> PieceResult:
     state = _FORKED_STATE
+    counter = state["done"]   # records done by all processes, which the parent shows
+
+    def advance(records: int) -> None:
+        with counter.get_lock():
+            counter.value += records
+
     return build_piece(state["pieces"][index], state["configs"], state["tokenizer"], state["chat_template"],
-                       state["folder"] / f"part-{index:05d}.arrow")
+                       state["folder"] / f"part-{index:05d}.arrow", advance)
 
 
 @dataclass
@@ -228,23 +240,28 @@ class BuiltSplit:
 
 
 def build_split(data: DataConfig, sources: list[DataSourceConfig], split: str, tokenizer,
-                chat_template: str | None, folder: Path) -> BuiltSplit:
-    """Every record of `sources` prepared into Arrow files under `folder`; DataError naming the first problems."""
+                chat_template: str | None, folder: Path, console=None) -> BuiltSplit:
+    """Every record of `sources` prepared into Arrow files under `folder`; DataError naming the first problems.
+    The records done show on `console` as they are (ftcli.progress)."""
     import numpy as np
+
+    from ftcli.progress import progress
 
     pieces = plan_pieces(sources, split, processes=max(1, available_cores()))
     processes = resolve_processes(data.num_proc, pieces)
     configs = split_configs(data, sources)
     folder.mkdir(parents=True, exist_ok=True)
-    if processes > 1:
-        results = _build_in_processes(pieces, configs, tokenizer, chat_template, folder, processes)
-    else:
-        results = []
-        for index, piece in enumerate(pieces):
-            results.append(build_piece(piece, configs, tokenizer, chat_template, folder / f"part-{index:05d}.arrow"))
-            if results[-1].problems or results[-1].fatal:
-                break
-    _raise_first_problems(results)
+    with progress(console, f"preparing {split} data (read, validate, tokenize)", unit="examples") as bar:
+        if processes > 1:
+            results = _build_in_processes(pieces, configs, tokenizer, chat_template, folder, processes, bar)
+        else:
+            results = []
+            for index, piece in enumerate(pieces):
+                results.append(build_piece(piece, configs, tokenizer, chat_template,
+                                           folder / f"part-{index:05d}.arrow", bar.advance))
+                if results[-1].problems or results[-1].fatal:
+                    break
+        _raise_first_problems(results)   # inside: a failed preparation gets no closing progress line
 
     records = np.array([result.records for result in results], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(records)[:-1]])
@@ -266,22 +283,33 @@ def build_split(data: DataConfig, sources: list[DataSourceConfig], split: str, t
                       np.repeat(offsets, rows) + joined("record"), records_per_source, dropped, processes)
 
 
-def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path, processes: int):
+def _build_in_processes(pieces, configs, tokenizer, chat_template, folder: Path, processes: int, bar):
     import multiprocessing
 
     # The parent's tokenizer may already have used its own threads; in forked children that can deadlock, and the
     # processes are the parallelism now.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    context = multiprocessing.get_context("fork")
+    done = context.Value("q", 0)
     _FORKED_STATE.update(pieces=pieces, configs=configs, tokenizer=tokenizer, chat_template=chat_template,
-                         folder=folder)
+                         folder=folder, done=done)
     results = []
     # Objects alive now stay out of the collector's reach in the children, so that collecting does not copy every
     # page of the parent's heap into each of them.
     gc.freeze()
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            for result in pool.imap(_build_forked, range(len(pieces))):
+        with context.Pool(processes) as pool:
+            pending = pool.imap(_build_forked, range(len(pieces)))
+            while True:
+                try:   # waiting a second at most, to show what the processes have done meanwhile
+                    result = pending.next(timeout=1.0)
+                except multiprocessing.TimeoutError:
+                    bar.update(completed=done.value)
+                    continue
+                except StopIteration:
+                    break
+                bar.update(completed=done.value)
                 results.append(result)
                 if sum(len(r.problems) for r in results) >= MAX_LISTED_PROBLEMS or result.fatal:
                     break   # leaving the with block stops the other processes

@@ -43,46 +43,51 @@ def with_eval_source(data: DataConfig, source: str) -> DataConfig:
 # ---------------------------------------------------------------------------------------------- conversations
 
 
-def _convert(sources: list[DataSourceConfig], data: DataConfig, split: str, wanted=None, limit: int | None = None
-             ) -> list[Conversation]:
+def _convert(sources: list[DataSourceConfig], data: DataConfig, split: str, wanted=None, limit: int | None = None,
+             console=None) -> list[Conversation]:
     """The conversations of the records whose index over the split is in `wanted` (all when None)."""
     from ftcli.data.build import READ_HINT, split_configs
+    from ftcli.progress import progress
 
     converters = [RecordConverter(config) for config in split_configs(data, sources)]
     conversations, problems, hint = [], [], None
-    for index, (source, record) in enumerate(iter_records(sources, split)):
-        if wanted is not None and index not in wanted:
-            continue
-        try:
-            conversations.append(converters[source](record))
-        except RecordProblem as exc:
-            hint = hint or (READ_HINT if record.problem else converters[source].hint)
-            problems.append(f"{record.origin}: {exc}")
-            if len(problems) >= MAX_LISTED_PROBLEMS:
+    with progress(console, f"reading {split} data (read, validate)", unit="examples") as bar:
+        for index, (source, record) in enumerate(iter_records(sources, split)):
+            bar.advance()
+            if wanted is not None and index not in wanted:
+                continue
+            try:
+                conversations.append(converters[source](record))
+            except RecordProblem as exc:
+                hint = hint or (READ_HINT if record.problem else converters[source].hint)
+                problems.append(f"{record.origin}: {exc}")
+                if len(problems) >= MAX_LISTED_PROBLEMS:
+                    break
+            if limit is not None and len(conversations) >= limit:
                 break
-        if limit is not None and len(conversations) >= limit:
-            break
     raise_problems(problems, hint=hint)
     return conversations
 
 
-def load_conversations(data: DataConfig, split: str = "train", *, seed: int = 42) -> list[Conversation]:
+def load_conversations(data: DataConfig, split: str = "train", *, seed: int = 42, console=None
+                       ) -> list[Conversation]:
     """Read and validate the records of `split` (train | eval; eval honours val_split), held in memory: for eval
-    sets and tests (training prepares through prepare_data). DataError (exit 3) on bad input."""
+    sets and tests (training prepares through prepare_data). DataError (exit 3) on bad input. The records read
+    show on `console` (ftcli.progress)."""
     if split not in ("train", "eval"):
         raise UsageError(f"unknown data split {split!r}; use train or eval")
     if split == "eval" and data.eval is not None:   # the training files are not needed (they may be gone)
-        return _convert(data.sources("eval"), data, "eval")
+        return _convert(data.sources("eval"), data, "eval", console=console)
     if data.val_split is None:
         if split == "eval":
             raise DataError("the recipe has no eval data", hint="set data.eval or data.val_split, or pass --data FILE")
-        return _convert(data.sources("train"), data, "train")
+        return _convert(data.sources("train"), data, "train", console=console)
     sources = data.sources("train")
     total = sum(1 for _ in iter_records(sources, "train"))
     held_out = set(held_out_records(total, data.val_split, seed).tolist())
     if split == "eval":
-        return _convert(sources, data, "train", held_out)
-    return _convert(sources, data, "train", set(range(total)) - held_out)
+        return _convert(sources, data, "train", held_out, console=console)
+    return _convert(sources, data, "train", set(range(total)) - held_out, console=console)
 
 
 def first_conversations(data: DataConfig, count: int) -> list[Conversation]:
@@ -183,7 +188,7 @@ def _check_packing(recipe: Recipe) -> None:
 
 
 def tokenize_conversations(conversations: list[Conversation], recipe: Recipe, tokenizer, chat_template: str | None,
-                           *, packing: bool | None = None, split: str = "train"):
+                           *, packing: bool | None = None, split: str = "train", console=None):
     """(in-memory datasets.Dataset of input_ids + labels [+ seq_lengths when packed], DataReport), with the masks
     of training: for eval sets and samples. Examples with no trained token left after truncation are dropped and
     counted; DataError when none remain or when more than data.max_dropped_fraction are dropped."""
@@ -197,12 +202,16 @@ def tokenize_conversations(conversations: list[Conversation], recipe: Recipe, to
     packing = data.packing if packing is None else packing
     if not conversations:
         raise DataError(f"no {split} examples", hint="check data.train / data.eval")
+    from ftcli.progress import progress
+
     rows: dict[str, list] = {}
-    for start in range(0, len(conversations), TOKENIZE_CHUNK):
-        chunk = conversations[start:start + TOKENIZE_CHUNK]
-        config = data.model_copy(update={"format": "text" if chunk[0].messages is None else "chat"})
-        for name, values in tokenize_rows(chunk, config, tokenizer, chat_template).items():
-            rows.setdefault(name, []).extend(values)
+    with progress(console, f"tokenizing {split} data", total=len(conversations), unit="examples") as bar:
+        for start in range(0, len(conversations), TOKENIZE_CHUNK):
+            chunk = conversations[start:start + TOKENIZE_CHUNK]
+            config = data.model_copy(update={"format": "text" if chunk[0].messages is None else "chat"})
+            for name, values in tokenize_rows(chunk, config, tokenizer, chat_template).items():
+                rows.setdefault(name, []).extend(values)
+            bar.advance(len(chunk))
     trained = rows["trained"]
     report = split_report(rows["length"], trained, rows["mismatches"], data.max_length)
     first_dropped = next((c.origin for c, t in zip(conversations, trained) if not t), None)
@@ -223,42 +232,45 @@ def tokenize_conversations(conversations: list[Conversation], recipe: Recipe, to
 # ---------------------------------------------------------------------------------------------- prepared in Arrow
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
+def prepare_data(recipe: Recipe, tokenizer, console=None) -> PreparedData:
     """Validate, render, tokenize, mask, split, mix and (optionally) pack train and eval data into memory-mapped
     Arrow, cached by content; a cache hit reads no data file (see cache.remembered_sha256). With data.streaming the
-    training data is an iterable dataset read as training goes (ftcli.data.streaming)."""
+    training data is an iterable dataset read as training goes (ftcli.data.streaming). The preparation's progress
+    shows on `console` (ftcli.progress)."""
     _check_packing(recipe)
     template = resolve_chat_template(recipe.data, tokenizer)
     if recipe.objective.kind == "grpo":   # prompts and reference answers, not token sequences
-        return _prepared_prompts(recipe, tokenizer, template)
+        return _prepared_prompts(recipe, tokenizer, template, console)
     if recipe.data.streaming:
         from ftcli.data.streaming import prepare_streaming
 
         def prepare_eval(recipe, tokenizer, template):
-            prepared = _prepared_cached(recipe, tokenizer, template, train=False)
+            prepared = _prepared_cached(recipe, tokenizer, template, train=False, console=console)
             return prepared.eval, prepared.eval_report
 
         return prepare_streaming(recipe, tokenizer, template, prepare_eval)
-    return _prepared_cached(recipe, tokenizer, template)
+    return _prepared_cached(recipe, tokenizer, template, console=console)
 
 
-def _prepared_prompts(recipe: Recipe, tokenizer, template: str | None) -> PreparedData:
+def _prepared_prompts(recipe: Recipe, tokenizer, template: str | None, console=None) -> PreparedData:
     """objective grpo's train (and eval) prompts with their reference answers (ftcli.data.prompts)."""
     from ftcli.data.prompts import prompt_split
 
     data = recipe.data
-    train, train_report = prompt_split(load_conversations(data, "train", seed=recipe.data_seed), recipe, tokenizer,
-                                       template, "train")
+    train, train_report = prompt_split(load_conversations(data, "train", seed=recipe.data_seed, console=console),
+                                       recipe, tokenizer, template, "train")
     train_report.fingerprints = data_fingerprints(data)
     evaluation = eval_report = None
     if data.eval is not None or data.val_split is not None:
-        evaluation, eval_report = prompt_split(load_conversations(data, "eval", seed=recipe.data_seed), recipe,
-                                               tokenizer, template, "eval")
+        evaluation, eval_report = prompt_split(load_conversations(data, "eval", seed=recipe.data_seed,
+                                                                  console=console), recipe, tokenizer, template,
+                                               "eval")
     return PreparedData(train=train, eval=evaluation, chat_template=template, train_report=train_report,
                         eval_report=eval_report)
 
 
-def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: bool = True) -> PreparedData:
+def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: bool = True,
+                     console=None) -> PreparedData:
     from ftcli.atomic import staged_dir
     from ftcli.data import cache as data_cache
 
@@ -278,7 +290,7 @@ def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: 
     # Ranks of a multi-process run may prepare the same entry at once: the first one written is kept.
     with staged_dir(data_cache.entry_dir(key), keep_existing=True) as staging:
         train_data, evaluation, train_report, eval_report = _prepare(recipe, tokenizer, template, seed, staging,
-                                                                     train=train)
+                                                                     train=train, console=console)
         for report in (train_report, eval_report):
             if report is not None:
                 report.fingerprints = fingerprints
@@ -297,7 +309,8 @@ def _prepared_cached(recipe: Recipe, tokenizer, template: str | None, *, train: 
     return PreparedData(*cached)
 
 
-def _prepare(recipe: Recipe, tokenizer, template: str | None, seed: int, staging: Path, *, train: bool = True):
+def _prepare(recipe: Recipe, tokenizer, template: str | None, seed: int, staging: Path, *, train: bool = True,
+             console=None):
     import numpy as np
 
     from ftcli.data.build import build_split
@@ -306,10 +319,10 @@ def _prepare(recipe: Recipe, tokenizer, template: str | None, seed: int, staging
     splits = {}
     if train:
         splits["train"] = build_split(data, data.sources("train"), "train", tokenizer, template,
-                                      staging / "parts" / "train")
+                                      staging / "parts" / "train", console)
     if data.eval is not None:
         splits["eval"] = build_split(data, data.sources("eval"), "eval", tokenizer, template,
-                                     staging / "parts" / "eval")
+                                     staging / "parts" / "eval", console)
     results = {}
     for name, built in splits.items():
         rows = np.arange(built.rows)

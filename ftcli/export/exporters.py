@@ -139,7 +139,7 @@ def export_gguf_lora(run, recipe, target: Path, quant: str, console) -> dict:
     with staged_dir(target) as staging:
         path = staging / f"{run.name}-lora-{quant}.gguf"
         note(console, f"writing the LoRA adapter as {path.name}")
-        record = write_lora_gguf(run.adapter_dir, base_dir, path, quant=quant, name=run.name)
+        record = write_lora_gguf(run.adapter_dir, base_dir, path, quant=quant, name=run.name, console=console)
         base_model = load_model(recipe.model, dtype="float32", trust_remote_code=recipe.model.trust_remote_code)
         record["check"] = check_lora_gguf(path, adapter_dir=run.adapter_dir, base_model=base_model,
                                           base_dir=base_dir, quant=quant, batch=parity_batch(run, recipe))
@@ -175,9 +175,9 @@ def _write_checked_gguf(run, recipe, staging: Path, quant: str, console, *, free
     path = staging / f"{run.name}-{quant}.gguf"
     template = run_chat_template(run)
     note(console, f"writing {path.name}")
-    record = write_gguf(run.merged_dir, path, quant=quant, chat_template=template, name=run.name)
+    record = write_gguf(run.merged_dir, path, quant=quant, chat_template=template, name=run.name, console=console)
     note(console, "reading it back with transformers to compare with the merged model")
-    record["check"] = check_model_gguf(path, run.merged_dir, quant=quant, chat_template=template)
+    record["check"] = check_model_gguf(path, run.merged_dir, quant=quant, chat_template=template, console=console)
     record["merge_dtype"] = merge["dtype"]
     return record
 

@@ -134,28 +134,41 @@ def _merge(run, recipe, *, dtype: str, qlora_base: str | None, console) -> dict:
     from ftcli.models import parity
     from ftcli.models.quiet import quiet_libraries
     from ftcli.models.run_model import load_run_tokenizer, run_chat_template
+    from ftcli.progress import progress
 
     quiet_libraries()
     template = run_chat_template(run)
     tokenizer = load_run_tokenizer(run, recipe, trust_remote_code=recipe.model.trust_remote_code)
     batch = parity.encode(tokenizer, parity.check_texts(template, tokenizer))
-    trained_logits, quantized = _trained_reference(run, recipe, batch, console)
-    merged, adapter_logits, checks = _merge_float32(run, recipe, batch, quantized, trained_logits, qlora_base,
-                                                    console)
+    quantized_reference = recipe.effective_quantization is not None
+    with progress(console, "merging", total=3 + quantized_reference, unit="steps", estimate=False) as bar:
+        if quantized_reference:
+            bar.describe("the model as trained, for the reference logits")
+        trained_logits, quantized = _trained_reference(run, recipe, batch, console)
+        if quantized_reference:
+            bar.advance()
+        bar.describe("merging in float32 and checking the merge")
+        merged, adapter_logits, checks = _merge_float32(run, recipe, batch, quantized, trained_logits, qlora_base,
+                                                        console)
+        bar.advance()
 
-    merged = merged.to(getattr(torch, dtype))
-    record = {"path": str(run.merged_dir), "dtype": dtype, "method": recipe.method.kind,
-              "qlora_base": qlora_base, "check_conversations": len(parity.CHECK_CONVERSATIONS)}
-    with staged_dir(run.merged_dir) as staging:
-        _write_merged(staging, merged, tokenizer, template)
-        del merged  # free the fp32 model before the saved one loads
-        gc.collect()
-        checks["saved"] = _check_saved(staging, recipe, batch, adapter_logits, dtype)
-        record["parity"] = {name: check.as_dict() for name, check in checks.items()}
-        # The headline figures: the merged model against the model as it was trained.
-        headline = "trained_4bit" if "trained_4bit" in checks else "saved"
-        record.update(checks[headline].as_dict(), compared_with=HEADLINE_REFERENCE[headline])
-        atomic_write_text(staging / MODEL_CARD_FILE, model_card(run, record))
+        bar.describe(f"writing {run.merged_dir.name}/ as {dtype}")
+        merged = merged.to(getattr(torch, dtype))
+        record = {"path": str(run.merged_dir), "dtype": dtype, "method": recipe.method.kind,
+                  "qlora_base": qlora_base, "check_conversations": len(parity.CHECK_CONVERSATIONS)}
+        with staged_dir(run.merged_dir) as staging:
+            _write_merged(staging, merged, tokenizer, template)
+            del merged  # free the fp32 model before the saved one loads
+            gc.collect()
+            bar.advance()
+            bar.describe(f"reading {run.merged_dir.name}/ back and checking it")
+            checks["saved"] = _check_saved(staging, recipe, batch, adapter_logits, dtype)
+            bar.advance()
+            record["parity"] = {name: check.as_dict() for name, check in checks.items()}
+            # The headline figures: the merged model against the model as it was trained.
+            headline = "trained_4bit" if "trained_4bit" in checks else "saved"
+            record.update(checks[headline].as_dict(), compared_with=HEADLINE_REFERENCE[headline])
+            atomic_write_text(staging / MODEL_CARD_FILE, model_card(run, record))
     note(console, f"merged into {run.merged_dir}: {checks['saved'].describe()} against base + adapter")
     return record
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ftcli.console import note
 from ftcli.errors import NotAvailableError, QualityGateError, UsageError
+from ftcli.inference.benchmarks import is_benchmark_metric, prepare_benchmarks
 from ftcli.inference.metrics import HIGHER_IS_BETTER
 from ftcli.inference.preference import answer_log_probs, as_chosen_conversations, preference_scores, reference_model
 from ftcli.paths import is_local_path
@@ -21,7 +22,8 @@ SAMPLES_SHOWN = 5          # of which the terminal table shows this many
 
 
 def parse_gates(texts: list[str]) -> dict[str, float]:
-    """METRIC=VALUE strings -> {metric: bar}; UsageError for unknown metrics or bad numbers."""
+    """METRIC=VALUE strings -> {metric: bar}; UsageError for unknown metrics or bad numbers. TASK/METRIC names a
+    benchmark's metric (--tasks), checked once the tasks are loaded."""
     gates: dict[str, float] = {}
     known = ", ".join(HIGHER_IS_BETTER)
     for text in texts:
@@ -29,8 +31,9 @@ def parse_gates(texts: list[str]) -> dict[str, float]:
         metric = metric.strip()
         if not sep:
             raise UsageError(f"--fail-under {text!r} is not METRIC=VALUE", hint=f"e.g. --fail-under f1=0.5 ({known})")
-        if metric not in HIGHER_IS_BETTER:
-            raise UsageError(f"--fail-under: unknown metric {metric!r}", hint=f"known metrics: {known}")
+        if metric not in HIGHER_IS_BETTER and not is_benchmark_metric(metric):
+            raise UsageError(f"--fail-under: unknown metric {metric!r}",
+                             hint=f"known metrics: {known}; TASK/METRIC for a benchmark's (--tasks)")
         try:
             bar = float(raw)
         except ValueError:
@@ -46,21 +49,35 @@ def check_gates(result: dict, gates: dict[str, float] | None, recipe) -> dict | 
     "source"}; None when there are no gates (gates default to the recipe's eval.fail_under).
 
     direction "min": the value must reach the bar (generation metrics); "max": it must not exceed it (loss,
-    perplexity). UsageError for a gate on a metric this eval did not measure."""
+    perplexity); a benchmark metric's as lm-evaluation-harness reports it. UsageError for a gate on a metric this eval
+    did not measure; a recipe gate on a part of eval this call did not run (its held-out data, a task) is skipped."""
     from ftcli.inference.metrics import passes
 
     gates, source = _gates_and_source(gates, recipe)
     if not gates:
         return None
     metrics = result.get("metrics", {})
-    checks = []
+    directions = (result.get("benchmarks") or {}).get("higher_is_better", {})
+    checks, skipped = [], []
     for metric, bar in gates.items():
         value = metrics.get(metric)
+        if value is None and source != "--fail-under" and not _part_ran(metric, result):
+            skipped.append(metric)
+            continue
         if value is None:
-            raise _unmeasured(metric)
-        checks.append({"metric": metric, "value": value, "bar": bar,
-                       "direction": "min" if HIGHER_IS_BETTER[metric] else "max", "passed": passes(metric, value, bar)})
-    return {"passed": all(c["passed"] for c in checks), "checks": checks, "source": source}
+            raise _unmeasured(metric, result)
+        higher = directions.get(metric, HIGHER_IS_BETTER.get(metric, True))
+        checks.append({"metric": metric, "value": value, "bar": bar, "direction": "min" if higher else "max",
+                       "passed": passes(metric, value, bar, higher)})
+    return {"passed": all(c["passed"] for c in checks), "checks": checks, "source": source,
+            **({"skipped": skipped} if skipped else {})}
+
+
+def _part_ran(metric: str, result: dict) -> bool:
+    """Whether the part of eval that measures `metric` ran: its benchmark task, or the held-out data."""
+    if is_benchmark_metric(metric):
+        return any(name.partition("/")[0] == metric.partition("/")[0] for name in result.get("metrics", {}))
+    return result.get("data") is not None
 
 
 def gate_failure(result: dict, run) -> QualityGateError | None:
@@ -83,7 +100,13 @@ def _gates_and_source(gates: dict[str, float] | None, recipe) -> tuple[dict[str,
     return gates, "--fail-under"
 
 
-def _unmeasured(metric: str) -> UsageError:
+def _unmeasured(metric: str, result: dict | None = None) -> UsageError:
+    if is_benchmark_metric(metric):
+        task = metric.partition("/")[0]
+        measured = [name for name in (result or {}).get("metrics", {}) if name.partition("/")[0] == task]
+        return UsageError(f"quality gate on {metric}, which this eval did not measure",
+                          hint=f"{task} measured: {', '.join(measured)}" if measured else
+                          f"name the task {task} with --tasks (or eval.tasks)")
     return UsageError(f"quality gate on {metric}, which this eval did not measure",
                       hint="generation metrics need chat, instruction or prompt_completion data "
                            "and eval.generation: true")
@@ -93,11 +116,14 @@ def _unmeasured(metric: str) -> UsageError:
 
 
 def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_size=None,
-             compare_base=False, gates=None, console=None) -> dict:
+             compare_base=False, gates=None, console=None, benchmark=None, merged=False) -> dict:
     """Evaluate the run (base + adapter from the run dir alone); write eval/<timestamp>.json and eval/latest.json.
 
     `gates` ({metric: bar}, None for the recipe's eval.fail_under) are checked into result["gates"]; raising
-    for a failed gate is the caller's (gate_failure), after it has shown the result."""
+    for a failed gate is the caller's (gate_failure), after it has shown the result.
+    `benchmark` (BenchmarkOptions): lm-evaluation-harness tasks (--tasks, else the recipe's eval.tasks) scored as
+    TASK/METRIC metrics beside the held-out ones; --tasks skips the held-out data unless `data` names some.
+    `merged`: evaluate the run's merged/ model instead of base + adapter."""
     from ftcli.inference.metrics import GENERATION_METRICS
     from ftcli.models.run_model import load_run_model
 
@@ -112,21 +138,37 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         "batch_size": batch_size or recipe.eval.batch_size,
         "max_samples": max_samples or recipe.eval.max_samples,
         "decoding": "greedy",
+        "merged": merged,
     }
-    conversations, source = _eval_conversations(run, recipe, data, settings["max_samples"])
-    note(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
-    loaded = load_run_model(run, action="evaluate")
+    if merged and compare_base:
+        raise UsageError("--compare-base measures the base through base + adapter, which --merged replaces",
+                         hint="drop --merged: merge checked that both compute the same")
+    benchmarks = prepare_benchmarks(recipe, benchmark, gates, settings["batch_size"], console)  # tasks load first
+    held_out = data is not None or benchmarks is None or (   # held-out data: unless --tasks alone asks otherwise
+        (benchmark is None or benchmark.tasks is None)
+        and (recipe.data.eval is not None or recipe.data.val_split is not None))
+    for metric in (gates or {}) if not held_out else ():
+        if not is_benchmark_metric(metric):
+            raise UsageError(f"--fail-under {metric}: a held-out data metric, but --tasks alone scores benchmarks only",
+                             hint="add --data FILE to score held-out data too, or gate TASK/METRIC")
+    conversations, source = (_eval_conversations(run, recipe, data, settings["max_samples"], console) if held_out
+                             else ([], None))
+    if held_out:
+        note(console, f"evaluating run {run.name} on {len(conversations)} examples from {source}")
+    loaded = load_run_model(run, action="evaluate", merged=merged)
     # Preference pairs are scored as the conversations that end with their chosen answers, and ranked.
     pairs = conversations if conversations and conversations[0].answers else None   # preference data
     scored = as_chosen_conversations(pairs) if pairs else conversations
-    tokenized = _tokenize(scored, loaded)
+    tokenized = _tokenize(scored, loaded, console) if held_out else None
     prompts, references = _generation_pairs(scored, loaded)
     # A continued run is measured against the run it started from (its reference in preference and RL tuning)
     parent = _parent_adapter(run, required=bool(pairs))
 
-    note(console, "measuring the run (base + adapter)")
-    metrics, predictions = _measure(loaded, tokenized, prompts, references, settings)
-    ranking = _Ranking(loaded, pairs, recipe, settings["batch_size"]) if pairs else None
+    note(console, f"measuring the run ({'merged' if merged else 'base + adapter'})")
+    metrics, predictions = _measure(loaded, tokenized, prompts, references, settings, console, "run")
+    if benchmarks:
+        metrics.update(benchmarks.measure(loaded, "run"))
+    ranking = _Ranking(loaded, pairs, recipe, settings["batch_size"], console) if pairs else None
     if ranking:
         metrics.update(ranking.scores(ranking.policy(), ranking.reference(parent)))
     base_metrics = base_predictions = None
@@ -134,7 +176,10 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         compared = f"the run it started from ({parent})" if parent else "the base model (adapter disabled)"
         note(console, f"measuring {compared}")
         with reference_model(loaded, parent) if parent else loaded.base_only():
-            base_metrics, base_predictions = _measure(loaded, tokenized, prompts, references, settings)
+            base_metrics, base_predictions = _measure(loaded, tokenized, prompts, references, settings, console,
+                                                      "parent" if parent else "base")
+            if benchmarks:
+                base_metrics.update(benchmarks.measure(loaded, "base"))
         if ranking and parent:   # the parent ranked against its own reference, the base
             base_metrics.update(ranking.scores(ranking.reference(parent), ranking.reference(None)))
 
@@ -144,7 +189,7 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         "method": recipe.method.kind,
         "base_model": {k: loaded.base_model.get(k) for k in ("reference", "fingerprint")},
         "data": {"source": source, "examples": len(conversations), "scored_tokens": tokenized["tokens"],
-                 "generation_examples": len(prompts)},
+                 "generation_examples": len(prompts)} if held_out else None,   # None: benchmarks only
         "settings": settings,
         "metrics": metrics,
         "base_metrics": base_metrics,
@@ -152,13 +197,14 @@ def run_eval(run, *, data=None, max_samples=None, max_new_tokens=None, batch_siz
         "compared_with": None if base_metrics is None else ("parent" if parent else "base"),
         "delta": _delta(metrics, base_metrics) if base_metrics else None,
         "samples": _samples(prompts, references, predictions, base_predictions),
+        "benchmarks": benchmarks.document() if benchmarks else None,
     }
     result["gates"] = check_gates(result, gates, recipe)
     _save(run, result)
     return result
 
 
-def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None):
+def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None, console=None):
     """The conversations to score and a description of where they came from (fails before any model loads)."""
     from ftcli.data.pipeline import load_conversations, with_eval_source
 
@@ -179,7 +225,7 @@ def _eval_conversations(run, recipe, data: Path | None, max_samples: int | None)
         raise UsageError(f"run {run.name!r} has no eval data: its recipe has neither data.eval nor data.val_split",
                          hint=f"pass the data to evaluate on: ftcli eval {run.name} --data FILE "
                               f"(format {recipe.data.format}, as in training)")
-    conversations = load_conversations(data_config, "eval", seed=recipe.training.seed)
+    conversations = load_conversations(data_config, "eval", seed=recipe.training.seed, console=console)
     return conversations[:max_samples] if max_samples else conversations, source
 
 
@@ -202,34 +248,35 @@ def _parent_adapter(run, *, required: bool) -> Path | None:
 class _Ranking:
     """Log-probabilities of each example's answers, under the run and under a reference, cached per reference."""
 
-    def __init__(self, loaded, pairs, recipe, batch_size: int):
+    def __init__(self, loaded, pairs, recipe, batch_size: int, console=None):
         from ftcli.data.tokenize import tokenize_preference_chunk
 
-        self.loaded, self.batch_size = loaded, batch_size
+        self.loaded, self.batch_size, self.console = loaded, batch_size, console
         self.beta = getattr(recipe.objective, "beta", 0.1)
         self.examples, _ = tokenize_preference_chunk(pairs, recipe.data, loaded.tokenizer, loaded.chat_template)
         self.desirable = [None if len(p.answers) == 2 else p.chosen is not None for p in pairs]
         self._references: dict = {}
 
     def policy(self):
-        return answer_log_probs(self.loaded, self.examples, self.batch_size)
+        return answer_log_probs(self.loaded, self.examples, self.batch_size, self.console, "run")
 
     def reference(self, parent):
         if parent not in self._references:
             with reference_model(self.loaded, parent):
-                self._references[parent] = answer_log_probs(self.loaded, self.examples, self.batch_size)
+                self._references[parent] = answer_log_probs(self.loaded, self.examples, self.batch_size, self.console,
+                                                            "parent" if parent else "base")
         return self._references[parent]
 
     def scores(self, policy, reference) -> dict[str, float]:
         return preference_scores(policy, reference, self.desirable, self.beta)
 
 
-def _tokenize(conversations, loaded) -> dict[str, Any]:
+def _tokenize(conversations, loaded, console=None) -> dict[str, Any]:
     """Eval examples with the training masks (labels -100 outside the completions), unpacked."""
     from ftcli.data.pipeline import tokenize_conversations
 
     dataset, report = tokenize_conversations(conversations, loaded.recipe, loaded.tokenizer, loaded.chat_template,
-                                             packing=False, split="eval")
+                                             packing=False, split="eval", console=console)
     return {"features": [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset],
             "tokens": report.trained_tokens}
 
@@ -249,31 +296,48 @@ def _generates(recipe) -> bool:
     return recipe.eval.generation and recipe.data.format != "text"
 
 
-def _measure(loaded, tokenized, prompts, references, settings) -> tuple[dict[str, float], list[str]]:
-    from ftcli.inference.decoding import DecodingSettings, generate_texts
+def _measure(loaded, tokenized, prompts, references, settings, console=None, label: str = "run"
+             ) -> tuple[dict[str, float], list[str]]:
     from ftcli.inference.metrics import generation_scores, perplexity
 
-    loss = completion_loss(loaded, tokenized["features"], settings["batch_size"])
+    if tokenized is None:    # no held-out data: benchmarks only
+        return {}, []
+    loss = completion_loss(loaded, tokenized["features"], settings["batch_size"], console, label)
     metrics = {"loss": loss, "perplexity": perplexity(loss)}
-    predictions = generate_texts(loaded, prompts, DecodingSettings(max_new_tokens=settings["max_new_tokens"]),
-                                 batch_size=settings["batch_size"]) if prompts else []
+    predictions = _generate(loaded, prompts, settings, console, label) if prompts else []
     metrics.update(generation_scores(predictions, references))
     return metrics, predictions
 
 
-def completion_loss(loaded, features: list[dict], batch_size: int) -> float:
+def _generate(loaded, prompts: list[str], settings, console, label: str) -> list[str]:
+    """Greedy answers to the prompts, a batch at a time as generate_texts batches them, showing the progress."""
+    from ftcli.inference.decoding import DecodingSettings, generate_texts
+    from ftcli.progress import progress
+
+    decoding, size = DecodingSettings(max_new_tokens=settings["max_new_tokens"]), settings["batch_size"]
+    predictions: list[str] = []
+    with progress(console, f"generating answers ({label})", total=len(prompts), unit="examples") as bar:
+        for start in range(0, len(prompts), size):
+            predictions += generate_texts(loaded, prompts[start:start + size], decoding, batch_size=size)
+            bar.update(completed=len(predictions))
+    return predictions
+
+
+def completion_loss(loaded, features: list[dict], batch_size: int, console=None, label: str = "run") -> float:
     """Mean negative log-likelihood per scored token (labels != -100), over all examples: token-weighted. Scored as
     training scores its loss, by TRL's fused LM head over the labelled positions only (ftcli/models/fused_head.py)."""
     import torch
 
     from ftcli.data.pipeline import IGNORE_INDEX, make_collator
     from ftcli.models.fused_head import with_fused_head
+    from ftcli.progress import progress
 
     model = with_fused_head(loaded.model)
     collate = make_collator(loaded.recipe.model_copy(update={"data": loaded.recipe.data.model_copy(
         update={"packing": False})}), loaded.tokenizer)
     total, count = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(console, f"scoring the loss ({label})", total=len(features),
+                                          unit="examples") as bar:
         for start in range(0, len(features), batch_size):
             batch = collate(features[start:start + batch_size])
             labels = batch["labels"].to(loaded.device)
@@ -282,6 +346,7 @@ def completion_loss(loaded, features: list[dict], batch_size: int) -> float:
                            attention_mask=batch["attention_mask"].to(loaded.device), fused_lm_head=True)
             total -= float(scored.log_probs.double().sum())
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            bar.advance(len(batch["input_ids"]))
     return total / count if count else math.nan
 
 
@@ -309,7 +374,9 @@ def _save(run, result: dict) -> None:
     result["path"] = str(path)
     atomic_write_json(path, result)
     atomic_write_json(run.eval_latest_path, result)
-    run.update(eval={"evaluated_at": result["evaluated_at"], "path": str(path), "data": result["data"]["source"],
+    run.update(eval={"evaluated_at": result["evaluated_at"], "path": str(path),
+                     "data": (result["data"] or {}).get("source"),
+                     "tasks": (result.get("benchmarks") or {}).get("tasks"),
                      "metrics": result["metrics"], "base_metrics": result["base_metrics"]})
 
 
@@ -320,8 +387,10 @@ def render_eval(result: dict, console) -> None:
     from rich.table import Table
 
     base = result.get("base_metrics")
-    table = Table(title=f"eval of run {result['run']} on {result['data']['examples']} examples "
-                        f"({result['data']['source']})")
+    benchmarks = result.get("benchmarks") or {}
+    parts = [f"{result['data']['examples']} examples ({result['data']['source']})"] if result.get("data") else []
+    parts += [f"benchmarks {', '.join(benchmarks['tasks'])}"] if benchmarks else []
+    table = Table(title=f"eval of run {result['run']} on {' and '.join(parts)}")
     table.add_column("metric")
     table.add_column("run", justify="right")
     if base:
@@ -329,10 +398,11 @@ def render_eval(result: dict, console) -> None:
         table.add_column(compared, justify="right")
         table.add_column(f"Δ (run - {compared})", justify="right")
     for name, value in result["metrics"].items():
-        arrow = "↑" if HIGHER_IS_BETTER.get(name, True) else "↓"
-        row = [f"{name} {arrow}", _fmt(value)]
+        higher = benchmarks.get("higher_is_better", {}).get(name, HIGHER_IS_BETTER.get(name, True))
+        errors = [benchmarks.get(model, {}).get("stderr", {}).get(name) for model in ("run", "base")]  # ± shown
+        row = [f"{name} {'↑' if higher else '↓'}", _fmt(value, stderr=errors[0])]
         if base:
-            row += [_fmt(base.get(name)), _fmt(result["delta"].get(name), signed=True)]
+            row += [_fmt(base.get(name), stderr=errors[1]), _fmt(result["delta"].get(name), signed=True)]
         table.add_row(*row)
     console.print(table)
     samples = result.get("samples") or []
@@ -347,10 +417,10 @@ def render_eval(result: dict, console) -> None:
     note(console, f"saved: {result.get('path')}")
 
 
-def _fmt(value: float | None, *, signed: bool = False) -> str:
+def _fmt(value: float | None, *, signed: bool = False, stderr: float | None = None) -> str:
     if value is None:
         return "-"
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
+    return (f"{value:+.4f}" if signed else f"{value:.4f}") + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
 def _clip(text: str, limit: int = 200) -> str:

@@ -46,8 +46,9 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def passes(metric: str, value: float, bar: float) -> bool:
-    """Whether value meets the bar: at least the bar for higher-is-better metrics, at most it for loss/perplexity."""
+def passes(metric: str, value: float, bar: float, higher: bool | None = None) -> bool:
+    """Whether value meets the bar: at least the bar for higher-is-better metrics, at most it for loss/perplexity.
+    `higher` gives the direction of a metric not listed here (a benchmark's, as lm-evaluation-harness reports it)."""
     if math.isnan(value):
         return False
-    return value >= bar if HIGHER_IS_BETTER[metric] else value <= bar
+    return value >= bar if (HIGHER_IS_BETTER[metric] if higher is None else higher) else value <= bar

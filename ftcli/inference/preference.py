@@ -37,33 +37,37 @@ def reference_model(loaded, parent_adapter) -> Iterator[None]:
         model.set_adapter(active)
 
 
-def answer_log_probs(loaded, examples, batch_size: int) -> list[list[float]]:
+def answer_log_probs(loaded, examples, batch_size: int, console=None, label: str = "run") -> list[list[float]]:
     """Per example (PreferenceExample), the summed log-probabilities of each answer's tokens under loaded.model as it
-    is now."""
+    is now; the progress shows on `console`."""
     import torch
+
+    from ftcli.progress import progress
 
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     answers = [(index, example.prompt_ids, answer) for index, example in enumerate(examples)
                for answer in example.answer_ids]
     sums: list[list[float]] = [[] for _ in examples]
-    for start in range(0, len(answers), batch_size):
-        batch = answers[start:start + batch_size]
-        sequences = [prompt + answer for _, prompt, answer in batch]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, :len(sequence)] = torch.tensor(sequence)
-            attention[row, :len(sequence)] = 1
-        with torch.inference_mode():
-            logits = loaded.model(input_ids=input_ids.to(loaded.device),
-                                  attention_mask=attention.to(loaded.device)).logits.float()
-        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
-            -1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
-        for row, (index, prompt, _) in enumerate(batch):
-            first = len(prompt) - 1                    # the position that predicts the answer's first token
-            last = len(sequences[row]) - 1
-            sums[index].append(float(token_logps[row, first:last].double().sum()))
+    with progress(console, f"scoring the answers ({label})", total=len(answers), unit="answers") as bar:
+        for start in range(0, len(answers), batch_size):
+            batch = answers[start:start + batch_size]
+            sequences = [prompt + answer for _, prompt, answer in batch]
+            width = max(len(s) for s in sequences)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, sequence in enumerate(sequences):
+                input_ids[row, :len(sequence)] = torch.tensor(sequence)
+                attention[row, :len(sequence)] = 1
+            with torch.inference_mode():
+                logits = loaded.model(input_ids=input_ids.to(loaded.device),
+                                      attention_mask=attention.to(loaded.device)).logits.float()
+            token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+                -1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
+            for row, (index, prompt, _) in enumerate(batch):
+                first = len(prompt) - 1                    # the position that predicts the answer's first token
+                last = len(sequences[row]) - 1
+                sums[index].append(float(token_logps[row, first:last].double().sum()))
+            bar.advance(len(batch))
     return sums
 
 

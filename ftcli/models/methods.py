@@ -28,7 +28,8 @@ METHOD_TRAITS: dict[str, MethodTraits] = {
     "prompt": MethodTraits(mergeable=False, quantized_base=False, gguf_lora=False, virtual_tokens=True),
 }
 
-LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# loftq starts from PEFT's default and is fitted once the quantized base is wrapped (ftcli/models/loftq.py).
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
 LORA_KINDS = ("lora", "qlora", "dora")
 
 
@@ -46,8 +47,9 @@ def unmatched_entries(requested: Iterable[str], module_names: Sequence[str]) -> 
 
 
 def check_module_entries(key: str, requested: Iterable[str] | None, module_names: Sequence[str],
-                         linear_names: Sequence[str]) -> None:
-    """UsageError (exit 2) naming the recipe key, the missing entries and the model's linear module names."""
+                         linear_names: Sequence[str], *, listed: str = "linear modules") -> None:
+    """UsageError (exit 2) naming the recipe key, the missing entries and the model's linear module names (or the
+    other names given as `linear_names`, described by `listed`)."""
     if requested is None or isinstance(requested, str):
         return
     missing = unmatched_entries(requested, module_names)
@@ -57,9 +59,25 @@ def check_module_entries(key: str, requested: Iterable[str] | None, module_names
     hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
     raise UsageError(
         f"{key}: {', '.join(repr(m) for m in missing)} match{'es' if len(missing) == 1 else ''} no module of the "
-        f"model; its linear modules are: {', '.join(linear_names)}",
-        hint=hint + "use names from that list, or target_modules: all-linear",
+        f"model; its {listed} are: {', '.join(linear_names)}",
+        hint=hint + ("use names from that list, or target_modules: all-linear" if listed == "linear modules"
+                     else "use names from that list"),
     )
+
+
+def weighted_module_names(model) -> list[str]:
+    """Sorted unique leaf names of the modules that hold parameters of their own (embed_tokens, q_proj, norm,
+    lm_head, ...): what training.lr_multipliers may name."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name and next(module.parameters(recurse=False), None) is not None})
+
+
+def check_lr_multiplier_names(multipliers, model) -> None:
+    """UsageError (exit 2) for a training.lr_multipliers name that matches no module of the (unwrapped) model, listing
+    the model's modules with weights."""
+    check_module_entries("training.lr_multipliers", list(multipliers) or None,
+                         [name for name, _ in model.named_modules() if name], weighted_module_names(model),
+                         listed="modules with weights")
 
 
 def require_subset(key: str, subset: Sequence[str], superset: Sequence[str], superset_key: str) -> None:
@@ -206,9 +224,12 @@ def gradient_checkpointing_enabled(setting, device: str) -> bool:
     return bool(setting)
 
 
-def apply_method(model, recipe, tokenizer=None, *, starting_adapter: Path | None = None):
+def apply_method(model, recipe, tokenizer=None, *, starting_adapter: Path | None = None,
+                 weights_dir: Path | None = None, init_facts: dict | None = None):
     """Wrap the loaded base model in a PeftModel for the recipe's method (kbit preparation for qlora), a new adapter
-    or, with `starting_adapter`, that adapter's weights trained on; returns (peft_model, {"trainable", "total"})."""
+    or, with `starting_adapter`, that adapter's weights trained on; returns (peft_model, {"trainable", "total"}).
+    init: loftq fits the new adapter to the full-precision weights in `weights_dir` (default: the model's folder)
+    and puts what it measured in `init_facts`."""
     from ftcli.models.quiet import quiet_libraries
 
     quiet_libraries()
@@ -217,6 +238,7 @@ def apply_method(model, recipe, tokenizer=None, *, starting_adapter: Path | None
     method = recipe.method
     traits = METHOD_TRAITS[method.kind]
     config = peft_config_for(method, model, tokenizer)
+    check_lr_multiplier_names(recipe.training.lr_multipliers, model)
     with warnings.catch_warnings():
         # peft 0.21 calls transformers helpers renamed in 5.x (is_/enable gradient checkpointing); harmless.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
@@ -231,5 +253,11 @@ def apply_method(model, recipe, tokenizer=None, *, starting_adapter: Path | None
             peft_model = PeftModel.from_pretrained(model, str(starting_adapter), is_trainable=True)
         else:
             peft_model = get_peft_model(model, config)
+            if getattr(method, "init", None) == "loftq":
+                from ftcli.models.loftq import fit_loftq
+
+                facts = fit_loftq(peft_model, Path(weights_dir or model.name_or_path))
+                if init_facts is not None:
+                    init_facts.update(facts)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return peft_model, {"trainable": int(trainable), "total": int(total)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 
 
@@ -20,6 +21,11 @@ def quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    # transformers prints "[INFO] Running in WANDB offline mode" on stdout when its integrations module is first
+    # imported under WANDB_MODE=offline; stdout may carry --json, so that import happens here, onto stderr.
+    if os.environ.get("WANDB_MODE") == "offline" and "transformers.integrations.integration_utils" not in sys.modules:
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(sys.stderr):
+            import transformers.integrations.integration_utils  # noqa: F401
     # bitsandbytes cannot fetch an optional CPU kernel offline and says so at import; its fallback works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "kernels-community" not in record.getMessage()

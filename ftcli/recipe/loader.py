@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from ftcli.errors import RecipeError
 from ftcli.paths import is_local_path
 from ftcli.recipe.schema import (
+    LORA_ONLY_KNOBS,
     DataConfig,
     DataSourceConfig,
     DoraMethod,
@@ -50,7 +51,7 @@ METHOD_CLASSES: dict[str, type[BaseModel]] = {
 }
 # Values that name files: a relative path means "relative to the recipe file that wrote it".
 PATH_KEYS = {("model", "path"), ("model", "adapter"), ("data", "train"), ("data", "eval"),
-             ("data", "chat_template_file")}
+             ("data", "chat_template_file"), ("eval", "tasks")}   # eval.tasks: task YAML files among task names
 
 
 @dataclass
@@ -382,6 +383,10 @@ def describe_validation_errors(exc: ValidationError, data: dict, locations: dict
                 options.append("extends")
             hint = _suggest(str(path[-1]), options)
             allowed = f" (allowed: {', '.join(o for o in options if o != 'kind')})" if options and not hint else ""
+            if path[:1] == ("method",) and len(path) == 2 and path[1] in LORA_ONLY_KNOBS:
+                kind = data["method"].get("kind")
+                hint, allowed = f": {LORA_ONLY_KNOBS[path[1]]}, and method {kind} trains none", \
+                    " (use method.kind lora, qlora or dora)"
             problems.append(f"{where}: {key}: unknown key{hint}{allowed}")
         elif kind == "missing":
             problems.append(f"{where}: {key}: required key is missing")

@@ -8,7 +8,7 @@ from ftcli.recipe.schema import Recipe, flatten_keys
 RESUMABLE_CHANGES = (
     "name", "training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
     "training.logging_steps", "training.eval_steps", "training.report_to", "training.early_stopping_patience",
-    "data.num_proc", "eval.", "export.",
+    "training.torch_compile", "data.num_proc", "eval.", "export.",
 )
 
 

@@ -126,10 +126,32 @@ class LoraFields(Section):
     """Module names to adapt (each must exist in the model), or all-linear."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
-    """Initialisation of the LoRA weights."""
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """Initialisation of the LoRA weights; loftq (qlora, 4-bit) fits the adapter to what quantization lost."""
+    loftq_iter: int = Field(1, ge=1)
+    """LoftQ's quantize-and-fit rounds: 1, the base staying the 4-bit weights every later command loads."""
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the B matrices learn at this multiple of training.lr (the paper: 16); null trains A and B alike."""
+    loraplus_lr_embedding: float | None = Field(None, gt=0)
+    """LoRA+: learning rate of LoRA adapters on embedding layers (default PEFT's 1e-6); needs loraplus_lr_ratio."""
     modules_to_save: list[str] = []
     """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+
+    @model_validator(mode="after")
+    def _knobs_fit_the_method(self) -> LoraFields:
+        if self.init == "loftq" and self.kind != "qlora":
+            raise conflict("init", f"init: loftq fits the adapter to the error of a 4-bit quantized base: it needs "
+                                   f"method.kind qlora (this method is {self.kind}, with no quantization)")
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise conflict("loftq_iter", "method.loftq_iter applies only to init: loftq")
+        if self.loftq_iter > 1:
+            raise conflict("loftq_iter", "more than one LoftQ round would re-quantize the base weights, and eval, "
+                                         "merge and export load the base as quantized from the original weights; "
+                                         "ftcli keeps that base, where one round is already the best rank-r fit")
+        if self.loraplus_lr_embedding is not None and self.loraplus_lr_ratio is None:
+            raise conflict("loraplus_lr_embedding", "method.loraplus_lr_embedding is a LoRA+ setting: set "
+                                                    "method.loraplus_lr_ratio too")
+        return self
 
 
 class LoraMethod(LoraFields):
@@ -151,6 +173,16 @@ class QloraMethod(LoraFields):
 
     kind: Literal["qlora"]
     """The PEFT method."""
+
+
+# LoRA settings, and why they mean nothing to the methods that train no LoRA matrices (the loader says so when a
+# recipe gives one to such a method).
+LORA_ONLY_KNOBS = {
+    "init": "it sets how LoRA matrices start",
+    "loftq_iter": "LoftQ fits LoRA matrices to a 4-bit quantized base",
+    "loraplus_lr_ratio": "LoRA+ sets the learning rate of LoRA's B matrices",
+    "loraplus_lr_embedding": "LoRA+ sets the learning rate of LoRA's B matrices",
+}
 
 
 class PrefixMethod(Section):
@@ -669,6 +701,12 @@ OBJECTIVE_FORMATS = {
 PREFERENCE_OBJECTIVES = tuple(OBJECTIVE_FORMATS)
 REFERENCE_OBJECTIVES = ("dpo", "kto")   # a reference model: the starting policy
 PREFERENCE_METHODS = ("lora", "qlora", "dora")   # the reference pass needs an adapter that can be copied or disabled
+# Objectives NEFTune's noise would corrupt, and why (transformers adds it to every forward in training mode).
+NOISELESS_OBJECTIVES = {
+    "dpo": "its reference pass runs through the training model, so the reference would be noised too",
+    "kto": "its reference pass runs through the training model, so the reference would be noised too",
+    "grpo": "it samples its completions from the training model, so the samples would be noised too",
+}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -694,7 +732,11 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Warmup as a fraction of all steps."""
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
+    """AdamW weight decay (biases and norm weights take none)."""
+    lr_multipliers: dict[str, Annotated[float, Field(gt=0)]] = {}
+    """Learning rate of the trainable parameters under these modules, as a multiple of lr: {embed_tokens: 0.1}."""
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    """NEFTune: uniform noise of this scale on the input embeddings in training forwards only (the paper: 5 to 15)."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping norm (0 disables)."""
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = "adamw_torch"
@@ -707,6 +749,8 @@ class TrainingConfig(Section):
     """Recompute activations to save memory: auto turns it on for GPUs."""
     group_by_length: bool = False
     """Batch similar lengths together (faster; but where length follows the kind of example, worse in short runs)."""
+    torch_compile: bool = False
+    """torch.compile the model (inductor): opt-in; on the CPU its compile time did not pay back (README)."""
     logging_steps: int = Field(1, gt=0)
     """Log metrics every N steps."""
     eval_steps: int | None = Field(None, gt=0)
@@ -724,6 +768,13 @@ class TrainingConfig(Section):
     distributed: Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
     """Multi-process strategy when launched with --nproc or accelerate."""
 
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _named_multipliers(cls, multipliers: dict[str, float]) -> dict[str, float]:
+        if any(not name for name in multipliers):
+            raise ValueError("a module name must not be empty")
+        return multipliers
+
     @model_validator(mode="after")
     def _exclusive(self) -> TrainingConfig:
         if self.max_steps is not None and self.epochs is not None:
@@ -740,6 +791,27 @@ class TrainingConfig(Section):
 METRIC_NAMES = ("loss", "perplexity", "exact_match", "exact_match_norm", "contains", "f1")
 
 
+EVAL_GATE_METRICS = ("loss", "perplexity", "exact_match", "exact_match_norm", "contains", "f1")
+
+
+def _gate_metric(value: str) -> str:
+    """A held-out metric, or a benchmark's as ftcli eval names it: TASK/METRIC (lm-evaluation-harness's task and its
+    metric[,filter])."""
+    if value in EVAL_GATE_METRICS or re.fullmatch(r"[^/\s]+/\S+", value):
+        return value
+    import difflib
+
+    close = difflib.get_close_matches(value, EVAL_GATE_METRICS, n=1)
+    raise ValueError(f"must be one of {', '.join(EVAL_GATE_METRICS)}, or TASK/METRIC for a benchmark of eval.tasks"
+                     + (f"; did you mean {close[0]!r}?" if close else "") + f" (got {value!r})")
+
+
+def _one_task(value: str) -> str:
+    if "," in value:
+        raise ValueError(f"one task per list item (got {value!r})")
+    return value
+
+
 class EvalConfig(Section):
     """Defaults for `ftcli eval`."""
 
@@ -751,8 +823,10 @@ class EvalConfig(Section):
     """Examples per forward or generate batch."""
     generation: bool = True
     """Compute generation metrics (exact match, contains, f1) besides loss."""
-    fail_under: dict[Literal["loss", "perplexity", "exact_match", "exact_match_norm", "contains", "f1"], float] = {}
-    """Quality gates: fail (exit 6) when a metric is below its bar."""
+    fail_under: dict[Annotated[str, AfterValidator(_gate_metric)], float] = {}
+    """Quality gates (exit 6): a metric below its bar (loss, perplexity: above); TASK/METRIC for eval.tasks' metrics."""
+    tasks: list[Annotated[str, Field(min_length=1), AfterValidator(_one_task)]] = []
+    """lm-evaluation-harness benchmarks ftcli eval also scores: registry task names or task YAML files."""
 
 
 class ExportConfig(Section):
@@ -858,6 +932,22 @@ class Recipe(Section):
         for key in ("packing", "streaming"):
             if getattr(self.data, key):
                 raise conflict(f"data.{key}", f"objective grpo reads its prompts whole; data.{key} does not apply")
+
+    @model_validator(mode="after")
+    def _knobs_fit_method_and_objective(self) -> Recipe:
+        method, kind = self.method, self.objective.kind
+        if getattr(method, "init", None) == "loftq":
+            quantization = self.effective_quantization
+            if quantization is not None and quantization.bits != 4:
+                raise conflict("method.init", f"init: loftq fits the adapter to a 4-bit base; quantization.bits is "
+                                              f"{quantization.bits}")
+            if self.model.adapter is not None:
+                raise conflict("method.init", "init: loftq initialises a new adapter; model.adapter starts from one "
+                                              "already trained")
+        if self.training.neftune_noise_alpha is not None and kind in NOISELESS_OBJECTIVES:
+            raise conflict("training.neftune_noise_alpha", f"NEFTune does not apply to objective {kind}: "
+                                                           f"{NOISELESS_OBJECTIVES[kind]}")
+        return self
 
     @model_validator(mode="after")
     def _streaming_needs_max_steps(self) -> Recipe:

@@ -69,6 +69,7 @@ def run_details(run) -> dict:
         "run": info,
         "recipe": recipe,
         "recipe_error": recipe_error,
+        "tracking": info.get("tracking") or {},   # where training.report_to's trackers wrote
         "artifacts": {
             "adapter": str(run.adapter_dir) if run.has_adapter() else None,
             "merged": str(run.merged_dir) if run.has_merged_model() else None,
@@ -171,12 +172,25 @@ def render_run(details: dict, console) -> None:
     rows += [(f"export {name}", path) for name, path in details["artifacts"]["exports"].items()]
     if details.get("eval"):
         rows += [(f"eval {name}", value) for name, value in (details["eval"]["metrics"] or {}).items()]
+    rows += _tracking_rows(details.get("tracking") or {})
     for key, value in rows:
         if value is not None:
             table.add_row(key, _cell(value))
     console.print(table)
     if details.get("recipe_error"):
         console.print(f"recipe: {details['recipe_error']}", markup=False)
+
+
+def _tracking_rows(tracking: dict) -> list[tuple[str, Any]]:
+    """Per tracker, where it wrote (and its run id), and the command that shows it."""
+    rows: list[tuple[str, Any]] = []
+    for tracker, where in tracking.items():
+        target = where.get("run_dir") or where.get("logdir") or where.get("tracking_uri") or where.get("dir")
+        if where.get("run_id"):
+            target = f"{target} (run {where['run_id']})"
+        rows.append((f"tracking {tracker}", target))
+        rows.append((f"view {tracker}", where.get("view")))
+    return rows
 
 
 def render_comparison(comparison: dict, console) -> None:

@@ -39,6 +39,12 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 MODEL_CONFIG_FILE = "config.json"                  # transformers' name in a model folder (merged/, a base)
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights that unpickle, and so may run code
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
+TRACKING_DIR = "tracking"              # tracking/: what training.report_to's trackers wrote, unless the env moved them
+TENSORBOARD_DIR = "tensorboard"        # tracking/tensorboard/: TensorBoard event files
+MLFLOW_DIR = "mlflow"                  # tracking/mlflow/: an MLflow store (MLFLOW_DB_FILE) and its artifacts
+MLFLOW_DB_FILE = "mlflow.db"
+MLFLOW_ARTIFACTS_DIR = "artifacts"
+WANDB_DIR = "wandb"                    # tracking/wandb/: W&B's own folder name under the dir it is given
 EXPORT_RECORD_FILE = "ftcli-export.json"  # inside every export folder: what it holds; marks it replaceable
 FILE_STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # eval/<stamp>.json: sorts by time, unique to the microsecond, no ':'
 
@@ -118,6 +124,12 @@ class RunDir:
     chat_template_path = property(lambda self: self.adapter_dir / CHAT_TEMPLATE_FILE)
     lock_path = property(lambda self: self.path / LOCK_FILE)
     run_json_lock_path = property(lambda self: self.path / RUN_JSON_LOCK_FILE)
+    tracking_dir = property(lambda self: self.path / TRACKING_DIR)
+    tensorboard_dir = property(lambda self: self.tracking_dir / TENSORBOARD_DIR)
+    mlflow_dir = property(lambda self: self.tracking_dir / MLFLOW_DIR)
+    mlflow_db_path = property(lambda self: self.mlflow_dir / MLFLOW_DB_FILE)
+    mlflow_artifacts_dir = property(lambda self: self.mlflow_dir / MLFLOW_ARTIFACTS_DIR)
+    wandb_dir = property(lambda self: self.tracking_dir / WANDB_DIR)   # W&B writes here when given tracking_dir
 
     def eval_result_path(self, stamp: str) -> Path:
         return self.eval_dir / f"{stamp}.json"
@@ -331,7 +343,7 @@ class RunDir:
 def _is_layout_name(name: str) -> bool:
     """True for the names ftcli itself writes in a run folder (a run left half-initialised holds only these)."""
     layout = {RECIPE_FILE, RUN_JSON_FILE, METRICS_FILE, LOSS_PLOT_FILE, LOCK_FILE, RUN_JSON_LOCK_FILE, ADAPTER_DIR,
-              CHECKPOINTS_DIR, EVAL_DIR, MERGED_DIR, EXPORT_DIR}
+              CHECKPOINTS_DIR, EVAL_DIR, MERGED_DIR, EXPORT_DIR, TRACKING_DIR}
     return name in layout or name.startswith(STAGING_PREFIX)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ftcli.training.knobs import knob_rows, knob_summary
 from ftcli.training.memory_estimate import estimate_peak_memory, largest_sum
 
 __all__ = ["run_preflight", "render_preflight", "estimate_peak_memory"]
@@ -15,8 +16,9 @@ def _load_tokenizer(recipe, trust_remote_code: bool):
     return load_tokenizer(recipe.model, trust_remote_code=trust_remote_code)
 
 
-def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
-    """Load tokenizer and data, never a run dir; return the report (JSON-serialisable)."""
+def run_preflight(recipe, *, trust_remote_code: bool = False, console=None) -> dict:
+    """Load tokenizer and data, never a run dir; return the report (JSON-serialisable). The data preparation's
+    progress shows on `console` (stderr)."""
     from ftcli.data.pipeline import first_conversations, prepare_data
     from ftcli.models import load as models
 
@@ -25,7 +27,7 @@ def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
     tokenizer = _load_tokenizer(recipe, trust_remote_code)
     resolved = models.resolve_model(recipe.model, trust_remote_code=trust_remote_code)
     device = models.resolve_device(recipe.model.device)
-    prepared = prepare_data(recipe, tokenizer)
+    prepared = prepare_data(recipe, tokenizer, console=console)
     train = prepared.train_report
     samples = _samples(conversations, recipe, tokenizer, prepared.chat_template)
     model_config = _model_config(resolved.local_dir, trust_remote_code)
@@ -57,6 +59,7 @@ def run_preflight(recipe, *, trust_remote_code: bool = False) -> dict:
         "samples": samples,
         "parameters": parameters,
         "memory": memory,
+        "knobs": knob_summary(recipe),   # ftcli/training/knobs.py
         "warnings": _warnings(recipe, tokenizer, prepared),
     }
 
@@ -84,8 +87,10 @@ def count_parameters(recipe, model_config, tokenizer=None) -> dict:
     from ftcli.atomic import atomic_write_json
     from ftcli.paths import cache_dir
 
+    multipliers = dict(recipe.training.lr_multipliers)   # checked against the model too (in the key when given)
     key = hashlib.sha256(json.dumps([model_config.to_json_string(use_diff=False), recipe.method.model_dump(mode="json"),
-                                     len(tokenizer) if tokenizer is not None else None]).encode()).hexdigest()[:32]
+                                     len(tokenizer) if tokenizer is not None else None,
+                                     *([multipliers] if multipliers else [])]).encode()).hexdigest()[:32]
     remembered = cache_dir() / "parameters" / f"{key}.json"
     try:
         return json.loads(remembered.read_text(encoding="utf-8"))
@@ -109,7 +114,7 @@ def _count_parameters(recipe, model_config, tokenizer) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ftcli.models.methods import peft_config_for
+    from ftcli.models.methods import check_lr_multiplier_names, peft_config_for
 
     method = recipe.method
     if getattr(method, "init_text", None):   # initialising from text needs real embeddings; the count is the same
@@ -119,7 +124,13 @@ def _count_parameters(recipe, model_config, tokenizer) -> dict:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # peft calls a deprecated transformers helper
         model = AutoModelForCausalLM.from_config(model_config)
-        peft_model = get_peft_model(model, peft_config_for(method, model, tokenizer))
+        config = peft_config_for(method, model, tokenizer)
+        check_lr_multiplier_names(recipe.training.lr_multipliers, model)
+        peft_model = get_peft_model(model, config)
+    if recipe.training.lr_multipliers:
+        from ftcli.training.optimizer import check_multipliers_apply
+
+        check_multipliers_apply(peft_model, recipe.training.lr_multipliers, method.kind)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return {"trainable": int(trainable), "total": int(total),
             "trainable_percent": round(100 * trainable / total, 4) if total else 0.0}
@@ -304,5 +315,9 @@ def render_preflight(report: dict, console) -> None:
     if memory.get("available_bytes"):
         table.add_row(f"available on {report['device']}", _size(memory["available_bytes"]))
     console.print(table)
+    knobs = Table(title="method and optimisation knobs", show_header=False)
+    for name, value in knob_rows(report["knobs"]):
+        knobs.add_row(name, value)
+    console.print(knobs)
     for warning in report["warnings"]:
         console.print(Text(f"warning: {warning}", style="yellow"))

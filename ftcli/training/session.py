@@ -133,7 +133,7 @@ class TrainingSession:
             self.starting_adapter = resolve_adapter(recipe.model.adapter, self.run.path.parent)
             check_adapter_fits(self.starting_adapter, recipe.method, self.resolved.fingerprint)
         self.tokenizer = models.load_tokenizer(recipe.model, trust_remote_code=self.trust_remote_code)
-        self.prepared = data.prepare_data(recipe, self.tokenizer)
+        self.prepared = data.prepare_data(recipe, self.tokenizer, console=self.console if is_main_process() else None)
         # A streaming run may resume after its bad record was fixed: its data is not pinned by content.
         self.data_fingerprints = None if recipe.data.streaming else self.prepared.train_report.fingerprints
         self.timings["data_s"] = round(time.perf_counter() - started, 2)
@@ -144,9 +144,19 @@ class TrainingSession:
         set_seed(t.seed)
         base = models.load_model(recipe.model, quantization=recipe.effective_quantization,
                                  trust_remote_code=self.trust_remote_code)
+        self.init_facts: dict[str, Any] = {}
         self.model, self.parameter_counts = methods.apply_method(
             base, recipe, self.tokenizer,
-            starting_adapter=self.starting_adapter.path if self.starting_adapter else None)
+            starting_adapter=self.starting_adapter.path if self.starting_adapter else None,
+            weights_dir=self.resolved.local_dir, init_facts=self.init_facts)
+        if t.lr_multipliers:
+            from ftcli.training.optimizer import check_multipliers_apply
+
+            check_multipliers_apply(self.model, t.lr_multipliers, recipe.method.kind)
+        if self.init_facts:
+            self._log(f"method.init loftq: {self.init_facts['layers']} layers fitted; relative error to the "
+                      f"full-precision weights {self.init_facts['mean_error_before']:.4f} (4-bit base alone) -> "
+                      f"{self.init_facts['mean_error_after']:.4f} (with the adapter), mean over layers")
         if self.device == "cpu":
             from ftcli.models.cpu_dropout import use_cpu_mask_dropout
 
@@ -249,6 +259,7 @@ class TrainingSession:
             lr_scheduler_type=t.scheduler,
             warmup_steps=warmup,
             weight_decay=t.weight_decay,
+            neftune_noise_alpha=t.neftune_noise_alpha,   # transformers: noise only while the embeddings train
             max_grad_norm=t.max_grad_norm,
             optim=t.optimizer,
             seed=t.seed,
@@ -256,6 +267,7 @@ class TrainingSession:
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
             activation_checkpointing=self.gradient_checkpointing,   # transformers 5 name (the old one goes in v6)
+            torch_compile=t.torch_compile,
             use_cpu=self.device == "cpu",
             logging_steps=t.logging_steps,
             save_strategy="steps",
@@ -266,7 +278,8 @@ class TrainingSession:
             load_best_model_at_end=t.early_stopping_patience is not None,
             metric_for_best_model="eval_loss" if t.early_stopping_patience is not None else None,
             greater_is_better=False if t.early_stopping_patience is not None else None,
-            report_to=list(t.report_to) or "none",
+            report_to=list(t.report_to) or "none",   # ftcli's own tracker callbacks replace transformers' ones
+            run_name=self.run.name,                    # the trackers' name of the run
             disable_tqdm=True,
             train_sampling_strategy="random",  # group_by_length is ftcli's own sampler (ftcli/training/samplers.py)
             remove_unused_columns=False,
@@ -314,6 +327,12 @@ class TrainingSession:
                                       data_collator=data.make_collator(recipe, self.tokenizer), **shared)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(HFProgress)
+        from ftcli.training.optimizer import GroupPlan
+
+        trainer.group_plan = GroupPlan.from_recipe(recipe)   # LoRA+ and lr_multipliers (ftcli/training/optimizer.py)
+        from ftcli.training.trackers import install_trackers
+
+        self.trackers = install_trackers(trainer, recipe, self.run, self.console if is_main_process() else None)
         return trainer
 
     def _check_generation(self) -> None:
@@ -335,10 +354,12 @@ class TrainingSession:
         for tracker in self.recipe.training.report_to:
             if importlib.util.find_spec(tracker) is None:
                 raise NotAvailableError(f"training.report_to lists {tracker}, which is not installed",
-                                        hint=f"pip install {tracker}, or remove it from training.report_to")
+                                        hint=f"pip install {tracker} (all three trackers: pip install "
+                                             "'ftcli[trackers]'), or remove it from training.report_to")
 
     def train(self, *, resume: bool) -> dict[str, Any]:
         from ftcli.training.callbacks import GracefulStop
+        from ftcli.training.knobs import run_knobs
         from ftcli.training.trainer import RealTokenCount
 
         run = self.run
@@ -346,7 +367,8 @@ class TrainingSession:
         stopper = GracefulStop(on_second_signal=self._stop_now)
         real_tokens = RealTokenCount()
         trainer = self.make_trainer(real_tokens, self._callbacks(real_tokens, stopper))
-        self._mark("running", started_at=now_iso(), **self._run_facts(world_size()))
+        self._mark("running", started_at=now_iso(), **self._run_facts(world_size()),
+                   knobs=run_knobs(self.recipe, trainer, self.init_facts))
         metrics = self._run_trainer(trainer, stopper, resume_from)
         summary = self._mark("completed", finished_at=now_iso(), metrics=metrics, timings=self.timings,
                              step=trainer.state.global_step)
@@ -404,6 +426,7 @@ class TrainingSession:
         run = self.run
         started = time.perf_counter()
         stopper.install()
+        finished = False
         try:
             output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             self.timings["train_s"] = round(time.perf_counter() - started, 2)
@@ -416,6 +439,7 @@ class TrainingSession:
             metrics = self._final_metrics(trainer, output)
             if is_main_process():
                 self._save_outputs()
+            finished = True
             return metrics
         except Interrupted:
             raise
@@ -438,6 +462,10 @@ class TrainingSession:
             raise
         finally:
             stopper.uninstall()
+            from ftcli.training.trackers import finish_trackers
+
+            finish_trackers(getattr(self, "trackers", []), "completed" if finished
+                            else "interrupted" if stopper.requested is not None else "failed")
 
     def _mark_quietly(self, status: str, **fields) -> None:
         """Record a failure without hiding it: when even run.json can't be written (disk full), say so and go on."""

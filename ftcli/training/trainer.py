@@ -1,6 +1,7 @@
 """TRL's trainers with ftcli's changes: a real-token count for every objective, data tokenized by ftcli's pipeline,
 TRL's fused LM head made fast on the CPU (ftcli/models/fused_head.py); for SFT length-grouped batches in random
-order; for KTO the KL answers drawn within each batch, so that batches can be shuffled."""
+order; for KTO the KL answers drawn within each batch, so that batches can be shuffled; for every objective the
+optimizer's parameter groups of ftcli/training/optimizer.py (LoRA+, lr_multipliers)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from ftcli.data.packing import REAL_TOKENS_KEY
 from ftcli.models.fused_head import prepare_fused_head
+from ftcli.training.optimizer import GroupedOptimizer
 from ftcli.training.samplers import LengthBatchedSampler
 
 
@@ -54,7 +56,7 @@ def _attended_tokens(inputs: dict):
     return sum(mask.sum() for mask in masks) if masks else torch.tensor(inputs["input_ids"].numel())
 
 
-class FtcliSFTTrainer(CountsRealTokens, SFTTrainer):
+class FtcliSFTTrainer(GroupedOptimizer, CountsRealTokens, SFTTrainer):
     def __init__(self, *args, real_tokens: RealTokenCount, group_by_length: bool, **kwargs):
         self.real_tokens = real_tokens
         self.group_by_length = group_by_length
@@ -71,7 +73,7 @@ class FtcliSFTTrainer(CountsRealTokens, SFTTrainer):
         return LengthBatchedSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
 
 
-class FtcliDPOTrainer(CountsRealTokens, DPOTrainer):
+class FtcliDPOTrainer(GroupedOptimizer, CountsRealTokens, DPOTrainer):
     """DPO over pairs ftcli's data pipeline already validated, rendered, tokenized and truncated."""
 
     def __init__(self, *args, real_tokens: RealTokenCount, **kwargs):
@@ -83,7 +85,7 @@ class FtcliDPOTrainer(CountsRealTokens, DPOTrainer):
         return dataset   # prompt_ids, chosen_ids, rejected_ids: what TRL's own preparation would produce
 
 
-class FtcliKTOTrainer(CountsRealTokens, KTOTrainer):
+class FtcliKTOTrainer(GroupedOptimizer, CountsRealTokens, KTOTrainer):
     """KTO over answers ftcli's data pipeline already tokenized: unpaired (prompt_ids, completion_ids, label) or
     pairs, each pair counting as a desirable and an undesirable answer."""
 
@@ -102,7 +104,7 @@ class FtcliKTOTrainer(CountsRealTokens, KTOTrainer):
         return dataset
 
 
-class FtcliGRPOTrainer(CountsRealTokens, GRPOTrainer):
+class FtcliGRPOTrainer(GroupedOptimizer, CountsRealTokens, GRPOTrainer):
     """GRPO over prompts ftcli rendered through the run's chat template (text, tokenized as they are, keeping their
     last `prompt_limit` tokens), sampling until any of the model's end-of-turn tokens."""
 
@@ -205,7 +207,7 @@ def make_pair_trainer(kind: str, *, real_tokens: RealTokenCount, answers_only: b
         from trl.experimental.cpo import CPOTrainer as trl_trainer
     mixins = (AnswerOnlyNll,) if kind == "orpo" and answers_only else ()
 
-    class FtcliPairTrainer(*mixins, TokenizedPairs, CountsRealTokens, trl_trainer):
+    class FtcliPairTrainer(*mixins, TokenizedPairs, GroupedOptimizer, CountsRealTokens, trl_trainer):
         def __init__(self, **arguments):
             self.real_tokens = real_tokens
             with datasets_cache_off():

@@ -15,7 +15,7 @@ SHORT = ["--set", "training.max_steps=3", "--set", "training.batch_size=4", "--s
 
 
 @pytest.mark.parametrize("path", ["automatic", "fp32"])
-def test_quickstart_chain(path, runs_dir):
+def test_quickstart_chain(path, runs_dir, tmp_path):
     """train, eval, merge, export gguf (f16) and ollama (its GGUF at q8_0), as `make quickstart` does: with what
     `precision: auto` picks on this CPU, and on the fp32 path of a CPU without native bf16."""
     import os
@@ -45,6 +45,9 @@ def test_quickstart_chain(path, runs_dir):
     metrics = ftcli("eval", "quickstart", "--max-samples", "4", "--max-new-tokens", "8")["metrics"]
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1
 
+    if path == "automatic":   # once: the benchmarks don't depend on how the run trained
+        benchmarks_match_lm_eval(runs_dir, env, tmp_path)
+
     ftcli("merge", "quickstart")
     merge = json.loads((runs_dir / "quickstart" / "run.json").read_text())["merge"]
     assert merge["agreement"] == 1.0 and merge["kl_max"] < 1e-4 and merge["positions"] > 300
@@ -60,3 +63,38 @@ def test_quickstart_chain(path, runs_dir):
     exports = json.loads((runs_dir / "quickstart" / "run.json").read_text())["exports"]
     assert exports["gguf"]["quant"] == "f16" and exports["ollama"]["quant"] == "q8_0"
     assert (runs_dir / "quickstart" / "export" / "ollama" / "Modelfile").is_file()
+
+
+BENCHMARKS = [REPO / "recipes" / "benchmarks" / name for name in ("quickstart_choice.yaml", "quickstart_exact.yaml")]
+
+
+def benchmarks_match_lm_eval(runs_dir, env, tmp_path):
+    """`ftcli eval --tasks` with the shipped quickstart benchmarks (README's Benchmarks command, cut to 6 questions)
+    scores exactly what lm-evaluation-harness's own CLI scores for the same base + adapter and chat template."""
+    import subprocess
+    import sys
+
+    command = ("eval", "quickstart", "--tasks", ",".join(map(str, BENCHMARKS)), "--limit", "6", "--json")
+    result = run_cli(*command, env=env)
+    assert result.exit_code == 0, result
+    document = result.json()            # stdout held ftcli's one document, nothing of lm_eval's
+    metrics = document["metrics"]
+    assert set(metrics) == {"quickstart_choice/acc", "quickstart_exact/exact_match"}
+    info = json.loads((runs_dir / "quickstart" / "run.json").read_text())
+    adapter = runs_dir / "quickstart" / "adapter"
+    scored_on = document["benchmarks"]["run"]        # the dtype and device ftcli scored in
+    model_args = f"pretrained={info['base_model']['local_dir']},peft={adapter},tokenizer={adapter}," \
+                 f"dtype={scored_on['dtype']}"
+    own = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
+         "--device", scored_on["device"],
+         "--tasks", *map(str, BENCHMARKS), "--limit", "6", "--batch_size", str(document["settings"]["batch_size"]),
+         "--apply_chat_template", "--fewshot_as_multiturn", "--output_path", str(tmp_path / "lm_eval")],
+        cwd=BENCHMARKS[0].parent, capture_output=True, text=True, timeout=600)   # it reads data_files from here
+    assert own.returncode == 0, own.stderr[-3000:]
+    (saved,) = (tmp_path / "lm_eval").rglob("results_*.json")
+    scores = json.loads(saved.read_text())["results"]
+    assert metrics == {"quickstart_choice/acc": scores["quickstart_choice"]["acc,none"],
+                       "quickstart_exact/exact_match": scores["quickstart_exact"]["exact_match,none"]}
+    answers = document["benchmarks"]["run"]["samples"]["quickstart_exact"]
+    assert len(answers) == 6 and all(a["prompt"].endswith("<|im_start|>assistant\n") for a in answers)

@@ -9,36 +9,44 @@ from ftcli.errors import QualityGateError
 GGUF_HINT = "this is a bug worth reporting; export --format merged and convert with llama.cpp meanwhile"
 
 
-def check_model_gguf(gguf_file: Path, reference_dir: Path, *, quant: str, chat_template: str | None) -> dict:
+def check_model_gguf(gguf_file: Path, reference_dir: Path, *, quant: str, chat_template: str | None,
+                     console=None) -> dict:
     """Compare the GGUF (loaded by transformers, which undoes llama.cpp's q/k order) with reference_dir on the
     check conversations: next-token distributions (parity.BOUNDS["gguf_QUANT"]), tokenization and the chat template
-    it carries; QualityGateError (exit 6) naming every difference."""
+    it carries; QualityGateError (exit 6) naming every difference. Its steps show on `console` (ftcli.progress)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftcli.models import parity
+    from ftcli.progress import progress
 
     gguf_file = Path(gguf_file)
     bounds = parity.BOUNDS[f"gguf_{quant}"]
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    texts = parity.check_texts(chat_template, tokenizer)
-    batch = parity.encode(tokenizer, texts)
-    reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32, use_safetensors=True)
-    reference.eval()
-    expected = parity.logits(reference, batch)
-    del reference
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
-                                                  **_dense_weights())
-    loaded.eval()
-    check = parity.compare(expected, parity.logits(loaded, batch), batch["attention_mask"], bounds)
-    del loaded
-
-    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    same_tokens = all(
-        gguf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
-        for text in texts
-    )
-    same_template = _renders_alike(gguf_tokenizer, tokenizer, chat_template)
+    with progress(console, "checking the GGUF", total=3, unit="steps", estimate=False) as bar:
+        bar.describe("the merged model's logits")
+        tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+        texts = parity.check_texts(chat_template, tokenizer)
+        batch = parity.encode(tokenizer, texts)
+        reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32, use_safetensors=True)
+        reference.eval()
+        expected = parity.logits(reference, batch)
+        del reference
+        bar.advance()
+        bar.describe(f"reading {gguf_file.name} back with transformers")
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                      dtype=torch.float32, **_dense_weights())
+        loaded.eval()
+        check = parity.compare(expected, parity.logits(loaded, batch), batch["attention_mask"], bounds)
+        del loaded
+        bar.advance()
+        bar.describe("its tokenizer and chat template")
+        gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        same_tokens = all(
+            gguf_tokenizer(text, add_special_tokens=False).input_ids
+            == tokenizer(text, add_special_tokens=False).input_ids for text in texts
+        )
+        same_template = _renders_alike(gguf_tokenizer, tokenizer, chat_template)
+        bar.advance()
     failures = [f"at {quant}: {failure}" for failure in check.failures(bounds)]
     if not same_tokens:
         failures.append("its tokenizer splits the check texts differently")

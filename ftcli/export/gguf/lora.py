@@ -76,7 +76,8 @@ def read_lora_adapter(adapter_dir: Path, shape) -> tuple[dict, list[LoraPair], f
     return config, pairs, alpha
 
 
-def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant: str, name: str) -> dict:
+def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant: str, name: str,
+                    console=None) -> dict:
     import gguf
 
     from ftcli.export.gguf.writer import (
@@ -89,6 +90,7 @@ def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant:
         permute_rows,
         rows_permutation,
     )
+    from ftcli.progress import progress
 
     check_quant(quant)
     shape = llama_shape(base_dir)
@@ -100,13 +102,15 @@ def write_lora_gguf(adapter_dir: Path, base_dir: Path, out_file: Path, *, quant:
     writer.add_name(name)
     writer.add_file_type(file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for pair in pairs:
-        heads = rows_permutation(pair.gguf_name, shape)
-        # W' = W + s * B @ A: llama.cpp permutes W's rows for q/k, so B's rows follow and A stays.
-        b = permute_rows(pair.b, heads) if heads is not None else pair.b
-        add_tensor(writer, pair.gguf_name + ".lora_a", pair.a, quant)
-        add_tensor(writer, pair.gguf_name + ".lora_b", b, quant)
-    out_file = finish_gguf(writer, out_file)
+    with progress(console, f"writing the LoRA GGUF ({quant})", total=len(pairs), unit="modules") as bar:
+        for pair in pairs:
+            heads = rows_permutation(pair.gguf_name, shape)
+            # W' = W + s * B @ A: llama.cpp permutes W's rows for q/k, so B's rows follow and A stays.
+            b = permute_rows(pair.b, heads) if heads is not None else pair.b
+            add_tensor(writer, pair.gguf_name + ".lora_a", pair.a, quant)
+            add_tensor(writer, pair.gguf_name + ".lora_b", b, quant)
+            bar.advance()
+        out_file = finish_gguf(writer, out_file)
     return {"file": out_file.name, "bytes": out_file.stat().st_size, "quant": quant, "alpha": alpha,
             "rank": int(pairs[0].a.shape[0]), "modules": len(pairs)}
 

@@ -171,14 +171,16 @@ def add_hyperparameters(writer, shape: LlamaShape) -> None:
 
 
 def write_model_gguf(model_dir: Path, out_file: Path, *, quant: str, chat_template: str | None, name: str,
-                     _permute_qk: bool = True) -> dict:
-    """Write model_dir (a merged Llama folder) as one GGUF file; returns what was written.
+                     _permute_qk: bool = True, console=None) -> dict:
+    """Write model_dir (a merged Llama folder) as one GGUF file; returns what was written. The tensors encoded show
+    on `console` (ftcli.progress).
 
     _permute_qk=False writes q/k without llama.cpp's row order: a deliberately broken file for tests of the check.
     """
     import gguf
 
     from ftcli.export.gguf.vocab import add_tokenizer
+    from ftcli.progress import progress
 
     check_quant(quant)
     shape = llama_shape(model_dir)
@@ -208,14 +210,17 @@ def write_model_gguf(model_dir: Path, out_file: Path, *, quant: str, chat_templa
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab = add_tokenizer(writer, model_dir, vocab_size=shape.vocab_size, chat_template=chat_template)
     types: dict[str, int] = {}
-    for target in sorted(named, key=_tensor_order):
-        array = named[target]
-        heads = rows_permutation(target, shape)
-        if heads is not None and _permute_qk:
-            array = permute_rows(array, heads)
-        kind = add_tensor(writer, target, array, quant)
-        types[kind] = types.get(kind, 0) + 1
-    out_file = finish_gguf(writer, out_file)
+    with progress(console, f"writing the GGUF ({quant})", total=len(named), unit="tensors") as bar:
+        for target in sorted(named, key=_tensor_order):
+            array = named[target]
+            heads = rows_permutation(target, shape)
+            if heads is not None and _permute_qk:
+                array = permute_rows(array, heads)
+            kind = add_tensor(writer, target, array, quant)
+            types[kind] = types.get(kind, 0) + 1
+            bar.advance()
+        bar.describe(f"writing {Path(out_file).name}")
+        out_file = finish_gguf(writer, out_file)
     return {"file": out_file.name, "bytes": out_file.stat().st_size, "quant": quant, "tensor_types": types,
             "architecture": ARCHITECTURE, "tied_embeddings": shape.tied_embeddings, "heads": shape.heads,
             "kv_heads": shape.kv_heads, "rope_theta": shape.rope_theta, **vocab}
