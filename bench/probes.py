@@ -213,11 +213,12 @@ def matmul_rates(rows: int, weights: list[tuple[int, int]], dtype_name: str, sec
 
 
 def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, overrides: list[str],
-                torch_dropout: bool = False) -> dict:
+                torch_dropout: bool = False, torch_attention: bool = False) -> dict:
     """ftcli's training steps as `ftcli train` runs them (its trainer, data and settings) on the recipe: the model
     FLOP utilization of `steps` timed steps after `warmup` ones, against this process's matmul peak in the training
     dtype measured just before, then `profile_steps` more under torch.profiler, grouped by bench/step_profile.py.
-    torch_dropout: torch's own dropout modules put back in place of ftcli's CPU masks (the comparison's other arm)."""
+    torch_dropout: torch's own dropout modules put back in place of ftcli's CPU masks; torch_attention: PyTorch's
+    SDPA in the training dtype put back in place of ftcli's fp32 attention (the comparisons' other arms)."""
     import tempfile
 
     import torch
@@ -244,6 +245,9 @@ def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, o
             for name, child in list(module.named_children()):
                 if isinstance(child, torch.nn.Dropout) and type(child) is not torch.nn.Dropout:
                     setattr(module, name, torch.nn.Dropout(child.p).train(child.training))
+    if torch_attention and session.cpu_attention:
+        base = session.model.get_base_model() if hasattr(session.model, "get_base_model") else session.model
+        base.set_attn_implementation("sdpa")
     trainer = session.make_trainer(RealTokenCount(), [])
     shapes = model_shapes(trainer.model)
     config = trainer.model.get_base_model().config if hasattr(trainer.model, "get_base_model") else trainer.model.config
@@ -299,6 +303,7 @@ def utilization(recipe_path: str, warmup: int, steps: int, profile_steps: int, o
     real = sum(t.real for t in timed)
     return {"method": recipe.method.kind, "precision": session.precision, "threads": torch.get_num_threads(),
             "dropout": "torch" if torch_dropout else session.cpu_dropout,
+            "attention": "sdpa" if torch_attention or not session.cpu_attention else session.cpu_attention,
             "gradient_checkpointing": session.gradient_checkpointing, "steps": steps, "warmup": warmup,
             "shapes": asdict(shapes), "matmul": peak,
             "tokens": {"real": real, "labelled": sum(t.labelled for t in timed),
@@ -335,6 +340,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--torch-dropout", action="store_true")
+    p.add_argument("--torch-attention", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if args.command == "score":
@@ -347,7 +353,7 @@ def main() -> None:
         result = head(args.recipe, args.batches, args.repeats, args.overrides)
     elif args.command == "utilization":
         result = utilization(args.recipe, args.warmup, args.steps, args.profile_steps, args.overrides,
-                             args.torch_dropout)
+                             args.torch_dropout, args.torch_attention)
     else:
         result = convert(args.recipe)
     sys.stdout.write(json.dumps(result) + "\n")

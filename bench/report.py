@@ -411,16 +411,21 @@ def utilization_section(s: dict) -> list[str]:
         if tokens.get("positions"):
             padding = 1 - tokens["real"] / tokens["positions"]
         rows.append([name, _num(arm.get("precision")), _num(arm.get("threads")), _num(arm.get("dropout")),
+                     _num(arm.get("attention")),
                      _num(arm.get("real_tokens_per_s"), 1), _num(arm.get("step_s"), 3),
                      _num(None if arm.get("flops_per_real_token") is None else arm["flops_per_real_token"] / 1e9, 3),
                      _num(arm.get("achieved_gflops"), 1), _num(arm.get("peak_gflops"), 1), _pct(arm.get("mfu")),
                      _pct(padding), str(len(arm["runs"])), arm.get("speed_from", "")])
-    lines += _table(["arm", "precision", "threads", "dropout", "real tokens/s", "step s", "GFLOP / real token",
-                     "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU", "padding", "runs", "speed from"], rows)
+    lines += _table(["arm", "precision", "threads", "dropout", "attention", "real tokens/s", "step s",
+                     "GFLOP / real token", "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU", "padding", "runs",
+                     "speed from"], rows)
     for key, value in s.items():
         if key.endswith("_dropout_ratio"):
             lines += [f"- {key.removesuffix('_dropout_ratio')}: tokens/s with ftcli's CPU dropout masks / with "
                       f"torch's dropout: {_num(value, 3)}"]
+        if key == "lora_attention_ratio":
+            lines += [f"- lora, bf16: tokens/s with attention in fp32 / with torch's SDPA under autocast: "
+                      f"{_num(value, 3)}"]
     profiled = {name: arm["profile"]["parts_s"] for name, arm in s.items()
                 if isinstance(arm, dict) and (arm.get("profile") or {}).get("parts_s")}
     if profiled:

@@ -17,8 +17,9 @@ Sections (all by default; --sections picks some):
             from: ftcli's steps with TRL's LM head and with ftcli's, in one process (bench/probes.py head)
   utilization  model FLOP utilization of ftcli's LoRA and QLoRA steps on the embedded model (bench/flops.py's count
             over the measured step time, against the same process's matmul peak in the training dtype; LoRA in fp32
-            too where auto is bf16), with LoRA's dropout as ftcli's CPU masks and as torch's, and where each step's
-            time goes (torch.profiler, grouped by bench/step_profile.py): bench/probes.py utilization
+            too where auto is bf16), with LoRA's dropout as ftcli's CPU masks and as torch's, in bf16 attention in
+            fp32 and torch's, and where each step's time goes (torch.profiler, grouped by bench/step_profile.py):
+            bench/probes.py utilization
   scaling   `ftcli train --nproc 2` (DDP over gloo, the cores shared out) against one process, same global batch
   packing   data.packing=true against plain padded batches (ftcli's default) on chat data of varied length
   memory    ftcli's memory estimate (`ftcli train --dry-run`) against the measured peak RSS, lora/qlora x 128/256
@@ -299,7 +300,7 @@ class Bench(Session):
         def probe(method: str, *options: str):
             def run(label: str) -> dict:
                 sets = [arg for override in (*self.overrides_for(method), *options[1:]) for arg in ("--set", override)]
-                flags = ["--torch-dropout"] if options and options[0] == "torch-dropout" else []
+                flags = [f"--{options[0]}"] if options and options[0] else []
                 result = self.child(label, [sys.executable, "-m", "bench.probes", "utilization", str(RECIPES[method]),
                                             "--warmup", str(p.utilization_warmup), "--steps", str(p.utilization_steps),
                                             "--profile-steps", "1", *flags, *sets])
@@ -310,6 +311,8 @@ class Bench(Session):
 
         arms = {"lora": probe("lora", ""), "lora_torch_dropout": probe("lora", "torch-dropout"),
                 "qlora": probe("qlora", "")}
+        if auto == "bf16":   # ftcli computes attention in fp32 under bf16 autocast on the CPU
+            arms["lora_torch_attention"] = probe("lora", "torch-attention")
         fp32 = [] if auto == "fp32" else ["training.precision=fp32"]
         if fp32:   # the goal is LoRA in fp32: the path CPUs without native bf16 take
             arms["lora_fp32"] = probe("lora", "", *fp32)
@@ -338,6 +341,11 @@ class Bench(Session):
         value = section[f"{fp32}_dropout_ratio"]
         self.add_goal("utilization/cpu-dropout", "lora, fp32: tokens/s with ftcli's CPU dropout masks / with torch's "
                       "dropout", value, ">= 1.00", goal(value, at_least=1.0))
+        if "lora_torch_attention" in section:
+            value = section["lora_attention_ratio"] = ratio(section["lora"].get("real_tokens_per_s"),
+                                                            section["lora_torch_attention"].get("real_tokens_per_s"))
+            self.add_goal("utilization/cpu-attention", "lora, bf16: tokens/s with attention in fp32 / with torch's "
+                          "SDPA under autocast (bf16)", value, ">= 1.00", goal(value, at_least=1.0))
 
     def scaling(self) -> None:
         """`--nproc 2` against one process with the same global batch: tokens/s and the threads each process got."""
@@ -753,7 +761,8 @@ def utilization_summary(runs: list[dict]) -> dict:
                    peak_gflops=median([r["matmul"]["peak_gflops"] for r in timed]),
                    real_tokens_per_s=median([r["real_tokens_per_s"] for r in timed]),
                    step_s=median([r["step_s"] for r in timed]),
-                   **{key: middle.get(key) for key in ("precision", "threads", "dropout", "flops_per_real_token",
+                   **{key: middle.get(key) for key in ("precision", "threads", "dropout", "attention",
+                                                        "flops_per_real_token",
                                                         "tokens", "matmul", "profile", "gradient_checkpointing")})
     return summary
 

@@ -114,6 +114,7 @@ def plot_parts(profiles: dict[str, dict[str, float]], path) -> None:
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("seconds of one profiled training step")
     ax.invert_yaxis()
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(names)), ncol=3, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9 / (1.2 + 0.6 * len(names))), ncol=3, fontsize=8,
+              frameon=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

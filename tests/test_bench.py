@@ -852,6 +852,7 @@ def test_step_profile_puts_every_event_in_one_part():
     assert parts["base model matmuls"] == 300.0 and parts["Python between operators"] == 600.0
 
 
+@pytest.mark.slow   # a training session in this process: ~25 s
 def test_utilization_probe_times_counts_and_profiles_ftcli_steps(tiny_recipe):
     from bench.probes import utilization
 
@@ -876,7 +877,7 @@ def test_utilization_summary_report_and_picture(tmp_path):
         parts = dict.fromkeys(PARTS, 0.1)
         return {"ok": True, "others_cpu_share": others, "mfu": mfu, "achieved_gflops": mfu * 200,
                 "matmul": {"peak_gflops": 200.0}, "real_tokens_per_s": mfu * 400, "step_s": 1.0 / mfu,
-                "precision": "fp32", "threads": 2, "dropout": "16-bit random masks",
+                "precision": "fp32", "threads": 2, "dropout": "16-bit random masks", "attention": "sdpa",
                 "flops_per_real_token": 4.6e8, "tokens": {"real": 90, "positions": 100},
                 "profile": {"wall_s": 1.2, "parts_s": {**parts, "base model matmuls": mfu}}}
 
@@ -886,10 +887,12 @@ def test_utilization_summary_report_and_picture(tmp_path):
     assert arm["profile"]["parts_s"]["base model matmuls"] == 0.5
     assert utilization_summary([{"ok": False, "error": "boom"}]) == {
         "runs": [{"ok": False, "error": "boom"}], "speed_from": "all runs (every one disturbed)"}
-    section = {"lora": arm, "lora_torch_dropout": utilization_summary([probe(0.45)]), "lora_dropout_ratio": 1.11}
+    section = {"lora": arm, "lora_torch_dropout": utilization_summary([probe(0.45)]), "lora_dropout_ratio": 1.11,
+               "lora_attention_ratio": 1.2}
     text = "\n".join(report.utilization_section(section))
-    assert "| lora | fp32 | 2 | 16-bit random masks |" in text and "50%" in text and "10%" in text   # MFU, padding
-    assert "torch's dropout: 1.110" in text and "step_profile.png" in text
+    assert "| lora | fp32 | 2 | 16-bit random masks | sdpa |" in text
+    assert "50%" in text and "10%" in text   # MFU, padding
+    assert "torch's dropout: 1.110" in text and "under autocast: 1.200" in text and "step_profile.png" in text
     plot_parts({name: section[name]["profile"]["parts_s"] for name in ("lora", "lora_torch_dropout")},
                tmp_path / "profile.png")
     assert (tmp_path / "profile.png").stat().st_size > 1000

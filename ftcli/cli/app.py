@@ -270,6 +270,9 @@ def eval_(
     merged: Annotated[
         bool, typer.Option("--merged", help="Evaluate the run's merged model instead of base + adapter.")
     ] = False,
+    allow_code: Annotated[
+        bool, typer.Option("--allow-code", help="Benchmarks: allow task files that load Python (!function).")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Measure a run: loss, perplexity, generation metrics and benchmarks (--tasks); gate CI with --fail-under."""
@@ -278,7 +281,7 @@ def eval_(
 
     gates = parse_gates(fail_under or [])
     benchmark = BenchmarkOptions(tasks=split_tasks(tasks), limit=limit, num_fewshot=num_fewshot,
-                                 chat_template=chat_template)
+                                 chat_template=chat_template, allow_code=allow_code)
     run_dir = open_run(run, runs_dir)
     result = run_eval(run_dir, data=data, max_samples=max_samples, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, compare_base=compare_base, gates=gates or None, console=err(),

@@ -41,13 +41,36 @@ def import_lm_eval():
     return lm_eval
 
 
-def load_task(manager, spec: str) -> dict:
+def task_file_code(path: Path, seen: frozenset = frozenset()) -> str | None:
+    """Where a task file (or a file it includes) loads Python through lm_eval's `!function` tag, as "FILE:LINE:
+    !function NAME"; None when it loads none."""
+    path = path.resolve()
+    if path in seen or not path.is_file():
+        return None
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if "!function" in line.split("#", 1)[0]:
+            return f"{path}:{number}: {line.strip()}"
+        included = re.match(r"\s*include:\s*['\"]?([^'\"#\s]+)", line)
+        if included:
+            found = task_file_code(path.parent / included.group(1), seen | {path})
+            if found:
+                return found
+    return None
+
+
+def load_task(manager, spec: str, *, allow_code: bool = False) -> dict:
     """lm_eval's TaskManager.load of one task, group or task file, its errors said in ftcli's terms. A task file's
-    relative paths (its data_files) are read from the file's folder, as a recipe's are."""
+    relative paths (its data_files) are read from the file's folder, as a recipe's are. A task file that loads
+    Python (`!function`) is refused unless allow_code (ftcli eval --allow-code), as a recipe's Python rewards are;
+    the registry's own tasks come with the installed harness."""
     path = Path(spec).expanduser()
     if is_task_file(spec):
         if not path.is_file():
             raise NotAvailableError(f"benchmark task file {spec}: no such file")
+        code = None if allow_code else task_file_code(path)
+        if code:
+            raise UsageError(f"benchmark task file {spec} runs Python from beside it ({code})",
+                             hint="read that code, then pass --allow-code to ftcli eval")
         spec = str(path.resolve())
     elif spec not in manager.all_tasks:
         close = difflib.get_close_matches(spec, manager.all_tasks, n=3)

@@ -34,6 +34,7 @@ class BenchmarkOptions:
     limit: int | None = None               # documents per task
     num_fewshot: int | None = None         # None: each task's own setting (0 where it has none)
     chat_template: bool | None = None      # None: through the run's chat template when it has one
+    allow_code: bool = False               # task files may load Python (lm_eval's !function)
 
 
 def split_tasks(values: list[str] | None) -> tuple[str, ...] | None:
@@ -91,7 +92,7 @@ class Benchmarks:
         quiet_libraries()   # datasets' progress bars while the tasks load their data
         with _stdout_to_stderr():
             self.manager = task_manager(registry=not all(is_task_file(s) for s in specs))
-            self.loaded = [load_task(self.manager, spec) for spec in specs]
+            self.loaded = [load_task(self.manager, spec, allow_code=options.allow_code) for spec in specs]
         self.names = sorted({name for item in self.loaded for name in (*item["tasks"], *item["groups"])})
         unsafe = sorted(name for item in self.loaded for name, task in item["tasks"].items()
                         if getattr(task, "UNSAFE_CODE", False))

@@ -92,6 +92,7 @@ class TrainingSession:
         self.timings: dict[str, float] = {}
         self.cpu_threads: dict | None = None   # set on the CPU: the compute threads chosen and why
         self.cpu_dropout: str | None = None    # set on the CPU when the model's dropout masks are ftcli's
+        self.cpu_attention: str | None = None  # set on the CPU when bf16 training computes attention in fp32
 
     def _log(self, text: str) -> None:
         note(self.console if is_main_process() else None, text)
@@ -162,6 +163,11 @@ class TrainingSession:
 
             # torch's CPU dropout draws its mask one element at a time: a large part of a LoRA step (README)
             self.cpu_dropout = "16-bit random masks" if use_cpu_mask_dropout(self.model) else None
+            if self.precision == "bf16":
+                from ftcli.models.cpu_attention import use_fp32_cpu_attention
+
+                # torch's CPU attention is about 3x slower in bf16 than in fp32 at these shapes (README)
+                self.cpu_attention = "sdpa in fp32" if use_fp32_cpu_attention(self.model) else None
         self.timings["model_s"] = round(time.perf_counter() - started, 2)
         counts = self.parameter_counts
         self._log(f"model {recipe.model.path} ({self.resolved.kind}), method {recipe.method.kind}: "
@@ -495,6 +501,7 @@ class TrainingSession:
             "cpu_bf16": models.cpu_bf16_facts() if self.device == "cpu" else None,
             "cpu_threads": self.cpu_threads,
             "cpu_dropout": self.cpu_dropout,
+            "cpu_attention": self.cpu_attention,
             "distributed": {"world_size": world_size, "strategy": resolve_strategy(t.distributed, world_size),
                             "global_batch_size": t.batch_size * t.grad_accum * world_size},
             "data": {"fingerprints": self.data_fingerprints, "streaming": self.recipe.data.streaming,

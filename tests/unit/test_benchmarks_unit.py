@@ -114,3 +114,19 @@ def test_shipped_benchmark_tasks_load_and_their_answers_are_right(task_file, mon
     training = {json.loads(line)["messages"][0]["content"]
                 for name in ("train.jsonl", "val.jsonl") for line in (REPO / "data" / "quickstart" / name).open()}
     assert not training & {r["question"] for r in records}     # none of it seen in training or held out
+
+
+def test_task_files_that_load_python_need_allow_code(tmp_path):
+    from ftcli.inference.benchmark_tasks import load_task, task_file_code
+
+    (tmp_path / "base.yaml").write_text("output_type: generate_until\n"
+                                        "process_results: !function utils.score   # Python beside the file\n")
+    task = tmp_path / "task.yaml"
+    task.write_text("task: mine\ninclude: base.yaml\n# !function in a comment loads nothing\n")
+    assert task_file_code(task).endswith("base.yaml:2: process_results: !function utils.score   # Python beside "
+                                         "the file")
+    (tmp_path / "plain.yaml").write_text("task: plain  # !function only in a comment\n")
+    assert task_file_code(tmp_path / "plain.yaml") is None
+    with pytest.raises(UsageError, match="runs Python from beside it") as refused:
+        load_task(None, str(task))   # refused before lm_eval reads anything
+    assert "--allow-code" in refused.value.hint
