@@ -1,10 +1,10 @@
 """ftcli against the hand-written TRL script, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python -m bench.run            # full: about 35 minutes on 2 quiet CPU cores, plus about an hour for the data
+    python -m bench.run            # full: about 47 minutes on 2 quiet CPU cores, plus about an hour for the data
                                    # section (its 2M-example files; --sections picks others)  (make bench)
-    python -m bench.run --quick    # under 5 minutes: batches of 2, 3 steps, one repeat, no eval-loss scoring,
-                                   # labelled quick, plus about a minute of data preparation at 20k examples
-                                   # (make bench-quick)
+    python -m bench.run --quick    # about 7 minutes: batches of 2, 3 steps, one repeat, no eval-loss scoring, the
+                                   # utilization of LoRA and QLoRA without its comparisons, no scaling, labelled
+                                   # quick, plus about a minute of data preparation at 20k examples (make bench-quick)
 Run from the repository root: every child (bench.probes, bench.trl_baseline, bench.trl_dpo_baseline,
 bench.trl_grpo_baseline, bench.trl_data_prep) runs as
 `python -m bench.…` there.
@@ -136,7 +136,9 @@ class Plan:
     utilization_warmup: int = 2
     utilization_steps: int = 8
     utilization_repeats: int = 3
-    # The scaling section: steps per run (the first `skip` not timed) and interleaved repeats.
+    # The utilization section's comparisons (torch's dropout and attention, grouped batches) besides LoRA and QLoRA
+    utilization_comparisons: bool = True
+    # The scaling section: steps per run (the first `skip` not timed) and interleaved repeats (0: not run).
     scaling_steps: int = 10
     scaling_repeats: int = 2
 
@@ -157,7 +159,7 @@ QUICK = Plan(quick=True, startup_repeats=3, repeats=1, lora_steps=3, qlora_steps
              defaults_budget_s=30.0, overrides=("training.batch_size=2",), score=False, packing_length=128,
              packing_batch=8, data_sizes=(20_000,), data_repeats=(1,), data_cached_size=20_000, data_timeout_s=600,
              dpo_steps=4, dpo_repeats=1, grpo_steps=4, grpo_repeats=1, utilization_warmup=1, utilization_steps=3,
-             utilization_repeats=1, scaling_steps=4, scaling_repeats=1)
+             utilization_repeats=1, utilization_comparisons=False, scaling_steps=4, scaling_repeats=0)
 
 
 class Bench(Session):
@@ -309,18 +311,23 @@ class Bench(Session):
                         "error": None if result.ok else result.stderr_tail[-1500:]}
             return run
 
-        arms = {"lora": probe("lora", ""), "lora_torch_dropout": probe("lora", "torch-dropout"),
-                "qlora": probe("qlora", "")}
-        if auto == "bf16":   # ftcli computes attention in fp32 under bf16 autocast on the CPU
+        compare = p.utilization_comparisons
+        arms = {"lora": probe("lora", "")}
+        if compare:
+            arms["lora_torch_dropout"] = probe("lora", "torch-dropout")
+        arms["qlora"] = probe("qlora", "")
+        if compare and auto == "bf16":   # ftcli computes attention in fp32 under bf16 autocast on the CPU
             arms["lora_torch_attention"] = probe("lora", "torch-attention")
         fp32 = [] if auto == "fp32" else ["training.precision=fp32"]
         if fp32:   # the goal is LoRA in fp32: the path CPUs without native bf16 take
             arms["lora_fp32"] = probe("lora", "", *fp32)
-            arms["lora_fp32_torch_dropout"] = probe("lora", "torch-dropout", *fp32)
-        # Batches grouped by length (off by default: see README) carry almost no padding, which the FLOP count
-        # leaves out: what the same steps reach on the positions they compute.
-        arms["lora_fp32_grouped" if fp32 else "lora_grouped"] = probe("lora", "", *fp32,
-                                                                      "training.group_by_length=true")
+            if compare:
+                arms["lora_fp32_torch_dropout"] = probe("lora", "torch-dropout", *fp32)
+        if compare:
+            # Batches grouped by length (off by default: see README) carry almost no padding, which the FLOP count
+            # leaves out: what the same steps reach on the positions they compute.
+            arms["lora_fp32_grouped" if fp32 else "lora_grouped"] = probe("lora", "", *fp32,
+                                                                          "training.group_by_length=true")
         runs = self.interleaved_runs("utilization", arms, p.utilization_repeats, describe=lambda r: (
             f"MFU {r.get('mfu')} ({r.get('achieved_gflops')} of {(r.get('matmul') or {}).get('peak_gflops')} "
             f"GFLOP/s, {r.get('precision')}), {r.get('real_tokens_per_s')} tokens/s, others used "
@@ -330,10 +337,14 @@ class Bench(Session):
         fp32 = "lora_fp32" if "lora_fp32" in section else "lora"
         for arm, batches in ((fp32, "ftcli's default random batches"),
                              (f"{fp32}_grouped", "batches grouped by length, almost no padding")):
+            if arm not in section:
+                continue
             value = section[arm].get("mfu")
             self.add_goal(f"utilization/{arm.replace('_', '-')}", f"lora, fp32, {batches}: model FLOPs/s of a "
                           "training step / this process's fp32 matmul peak", value, f">= {MFU_GOAL:.2f}",
                           goal(value, at_least=MFU_GOAL))
+        if not compare:
+            return
         for arm in (fp32, "lora"):
             speed = ratio(section[arm].get("real_tokens_per_s"),
                           section[f"{arm}_torch_dropout"].get("real_tokens_per_s"))
@@ -350,6 +361,9 @@ class Bench(Session):
     def scaling(self) -> None:
         """`--nproc 2` against one process with the same global batch: tokens/s and the threads each process got."""
         p = self.plan
+        if not p.scaling_repeats:
+            self.log("scaling: not in this plan (the full run measures it)")
+            return
         batch = self.recipe("lora").training.batch_size
         for override in self.overrides_for("lora"):
             if override.startswith("training.batch_size="):

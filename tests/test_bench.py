@@ -453,6 +453,7 @@ def test_baseline_script_stops_at_its_time_budget(tmp_path, tiny_model_dir, chat
     assert (tmp_path / "out" / "adapter_config.json").is_file()            # and saved as usual
 
 
+@pytest.mark.slow   # starts the script as a process
 def test_dpo_baseline_script_trains_and_logs_real_tokens(tmp_path, tiny_model_dir):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Say {w}", "chosen": w, "rejected": f"not {w}"}) + "\n"
@@ -470,6 +471,7 @@ def test_dpo_baseline_script_trains_and_logs_real_tokens(tmp_path, tiny_model_di
     assert (tmp_path / "out" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow   # starts the script as a process
 def test_grpo_baseline_script_trains_with_its_python_rewards(tmp_path, tiny_model_dir, chat_data):
     log = tmp_path / "steps.jsonl"
     result = _run(["-m", "bench.trl_grpo_baseline", str(tiny_model_dir), str(chat_data), "--out", str(tmp_path / "out"),

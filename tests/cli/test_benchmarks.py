@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# lm-evaluation-harness scoring models (the pieces without a model: tests/unit/test_benchmarks_unit.py)
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("lm_eval", reason="the benchmarks extra: pip install -e '.[benchmarks]'")
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY_RECIPE, losses, memorisable_chat, metrics, run_inproc, write_jsonl, write_recipe
 
+pytestmark = pytest.mark.slow   # a training run with the three trackers, and their libraries' imports
+
 # What could send a tracker elsewhere (or online) from the developer's own environment.
 TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "TENSORBOARD_LOGGING_DIR",
                "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY", "HF_MLFLOW_LOG_ARTIFACTS")

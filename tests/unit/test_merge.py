@@ -62,6 +62,7 @@ def test_merge_parity(kind, tmp_path, tiny_model_dir):
     assert leftovers(run.path) == []
 
 
+@pytest.mark.slow   # two merges and their parity checks
 def test_merge_reuses_up_to_date_output_and_force_merges_again(tmp_path, tiny_model_dir):
     from ftcli.export.merge import merge_run
 
