@@ -163,7 +163,7 @@ class TrainingSession:
 
             # torch's CPU dropout draws its mask one element at a time: a large part of a LoRA step (README)
             self.cpu_dropout = "16-bit random masks" if use_cpu_mask_dropout(self.model) else None
-            if self.precision == "bf16":
+            if self.precision == "bf16" and recipe.model.attn_implementation == "auto":   # not a recipe's choice
                 from ftcli.models.cpu_attention import use_fp32_cpu_attention
 
                 # torch's CPU attention is about 3x slower in bf16 than in fp32 at these shapes (README)

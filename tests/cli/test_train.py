@@ -140,3 +140,18 @@ def test_metrics_count_every_real_token_once(packing, tiny_recipe, runs_dir):
     logged = [m for m in metrics(run_path) if "loss" in m]
     assert logged[-1]["num_tokens"] == train_report["total_tokens"]
     assert all(m["tokens_per_second"] > 0 for m in logged[1:])
+
+
+@pytest.mark.parametrize(("attention", "expected"), [("auto", "sdpa in fp32"), ("sdpa", None)])
+def test_cpu_choices_are_recorded_in_run_json(tiny_recipe, runs_dir, attention, expected):
+    """On the CPU run.json says the threads chosen, ftcli's dropout masks (dropout above 0) and, in bf16, attention
+    in fp32 unless the recipe chose an attention implementation itself."""
+    name = f"cpu-{attention}"
+    result = run_inproc("train", tiny_recipe, "--name", name, "--set", "training.max_steps=1", "--set",
+                        "method.dropout=0.1", "--set", f"model.attn_implementation={attention}",
+                        env={"FTCLI_CPU_BF16": "on"})
+    assert result.exit_code == 0, result
+    info = json.loads((runs_dir / name / "run.json").read_text())
+    assert info["precision"] == "bf16" and info["cpu_attention"] == expected
+    assert info["cpu_dropout"] == "16-bit random masks"
+    assert info["cpu_threads"]["threads"] >= 1 and info["cpu_threads"]["source"]
