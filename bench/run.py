@@ -72,6 +72,7 @@ from bench.sides import (
     ftcli_command,
     gib,
     side_ratios,
+    speed_runs,
 )
 
 SECTIONS = ("startup", "training", "utilization", "scaling", "packing", "memory", "load", "preference", "rl", "data")
@@ -763,9 +764,9 @@ def data_goals(section: dict) -> list[dict]:
 def utilization_summary(runs: list[dict]) -> dict:
     """Medians of one utilization arm's probes (undisturbed ones when there are), and the profile of its median run
     by MFU."""
-    clean = [r for r in runs if r.get("ok") and (r.get("others_cpu_share") or 0) <= NOISE_LIMIT]
-    timed = clean or [r for r in runs if r.get("ok")]
-    summary = {"runs": runs, "speed_from": "undisturbed runs" if clean else "all runs (every one disturbed)"}
+    timed, speed_from = speed_runs(runs)
+    timed = [r for r in timed if r.get("ok")]   # a failed probe has no figures
+    summary = {"runs": runs, "speed_from": speed_from}
     if not timed:
         return summary
     by_mfu = sorted(timed, key=lambda r: r["mfu"])

@@ -286,12 +286,18 @@ def side_ratios(side: dict, other: dict) -> dict:
             "eval_loss": ratio(side.get("eval_loss"), other.get("eval_loss"), 4)}
 
 
+def speed_runs(runs: list[dict]) -> tuple[list[dict], str]:
+    """The runs an arm's speed comes from (the successful ones no other process disturbed, others' CPU share at most
+    NOISE_LIMIT; all runs when every one was disturbed), and which those were."""
+    clean = [r for r in runs if r["ok"] and (r.get("others_cpu_share") or 0) <= NOISE_LIMIT]
+    return (clean, "undisturbed runs") if clean else (runs, "all runs (every one disturbed)")
+
+
 def arm_summary(runs: list[dict]) -> dict:
     """Medians of an arm's runs. Speed comes from the runs no other process disturbed (others' CPU share at most
     NOISE_LIMIT) when there is one; memory and loss do not depend on the CPU, so from every run."""
-    clean = [r for r in runs if r["ok"] and (r.get("others_cpu_share") or 0) <= NOISE_LIMIT]
-    timed = clean or runs
-    return {"runs": runs, "speed_from": "undisturbed runs" if clean else "all runs (every one disturbed)",
+    timed, speed_from = speed_runs(runs)
+    return {"runs": runs, "speed_from": speed_from,
             "tokens_per_s": median([r["tokens_per_s"] for r in timed]),
             "steps_per_s": median([r.get("steps_per_s") for r in timed]),
             "tokens_per_cpu_s": median([r.get("tokens_per_cpu_s") for r in timed]),

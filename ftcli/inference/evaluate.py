@@ -57,7 +57,6 @@ def check_gates(result: dict, gates: dict[str, float] | None, recipe) -> dict | 
     if not gates:
         return None
     metrics = result.get("metrics", {})
-    directions = (result.get("benchmarks") or {}).get("higher_is_better", {})
     checks, skipped = [], []
     for metric, bar in gates.items():
         value = metrics.get(metric)
@@ -66,11 +65,17 @@ def check_gates(result: dict, gates: dict[str, float] | None, recipe) -> dict | 
             continue
         if value is None:
             raise _unmeasured(metric, result)
-        higher = directions.get(metric, HIGHER_IS_BETTER.get(metric, True))
+        higher = _higher_is_better(metric, result)
         checks.append({"metric": metric, "value": value, "bar": bar, "direction": "min" if higher else "max",
                        "passed": passes(metric, value, bar, higher)})
     return {"passed": all(c["passed"] for c in checks), "checks": checks, "source": source,
             **({"skipped": skipped} if skipped else {})}
+
+
+def _higher_is_better(metric: str, result: dict) -> bool:
+    """The direction of a metric: a benchmark's as lm-evaluation-harness reported it, else ftcli's own."""
+    directions = (result.get("benchmarks") or {}).get("higher_is_better", {})
+    return directions.get(metric, HIGHER_IS_BETTER.get(metric, True))
 
 
 def _part_ran(metric: str, result: dict) -> bool:
@@ -398,7 +403,7 @@ def render_eval(result: dict, console) -> None:
         table.add_column(compared, justify="right")
         table.add_column(f"Δ (run - {compared})", justify="right")
     for name, value in result["metrics"].items():
-        higher = benchmarks.get("higher_is_better", {}).get(name, HIGHER_IS_BETTER.get(name, True))
+        higher = _higher_is_better(name, result)
         errors = [benchmarks.get(model, {}).get("stderr", {}).get(name) for model in ("run", "base")]  # ± shown
         row = [f"{name} {'↑' if higher else '↓'}", _fmt(value, stderr=errors[0])]
         if base:
